@@ -1,0 +1,294 @@
+//! Extractors that turn a request into checked values or an [`ApiError`]:
+//! who is calling ([`Auth`]), a JSON body ([`ApiJson`]) and paging.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::http::{header, request::Parts, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use super::{ApiError, AppState};
+use crate::domain::PresentedKey;
+use crate::store::{Campaign, CampaignRef};
+
+/// The caller, authenticated by API key.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    pub workspace_id: i64,
+    pub key_id: i64,
+    /// Safe to log: the key's public prefix.
+    pub key_prefix: String,
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// Finds the key a request presents: `Authorization: Bearer`, `X-API-Key`,
+/// or `?token=` (the only way a browser WebSocket can send one).
+pub fn presented_key(parts: &Parts) -> Option<String> {
+    if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
+        let value = value.to_str().ok()?.trim();
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_owned());
+    }
+    if let Some(value) = parts.headers.get("x-api-key") {
+        return value.to_str().ok().map(|v| v.trim().to_owned());
+    }
+    Query::<TokenQuery>::try_from_uri(&parts.uri)
+        .ok()
+        .and_then(|q| q.0.token)
+}
+
+/// Checks a presented key: it must exist, match its hash and not be revoked.
+pub async fn authenticate(state: &AppState, raw: Option<&str>) -> Result<Auth, ApiError> {
+    let presented = raw
+        .and_then(PresentedKey::parse)
+        .ok_or(ApiError::Unauthorized)?;
+    let record = state
+        .store
+        .api_key_by_prefix(presented.prefix)
+        .await?
+        .ok_or(ApiError::Unauthorized)?;
+    if record.revoked_at.is_some() || !presented.matches(&record.key_hash) {
+        return Err(ApiError::Unauthorized);
+    }
+    Ok(Auth {
+        workspace_id: record.workspace_id,
+        key_id: record.id,
+        key_prefix: record.prefix,
+    })
+}
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        authenticate(state, presented_key(parts).as_deref()).await
+    }
+}
+
+impl Auth {
+    /// Loads a campaign named by a path segment (integer id or uuid):
+    /// 404 when there is none, 403 when another workspace owns it.
+    pub async fn campaign(&self, state: &AppState, segment: &str) -> Result<Campaign, ApiError> {
+        let not_found = || ApiError::NotFound(format!("campaign '{segment}'"));
+        let by = CampaignRef::parse(segment).ok_or_else(not_found)?;
+        let campaign = state.store.campaign(&by).await?.ok_or_else(not_found)?;
+        if campaign.workspace_id != self.workspace_id {
+            return Err(ApiError::Forbidden(format!("campaign '{segment}'")));
+        }
+        Ok(campaign)
+    }
+}
+
+/// A JSON body: 400 when it is not JSON, 413 over the body limit, 415 for
+/// another content type, 422 naming the field when a value is wrong.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        if !content_type.is_empty() && !content_type.starts_with("application/json") {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "'{content_type}'; send application/json"
+            )));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge {
+                    limit: state.config.max_body_bytes,
+                }
+            } else {
+                ApiError::bad_request(Some("body"), rejection.body_text())
+            }
+        })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// Parses JSON in two steps so syntax errors (400) and wrong values (422,
+/// with the path of the field) are told apart.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(Some("body"), format!("malformed JSON: {e}")))?;
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner().to_string();
+        // serde reports a missing field at its parent; name the field itself.
+        let field = match inner.strip_prefix("missing field `") {
+            Some(rest) => {
+                let name = rest.split('`').next().unwrap_or(rest);
+                if path == "." {
+                    name.to_owned()
+                } else {
+                    format!("{path}.{name}")
+                }
+            }
+            None if path == "." => "body".to_owned(),
+            None => path,
+        };
+        ApiError::invalid(field, inner)
+    })
+}
+
+/// `?page=&per_page=` as the seeds page: 1-based pages.
+#[derive(Debug, Deserialize, Default, utoipa::IntoParams)]
+pub struct PageParams {
+    /// 1-based page number (default 1).
+    pub page: Option<String>,
+    /// Items per page (default 50, at most 1000).
+    pub per_page: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Page {
+    pub page: i64,
+    pub per_page: i64,
+}
+
+pub const MAX_PER_PAGE: i64 = 1000;
+
+impl PageParams {
+    pub fn parse(&self) -> Result<Page, ApiError> {
+        let page = parse_positive(self.page.as_deref(), "page", 1, i64::MAX / MAX_PER_PAGE)?;
+        let per_page = parse_positive(self.per_page.as_deref(), "per_page", 50, MAX_PER_PAGE)?;
+        Ok(Page { page, per_page })
+    }
+}
+
+fn parse_positive(raw: Option<&str>, field: &str, default: i64, max: i64) -> Result<i64, ApiError> {
+    let Some(raw) = raw else { return Ok(default) };
+    match raw.trim().parse::<i64>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(ApiError::invalid(
+            field,
+            format!("{field} must be an integer from 1 to {max}, got '{raw}'"),
+        )),
+    }
+}
+
+impl Page {
+    pub fn offset(&self) -> i64 {
+        (self.page - 1) * self.per_page
+    }
+}
+
+/// The pagination object of seed 001, used by every paged list.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Pagination {
+    pub page: i64,
+    pub per_page: i64,
+    pub total_items: i64,
+    pub total_pages: i64,
+    pub has_next: bool,
+    pub has_prev: bool,
+}
+
+impl Pagination {
+    pub fn new(page: Page, total_items: i64) -> Self {
+        let total_pages = (total_items + page.per_page - 1) / page.per_page;
+        Self {
+            page: page.page,
+            per_page: page.per_page,
+            total_items,
+            total_pages,
+            has_next: page.page < total_pages,
+            has_prev: page.page > 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Body {
+        name: String,
+        inner: Option<Inner>,
+    }
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Inner {
+        count: u32,
+    }
+
+    fn field_of(json: &str) -> (StatusCode, Option<String>) {
+        let err = parse_json::<Body>(json.as_bytes()).unwrap_err();
+        (err.status(), err.field().map(str::to_owned))
+    }
+
+    #[test]
+    fn json_errors_name_the_field() {
+        assert_eq!(
+            field_of("{"),
+            (StatusCode::BAD_REQUEST, Some("body".into()))
+        );
+        assert_eq!(
+            field_of("{}"),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("name".into()))
+        );
+        assert_eq!(
+            field_of(r#"{"name":"x","inner":{"count":-1}}"#),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("inner.count".into()))
+        );
+        assert_eq!(
+            field_of(r#"{"name":"x","inner":{}}"#),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("inner.count".into()))
+        );
+        assert_eq!(field_of("[]").0, StatusCode::UNPROCESSABLE_ENTITY);
+    }
+
+    #[test]
+    fn pages_are_bounded() {
+        let ok = PageParams {
+            page: Some("2".into()),
+            per_page: Some("10".into()),
+        }
+        .parse()
+        .unwrap();
+        assert_eq!(ok.offset(), 10);
+        for (page, per_page) in [("0", "10"), ("x", "10"), ("1", "1001"), ("1", "-5")] {
+            let err = PageParams {
+                page: Some(page.into()),
+                per_page: Some(per_page.into()),
+            }
+            .parse()
+            .unwrap_err();
+            assert_eq!(err.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        }
+    }
+
+    #[test]
+    fn pagination_counts_pages() {
+        let p = Pagination::new(
+            Page {
+                page: 1,
+                per_page: 50,
+            },
+            350,
+        );
+        assert_eq!((p.total_pages, p.has_next, p.has_prev), (7, true, false));
+        let empty = Pagination::new(
+            Page {
+                page: 1,
+                per_page: 50,
+            },
+            0,
+        );
+        assert_eq!((empty.total_pages, empty.has_next), (0, false));
+    }
+}

@@ -1,0 +1,133 @@
+//! The HTTP layer: routers per area, merged in [`app`].
+//!
+//! Handlers parse requests into domain values, call the [`Store`], and turn
+//! results into JSON. They never run SQL and never hold a transaction.
+//!
+//! [`Store`]: crate::store::Store
+
+pub mod campaigns;
+pub mod contacts;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod keys;
+pub mod views;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, Request};
+use axum::routing::get;
+use axum::{Json, Router};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+pub use error::{ApiError, ErrorBody};
+
+use crate::domain::Region;
+use crate::store::Store;
+
+/// Settings the handlers read on every request.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Largest JSON body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Largest CSV upload accepted; checked while streaming.
+    pub max_import_bytes: usize,
+    /// Region for workspaces created without one.
+    pub default_region: Region,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 10 * 1024 * 1024,
+            max_import_bytes: 1024 * 1024 * 1024,
+            default_region: Region::default(),
+        }
+    }
+}
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub config: Arc<ApiConfig>,
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The whole HTTP application, without a listener, so tests can drive it.
+pub fn app(state: AppState) -> Router {
+    let max_body = state.config.max_body_bytes;
+    Router::new()
+        .merge(health::router())
+        .merge(campaigns::router())
+        .merge(contacts::router())
+        .merge(keys::router())
+        .route("/openapi.json", get(openapi_json))
+        .fallback(|| async { ApiError::NotFound("route".into()) })
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+                let id = request
+                    .headers()
+                    .get(REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(600),
+        ))
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Herald", description = "Self-hosted campaign engine with live progress streaming."),
+    paths(
+        health::healthz, health::readyz,
+        campaigns::create, campaigns::list, campaigns::show, campaigns::update,
+        campaigns::delete_campaign, campaigns::schedule, campaigns::start,
+        campaigns::pause, campaigns::resume, campaigns::cancel,
+        contacts::add, contacts::import_csv, contacts::list,
+        keys::create, keys::list, keys::revoke, keys::show_workspace, keys::update_workspace,
+    ),
+    components(schemas(ErrorBody, error::ErrorDetail)),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "campaigns", description = "Create and drive campaigns"),
+        (name = "contacts", description = "Recipients of a campaign"),
+        (name = "keys", description = "The workspace and its API keys"),
+        (name = "health", description = "Probes"),
+    )
+)]
+pub struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
+        );
+    }
+}
+
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

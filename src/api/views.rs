@@ -1,0 +1,166 @@
+//! What Herald's own API sends back: plain structs with OpenAPI schemas.
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::domain::{CampaignStatus, Channel, ContactError, ProviderSettings};
+use crate::store::{ApiKeyRecord, Campaign, ContactRecord, Workspace};
+
+/// Formats store milliseconds as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+pub fn rfc3339_opt(ms: Option<i64>) -> Option<String> {
+    ms.map(rfc3339)
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CampaignView {
+    /// Integer id, used by the Burki-shaped surfaces.
+    pub id: i64,
+    /// String id, used by the Briq-shaped surfaces.
+    pub uuid: String,
+    pub name: String,
+    pub channel: Channel,
+    pub status: CampaignStatus,
+    pub template: Option<String>,
+    pub sender: Option<String>,
+    /// Provider settings with secrets redacted.
+    pub provider: ProviderSettings,
+    pub max_attempts: u8,
+    pub start_at: Option<String>,
+    pub contact_count: i64,
+    pub created_at: String,
+    pub updated_at: String,
+    pub started_at: Option<String>,
+    pub completed_at: Option<String>,
+}
+
+impl From<&Campaign> for CampaignView {
+    fn from(c: &Campaign) -> Self {
+        Self {
+            id: c.id,
+            uuid: c.uuid.clone(),
+            name: c.name.clone(),
+            channel: c.channel,
+            status: c.status,
+            template: c.template.clone(),
+            sender: c.sender.clone(),
+            provider: c.provider.redacted(),
+            max_attempts: c.max_attempts,
+            start_at: rfc3339_opt(c.start_at),
+            contact_count: c.contact_count,
+            created_at: rfc3339(c.created_at),
+            updated_at: rfc3339(c.updated_at),
+            started_at: rfc3339_opt(c.started_at),
+            completed_at: rfc3339_opt(c.completed_at),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CampaignList {
+    pub campaigns: Vec<CampaignView>,
+    pub pagination: super::extract::Pagination,
+}
+
+/// The answer to every contact import, JSON or CSV.
+#[derive(Debug, Serialize, ToSchema, Default)]
+pub struct ImportReport {
+    /// Numbers new to the campaign.
+    pub imported: u64,
+    /// Rows merged into a contact the campaign (or an earlier row) had.
+    pub duplicates: u64,
+    /// Rows refused; each is listed in `errors` (up to a cap).
+    pub invalid: u64,
+    pub errors: Vec<ContactError>,
+    /// True when more rows were invalid than `errors` lists.
+    pub errors_truncated: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ContactView {
+    pub id: i64,
+    pub phone: String,
+    pub name: Option<String>,
+    pub variables: std::collections::BTreeMap<String, String>,
+    pub created_at: String,
+}
+
+impl From<ContactRecord> for ContactView {
+    fn from(c: ContactRecord) -> Self {
+        Self {
+            id: c.id,
+            phone: c.phone,
+            name: c.name,
+            variables: c.variables,
+            created_at: rfc3339(c.created_at),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ContactList {
+    pub contacts: Vec<ContactView>,
+    pub pagination: super::extract::Pagination,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKeyView {
+    pub id: i64,
+    /// Public part of the key, safe to show and log.
+    pub prefix: String,
+    pub label: Option<String>,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
+impl From<&ApiKeyRecord> for ApiKeyView {
+    fn from(k: &ApiKeyRecord) -> Self {
+        Self {
+            id: k.id,
+            prefix: k.prefix.clone(),
+            label: k.label.clone(),
+            created_at: rfc3339(k.created_at),
+            revoked_at: rfc3339_opt(k.revoked_at),
+        }
+    }
+}
+
+/// A key just created: the only time its secret is shown.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedApiKey {
+    #[serde(flatten)]
+    pub view: ApiKeyView,
+    pub key: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKeyList {
+    pub keys: Vec<ApiKeyView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkspaceView {
+    pub id: i64,
+    pub name: String,
+    pub default_region: String,
+    /// Null means unlimited.
+    pub credit_balance: Option<i64>,
+    pub created_at: String,
+}
+
+impl From<&Workspace> for WorkspaceView {
+    fn from(w: &Workspace) -> Self {
+        Self {
+            id: w.id,
+            name: w.name.clone(),
+            default_region: w.default_region.clone(),
+            credit_balance: w.credit_balance,
+            created_at: rfc3339(w.created_at),
+        }
+    }
+}

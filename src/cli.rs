@@ -1,0 +1,211 @@
+//! The `herald` command line.
+//!
+//! With no subcommand, `herald` serves the API (what `cargo run --release`
+//! does). The other commands work on the database directly, so an operator
+//! can create the first key before anything is running.
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::api::ApiConfig;
+use crate::domain::Region;
+use crate::startup::{shutdown_signal, Application, ServerConfig};
+use crate::telemetry::{self, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "Herald: run SMS and voice campaigns and stream their progress live",
+    long_about = "Herald runs SMS and voice campaigns (contacts, runs, batches, retries, \
+                  delivery receipts) and streams every campaign's progress over REST, \
+                  WebSocket and SSE.\n\nWith no command, `herald` serves the API on \
+                  HERALD_ADDR using the database at HERALD_DATABASE_URL."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct GlobalArgs {
+    /// Database URL: sqlite://PATH (created if missing).
+    #[arg(
+        long,
+        env = "HERALD_DATABASE_URL",
+        default_value = "sqlite://herald.db",
+        global = true
+    )]
+    pub database_url: String,
+    /// Log format on stderr; the level comes from RUST_LOG (default info).
+    #[arg(long, env = "HERALD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "HERALD_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    /// Largest JSON request body, in bytes (larger ones get 413).
+    #[arg(long, env = "HERALD_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest CSV upload, in bytes (checked while streaming).
+    #[arg(long, env = "HERALD_MAX_IMPORT_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub max_import_bytes: usize,
+    /// Region for phone numbers written without a country code, for new workspaces.
+    #[arg(long, env = "HERALD_DEFAULT_REGION", default_value = "US", value_parser = parse_region)]
+    pub default_region: Region,
+    /// Do not create the demo workspace on a new database.
+    #[arg(long, env = "HERALD_NO_DEMO")]
+    pub no_demo: bool,
+}
+
+fn parse_region(s: &str) -> Result<Region, String> {
+    Region::parse(s)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the API (the default).
+    Serve(ServeArgs),
+    /// Create, list and revoke API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Run a benchmark and print its figures.
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print it, alone, on stdout (creates the workspace if needed).
+    Create {
+        /// Workspace name.
+        #[arg(long)]
+        workspace: String,
+        /// A note to tell keys apart.
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List a workspace's keys (prefixes only; secrets are never stored).
+    List {
+        #[arg(long)]
+        workspace: String,
+    },
+    /// Revoke a key by id or prefix; it is refused from the next request on.
+    Revoke {
+        #[arg(long)]
+        workspace: String,
+        /// Key id or prefix.
+        key: String,
+    },
+}
+
+impl ServeArgs {
+    fn into_config(self, database_url: String) -> ServerConfig {
+        ServerConfig {
+            addr: self.addr,
+            database_url,
+            api: ApiConfig {
+                max_body_bytes: self.max_body_bytes,
+                max_import_bytes: self.max_import_bytes,
+                default_region: self.default_region,
+            },
+            demo: !self.no_demo,
+        }
+    }
+}
+
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.global.log_format);
+    let result = match cli.command {
+        None => serve(cli.serve.into_config(cli.global.database_url)).await,
+        Some(Command::Serve(args)) => serve(args.into_config(cli.global.database_url)).await,
+        Some(Command::Keys(cmd)) => keys(&cli.global.database_url, cmd).await,
+        Some(Command::Bench(cmd)) => crate::bench::run(cmd).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("herald: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: ServerConfig) -> anyhow::Result<()> {
+    let app = Application::build(config).await?;
+    let addr = app.local_addr();
+    tracing::info!(%addr, "Herald is listening");
+    if let Some(key) = app.demo_key() {
+        println!("\nA demo workspace was created. Its API key (shown only now):\n\n    {key}\n");
+        println!(
+            "Try it:\n\n    curl -H 'Authorization: Bearer {key}' http://{addr}/v1/campaigns\n"
+        );
+    }
+    app.run_until_stopped(shutdown_signal()).await?;
+    tracing::info!("Herald stopped");
+    Ok(())
+}
+
+async fn keys(database_url: &str, cmd: KeysCommand) -> anyhow::Result<()> {
+    let store = crate::store::connect(database_url).await?;
+    match cmd {
+        KeysCommand::Create { workspace, label } => {
+            let name = workspace.trim();
+            anyhow::ensure!(!name.is_empty(), "--workspace must not be empty");
+            let ws = store.ensure_workspace(name).await?;
+            let (_, key) =
+                crate::api::keys::issue_key(store.as_ref(), ws.id, label.as_deref()).await?;
+            println!("{key}");
+        }
+        KeysCommand::List { workspace } => {
+            let ws = store
+                .workspace_by_name(&workspace)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no workspace named '{workspace}'"))?;
+            println!(
+                "{:<6} {:<12} {:<10} {:<26} LABEL",
+                "ID", "PREFIX", "STATUS", "CREATED"
+            );
+            for key in store.list_api_keys(ws.id).await? {
+                println!(
+                    "{:<6} {:<12} {:<10} {:<26} {}",
+                    key.id,
+                    key.prefix,
+                    if key.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    },
+                    crate::api::views::rfc3339(key.created_at),
+                    key.label.unwrap_or_default()
+                );
+            }
+        }
+        KeysCommand::Revoke { workspace, key } => {
+            let ws = store
+                .workspace_by_name(&workspace)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no workspace named '{workspace}'"))?;
+            let revoked = store
+                .revoke_api_key(ws.id, &key)
+                .await
+                .map_err(|e| match e {
+                    crate::store::StoreError::NotFound => {
+                        anyhow::anyhow!("no key '{key}' in workspace '{workspace}'")
+                    }
+                    other => other.into(),
+                })?;
+            println!("revoked {}", revoked.prefix);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! Herald: a self-hosted campaign engine with live progress streaming.
+//!
+//! # Layout
+//!
+//! - [`domain`]: checked values and rules (phone numbers, templates, the
+//!   campaign status machine, API keys). No I/O.
+//! - [`store`]: the storage boundary, the [`store::Store`] trait, and its
+//!   SQLite implementation. The only place SQL lives.
+//! - [`api`]: the HTTP layer: routers, extractors, one error type, OpenAPI.
+//! - [`startup`]: builds the application and serves it until shutdown.
+//! - [`cli`]: the `herald` command line (serve, keys, bench).
+//! - [`bench`]: benchmarks that print figures (never timed tests).
+//! - [`telemetry`]: logging set-up.
+
+pub mod api;
+pub mod bench;
+pub mod cli;
+pub mod domain;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

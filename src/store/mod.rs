@@ -1,0 +1,259 @@
+//! The storage boundary.
+//!
+//! Handlers and the engine talk to a [`Store`]; only its implementations
+//! know SQL. [`sqlite::SqliteStore`] is the embedded default; a Postgres
+//! implementation plugs in behind the same trait, so no handler changes when
+//! the backend does.
+//!
+//! Every method that changes data runs in one transaction: a method either
+//! happens whole or not at all.
+
+pub mod sqlite;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::domain::{
+    CampaignName, CampaignStatus, Channel, MaxAttempts, NewContact, ProviderSettings, Sender,
+    Template,
+};
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    /// A compare-and-set on a status lost: the row is now in `current`.
+    #[error("campaign is {current}")]
+    StatusConflict { current: CampaignStatus },
+    /// A unique value is taken.
+    #[error("{0} already exists")]
+    Duplicate(String),
+    /// The producer of a streamed write gave up; nothing was written.
+    #[error("import aborted")]
+    Aborted,
+    #[error("database is unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Opens the store a URL names: `sqlite://path` (the default) today.
+pub async fn connect(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
+    } else {
+        anyhow::bail!(
+            "unsupported database URL '{}': expected sqlite://PATH",
+            url.split('@').next_back().unwrap_or(url)
+        )
+    }
+}
+
+/// Milliseconds since the Unix epoch: the one time unit of the store.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+#[derive(Debug, Clone)]
+pub struct Workspace {
+    pub id: i64,
+    pub name: String,
+    pub default_region: String,
+    pub credit_balance: Option<i64>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiKeyRecord {
+    pub id: i64,
+    pub workspace_id: i64,
+    pub prefix: String,
+    pub key_hash: Vec<u8>,
+    pub label: Option<String>,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// How a path names a campaign: seed surfaces use integers or uuids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CampaignRef {
+    Id(i64),
+    Uuid(String),
+}
+
+impl CampaignRef {
+    /// Reads a path segment: digits are an id, anything else a uuid.
+    pub fn parse(segment: &str) -> Option<Self> {
+        if !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) {
+            return segment.parse().ok().map(CampaignRef::Id);
+        }
+        uuid::Uuid::parse_str(segment)
+            .ok()
+            .map(|u| CampaignRef::Uuid(u.to_string()))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Campaign {
+    pub id: i64,
+    pub uuid: String,
+    pub workspace_id: i64,
+    pub name: String,
+    pub channel: Channel,
+    pub template: Option<String>,
+    pub sender: Option<String>,
+    pub provider: ProviderSettings,
+    pub max_attempts: u8,
+    pub status: CampaignStatus,
+    pub start_at: Option<i64>,
+    pub contact_count: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub started_at: Option<i64>,
+    pub completed_at: Option<i64>,
+}
+
+/// Everything a user sets on a campaign, already checked.
+#[derive(Debug, Clone)]
+pub struct CampaignSpec {
+    pub name: CampaignName,
+    pub channel: Channel,
+    pub template: Option<Template>,
+    pub sender: Option<Sender>,
+    pub provider: ProviderSettings,
+    pub max_attempts: MaxAttempts,
+}
+
+/// A status change to make if, and only if, the campaign is still `from`.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub from: CampaignStatus,
+    pub to: CampaignStatus,
+    /// Set with `scheduled`: when the campaign is due.
+    pub start_at: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ContactRecord {
+    pub id: i64,
+    pub phone: String,
+    pub name: Option<String>,
+    pub variables: BTreeMap<String, String>,
+    pub created_at: i64,
+}
+
+/// One message of a streamed contact import.
+#[derive(Debug)]
+pub enum ImportMsg {
+    /// Contacts to upsert (distinct numbers), and how many more rows the
+    /// producer already merged into them.
+    Chunk {
+        contacts: Vec<NewContact>,
+        merged: u64,
+    },
+    /// The producer read its input to the end: commit.
+    Done,
+    /// The producer failed: roll everything back.
+    Abort,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ImportCounts {
+    /// Numbers new to the campaign.
+    pub imported: u64,
+    /// Rows whose number the campaign (or an earlier row) already had.
+    pub duplicates: u64,
+}
+
+/// A contact that cannot fill a template variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingVariable {
+    pub contact_id: i64,
+    pub phone: String,
+    pub variable: String,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Succeeds when the database answers.
+    async fn ping(&self) -> StoreResult<()>;
+
+    // --- workspaces and keys -------------------------------------------------
+
+    /// Returns the named workspace, creating it when it does not exist.
+    async fn ensure_workspace(&self, name: &str) -> StoreResult<Workspace>;
+    async fn workspace(&self, id: i64) -> StoreResult<Workspace>;
+    async fn workspace_by_name(&self, name: &str) -> StoreResult<Option<Workspace>>;
+    async fn workspace_count(&self) -> StoreResult<i64>;
+    async fn set_workspace_region(&self, id: i64, region: &str) -> StoreResult<Workspace>;
+
+    async fn insert_api_key(
+        &self,
+        workspace_id: i64,
+        label: Option<&str>,
+        prefix: &str,
+        key_hash: &[u8],
+    ) -> StoreResult<ApiKeyRecord>;
+    async fn api_key_by_prefix(&self, prefix: &str) -> StoreResult<Option<ApiKeyRecord>>;
+    async fn list_api_keys(&self, workspace_id: i64) -> StoreResult<Vec<ApiKeyRecord>>;
+    /// Revokes a key of the workspace, named by id or prefix.
+    async fn revoke_api_key(
+        &self,
+        workspace_id: i64,
+        id_or_prefix: &str,
+    ) -> StoreResult<ApiKeyRecord>;
+
+    // --- campaigns -------------------------------------------------------------
+
+    async fn insert_campaign(
+        &self,
+        workspace_id: i64,
+        spec: &CampaignSpec,
+    ) -> StoreResult<Campaign>;
+    async fn campaign(&self, by: &CampaignRef) -> StoreResult<Option<Campaign>>;
+    /// A page of the workspace's campaigns, newest first, and the total.
+    async fn list_campaigns(
+        &self,
+        workspace_id: i64,
+        status: Option<CampaignStatus>,
+        offset: i64,
+        limit: i64,
+    ) -> StoreResult<(Vec<Campaign>, i64)>;
+    /// Replaces a draft's settings; `StatusConflict` when it is no draft.
+    async fn update_campaign(&self, id: i64, spec: &CampaignSpec) -> StoreResult<Campaign>;
+    /// Deletes a draft and its contacts; `StatusConflict` when it is no draft.
+    async fn delete_campaign(&self, id: i64) -> StoreResult<()>;
+    /// Applies `transition` atomically; `StatusConflict` when the campaign
+    /// moved on in the meantime.
+    async fn transition_campaign(&self, id: i64, transition: &Transition) -> StoreResult<Campaign>;
+
+    // --- contacts --------------------------------------------------------------
+
+    /// Upserts streamed chunks in one transaction: all of it lands, or none
+    /// (on `ImportMsg::Abort`, or a channel closed before `ImportMsg::Done`).
+    async fn import_contacts(
+        &self,
+        campaign_id: i64,
+        chunks: mpsc::Receiver<ImportMsg>,
+    ) -> StoreResult<ImportCounts>;
+    /// A page of contacts in insertion order, and the total.
+    async fn list_contacts(
+        &self,
+        campaign_id: i64,
+        offset: i64,
+        limit: i64,
+    ) -> StoreResult<(Vec<ContactRecord>, i64)>;
+    /// The first contact lacking one of `variables`, if any.
+    async fn first_missing_variable(
+        &self,
+        campaign_id: i64,
+        variables: &BTreeSet<String>,
+    ) -> StoreResult<Option<MissingVariable>>;
+}

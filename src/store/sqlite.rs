@@ -1,0 +1,599 @@
+//! The embedded SQLite store.
+//!
+//! SQLite allows one writer at a time, so writes go through a pool of one
+//! connection (they queue in Herald instead of spinning on `SQLITE_BUSY`),
+//! while reads use a separate pool and, thanks to WAL, never wait for writes.
+
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite};
+use tokio::sync::mpsc;
+
+use super::*;
+
+/// Rows per multi-row INSERT: 1000 rows × 3 bound values stays far below
+/// SQLite's 32766-variable limit, and amortises statement overhead.
+const INSERT_CHUNK: usize = 1000;
+
+pub struct SqliteStore {
+    /// The single writer connection.
+    writer: SqlitePool,
+    /// Readers; WAL lets them run beside the writer.
+    reader: SqlitePool,
+}
+
+const CAMPAIGN_COLUMNS: &str = "id, uuid, workspace_id, name, channel, template, sender, provider, \
+     max_attempts, status, start_at, contact_count, created_at, updated_at, started_at, completed_at";
+
+impl SqliteStore {
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(120))
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self { writer, reader })
+    }
+}
+
+fn workspace_from_row(row: &SqliteRow) -> StoreResult<Workspace> {
+    Ok(Workspace {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        default_region: row.try_get("default_region")?,
+        credit_balance: row.try_get("credit_balance")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn api_key_from_row(row: &SqliteRow) -> StoreResult<ApiKeyRecord> {
+    Ok(ApiKeyRecord {
+        id: row.try_get("id")?,
+        workspace_id: row.try_get("workspace_id")?,
+        prefix: row.try_get("prefix")?,
+        key_hash: row.try_get("key_hash")?,
+        label: row.try_get("label")?,
+        created_at: row.try_get("created_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+    })
+}
+
+fn campaign_from_row(row: &SqliteRow) -> StoreResult<Campaign> {
+    let channel: String = row.try_get("channel")?;
+    let status: String = row.try_get("status")?;
+    let provider: String = row.try_get("provider")?;
+    let max_attempts: i64 = row.try_get("max_attempts")?;
+    Ok(Campaign {
+        id: row.try_get("id")?,
+        uuid: row.try_get("uuid")?,
+        workspace_id: row.try_get("workspace_id")?,
+        name: row.try_get("name")?,
+        channel: Channel::parse(&channel)
+            .ok_or_else(|| StoreError::Corrupt(format!("channel '{channel}'")))?,
+        template: row.try_get("template")?,
+        sender: row.try_get("sender")?,
+        provider: serde_json::from_str(&provider)
+            .map_err(|e| StoreError::Corrupt(format!("provider: {e}")))?,
+        max_attempts: max_attempts as u8,
+        status: CampaignStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("status '{status}'")))?,
+        start_at: row.try_get("start_at")?,
+        contact_count: row.try_get("contact_count")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        started_at: row.try_get("started_at")?,
+        completed_at: row.try_get("completed_at")?,
+    })
+}
+
+fn contact_from_row(row: &SqliteRow) -> StoreResult<ContactRecord> {
+    let variables: String = row.try_get("variables")?;
+    Ok(ContactRecord {
+        id: row.try_get("id")?,
+        phone: row.try_get("phone")?,
+        name: row.try_get("name")?,
+        variables: serde_json::from_str(&variables)
+            .map_err(|e| StoreError::Corrupt(format!("variables: {e}")))?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+impl SqliteStore {
+    async fn campaign_status(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        id: i64,
+    ) -> StoreResult<CampaignStatus> {
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM campaigns WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&mut *conn)
+                .await?;
+        let status = status.ok_or(StoreError::NotFound)?;
+        CampaignStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(status))
+    }
+
+    async fn fetch_campaign(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        id: i64,
+    ) -> StoreResult<Campaign> {
+        let row = sqlx::query(&format!(
+            "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        campaign_from_row(&row)
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn ensure_workspace(&self, name: &str) -> StoreResult<Workspace> {
+        sqlx::query(
+            "INSERT INTO workspaces (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await?;
+        let row = sqlx::query("SELECT * FROM workspaces WHERE name = ?")
+            .bind(name)
+            .fetch_one(&self.writer)
+            .await?;
+        workspace_from_row(&row)
+    }
+
+    async fn workspace(&self, id: i64) -> StoreResult<Workspace> {
+        let row = sqlx::query("SELECT * FROM workspaces WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        workspace_from_row(&row)
+    }
+
+    async fn workspace_by_name(&self, name: &str) -> StoreResult<Option<Workspace>> {
+        sqlx::query("SELECT * FROM workspaces WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.reader)
+            .await?
+            .as_ref()
+            .map(workspace_from_row)
+            .transpose()
+    }
+
+    async fn workspace_count(&self) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM workspaces")
+            .fetch_one(&self.reader)
+            .await?)
+    }
+
+    async fn set_workspace_region(&self, id: i64, region: &str) -> StoreResult<Workspace> {
+        let row = sqlx::query("UPDATE workspaces SET default_region = ? WHERE id = ? RETURNING *")
+            .bind(region)
+            .bind(id)
+            .fetch_optional(&self.writer)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        workspace_from_row(&row)
+    }
+
+    async fn insert_api_key(
+        &self,
+        workspace_id: i64,
+        label: Option<&str>,
+        prefix: &str,
+        key_hash: &[u8],
+    ) -> StoreResult<ApiKeyRecord> {
+        let row = sqlx::query(
+            "INSERT INTO api_keys (workspace_id, prefix, key_hash, label, created_at)
+             VALUES (?, ?, ?, ?, ?) RETURNING *",
+        )
+        .bind(workspace_id)
+        .bind(prefix)
+        .bind(key_hash)
+        .bind(label)
+        .bind(now_ms())
+        .fetch_one(&self.writer)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Duplicate("key prefix".into())
+            } else {
+                e.into()
+            }
+        })?;
+        api_key_from_row(&row)
+    }
+
+    async fn api_key_by_prefix(&self, prefix: &str) -> StoreResult<Option<ApiKeyRecord>> {
+        // Each read starts a fresh WAL snapshot, so a key revoked by a
+        // committed write is refused from the very next request.
+        sqlx::query("SELECT * FROM api_keys WHERE prefix = ?")
+            .bind(prefix)
+            .fetch_optional(&self.reader)
+            .await?
+            .as_ref()
+            .map(api_key_from_row)
+            .transpose()
+    }
+
+    async fn list_api_keys(&self, workspace_id: i64) -> StoreResult<Vec<ApiKeyRecord>> {
+        sqlx::query("SELECT * FROM api_keys WHERE workspace_id = ? ORDER BY id")
+            .bind(workspace_id)
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(api_key_from_row)
+            .collect()
+    }
+
+    async fn revoke_api_key(
+        &self,
+        workspace_id: i64,
+        id_or_prefix: &str,
+    ) -> StoreResult<ApiKeyRecord> {
+        let id: i64 = id_or_prefix.parse().unwrap_or(-1);
+        let row = sqlx::query(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?)
+             WHERE workspace_id = ? AND (id = ? OR prefix = ?) RETURNING *",
+        )
+        .bind(now_ms())
+        .bind(workspace_id)
+        .bind(id)
+        .bind(id_or_prefix)
+        .fetch_optional(&self.writer)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        api_key_from_row(&row)
+    }
+
+    async fn insert_campaign(
+        &self,
+        workspace_id: i64,
+        spec: &CampaignSpec,
+    ) -> StoreResult<Campaign> {
+        let now = now_ms();
+        let provider = serde_json::to_string(&spec.provider).expect("provider serialises");
+        let row = sqlx::query(&format!(
+            "INSERT INTO campaigns (uuid, workspace_id, name, channel, template, sender, provider,
+                                    max_attempts, status, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'draft', ?, ?) RETURNING {CAMPAIGN_COLUMNS}"
+        ))
+        .bind(uuid::Uuid::new_v4().to_string())
+        .bind(workspace_id)
+        .bind(spec.name.as_str())
+        .bind(spec.channel.as_str())
+        .bind(spec.template.as_ref().map(|t| t.as_str()))
+        .bind(spec.sender.as_ref().map(|s| s.as_str()))
+        .bind(provider)
+        .bind(i64::from(spec.max_attempts.get()))
+        .bind(now)
+        .bind(now)
+        .fetch_one(&self.writer)
+        .await?;
+        campaign_from_row(&row)
+    }
+
+    async fn campaign(&self, by: &CampaignRef) -> StoreResult<Option<Campaign>> {
+        let query = match by {
+            CampaignRef::Id(id) => {
+                sqlx::query(&format!(
+                    "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = ?"
+                ))
+                .bind(*id)
+                .fetch_optional(&self.reader)
+                .await?
+            }
+            CampaignRef::Uuid(uuid) => {
+                sqlx::query(&format!(
+                    "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE uuid = ?"
+                ))
+                .bind(uuid)
+                .fetch_optional(&self.reader)
+                .await?
+            }
+        };
+        query.as_ref().map(campaign_from_row).transpose()
+    }
+
+    async fn list_campaigns(
+        &self,
+        workspace_id: i64,
+        status: Option<CampaignStatus>,
+        offset: i64,
+        limit: i64,
+    ) -> StoreResult<(Vec<Campaign>, i64)> {
+        let status = status.map(CampaignStatus::as_str);
+        let rows = sqlx::query(&format!(
+            "SELECT {CAMPAIGN_COLUMNS} FROM campaigns
+             WHERE workspace_id = ? AND (? IS NULL OR status = ?)
+             ORDER BY id DESC LIMIT ? OFFSET ?"
+        ))
+        .bind(workspace_id)
+        .bind(status)
+        .bind(status)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.reader)
+        .await?;
+        let total: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM campaigns WHERE workspace_id = ? AND (? IS NULL OR status = ?)",
+        )
+        .bind(workspace_id)
+        .bind(status)
+        .bind(status)
+        .fetch_one(&self.reader)
+        .await?;
+        let campaigns = rows
+            .iter()
+            .map(campaign_from_row)
+            .collect::<StoreResult<_>>()?;
+        Ok((campaigns, total))
+    }
+
+    async fn update_campaign(&self, id: i64, spec: &CampaignSpec) -> StoreResult<Campaign> {
+        let mut tx = self.writer.begin().await?;
+        let current = self.campaign_status(&mut tx, id).await?;
+        if !current.is_editable() {
+            return Err(StoreError::StatusConflict { current });
+        }
+        sqlx::query(
+            "UPDATE campaigns SET name = ?, channel = ?, template = ?, sender = ?, provider = ?,
+                                  max_attempts = ?, updated_at = ?
+             WHERE id = ?",
+        )
+        .bind(spec.name.as_str())
+        .bind(spec.channel.as_str())
+        .bind(spec.template.as_ref().map(|t| t.as_str()))
+        .bind(spec.sender.as_ref().map(|s| s.as_str()))
+        .bind(serde_json::to_string(&spec.provider).expect("provider serialises"))
+        .bind(i64::from(spec.max_attempts.get()))
+        .bind(now_ms())
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let campaign = self.fetch_campaign(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(campaign)
+    }
+
+    async fn delete_campaign(&self, id: i64) -> StoreResult<()> {
+        let mut tx = self.writer.begin().await?;
+        let current = self.campaign_status(&mut tx, id).await?;
+        if !current.is_editable() {
+            return Err(StoreError::StatusConflict { current });
+        }
+        sqlx::query("DELETE FROM campaigns WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn transition_campaign(&self, id: i64, transition: &Transition) -> StoreResult<Campaign> {
+        let mut tx = self.writer.begin().await?;
+        let now = now_ms();
+        let started = transition.to == CampaignStatus::Running;
+        let finished = transition.to.is_terminal();
+        let changed = sqlx::query(
+            "UPDATE campaigns SET status = ?, updated_at = ?,
+                    start_at = CASE WHEN ? IS NOT NULL THEN ? ELSE start_at END,
+                    started_at = CASE WHEN ? AND started_at IS NULL THEN ? ELSE started_at END,
+                    completed_at = CASE WHEN ? THEN ? ELSE completed_at END
+             WHERE id = ? AND status = ?",
+        )
+        .bind(transition.to.as_str())
+        .bind(now)
+        .bind(transition.start_at)
+        .bind(transition.start_at)
+        .bind(started)
+        .bind(now)
+        .bind(finished)
+        .bind(now)
+        .bind(id)
+        .bind(transition.from.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if changed == 0 {
+            let current = self.campaign_status(&mut tx, id).await?;
+            return Err(StoreError::StatusConflict { current });
+        }
+        let campaign = self.fetch_campaign(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(campaign)
+    }
+
+    async fn import_contacts(
+        &self,
+        campaign_id: i64,
+        mut chunks: mpsc::Receiver<ImportMsg>,
+    ) -> StoreResult<ImportCounts> {
+        let mut tx = self.writer.begin().await?;
+        let before: i64 = sqlx::query_scalar("SELECT contact_count FROM campaigns WHERE id = ?")
+            .bind(campaign_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let mut rows_seen: u64 = 0;
+        let now = now_ms();
+        loop {
+            // A closed channel without `Done` means the producer died: the
+            // transaction is dropped, which rolls it back.
+            match chunks.recv().await.ok_or(StoreError::Aborted)? {
+                ImportMsg::Abort => return Err(StoreError::Aborted),
+                ImportMsg::Done => break,
+                ImportMsg::Chunk { contacts, merged } => {
+                    rows_seen += contacts.len() as u64 + merged;
+                    for part in contacts.chunks(INSERT_CHUNK) {
+                        upsert_contacts(&mut tx, campaign_id, now, part).await?;
+                    }
+                }
+            }
+        }
+        let after: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM contacts WHERE campaign_id = ?")
+            .bind(campaign_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE campaigns SET contact_count = ?, updated_at = ? WHERE id = ?")
+            .bind(after)
+            .bind(now)
+            .bind(campaign_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let imported = (after - before).max(0) as u64;
+        Ok(ImportCounts {
+            imported,
+            duplicates: rows_seen.saturating_sub(imported),
+        })
+    }
+
+    async fn list_contacts(
+        &self,
+        campaign_id: i64,
+        offset: i64,
+        limit: i64,
+    ) -> StoreResult<(Vec<ContactRecord>, i64)> {
+        let rows = sqlx::query(
+            "SELECT id, phone, name, variables, created_at FROM contacts
+             WHERE campaign_id = ? ORDER BY id LIMIT ? OFFSET ?",
+        )
+        .bind(campaign_id)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.reader)
+        .await?;
+        let total: i64 = sqlx::query_scalar("SELECT contact_count FROM campaigns WHERE id = ?")
+            .bind(campaign_id)
+            .fetch_one(&self.reader)
+            .await?;
+        let contacts = rows
+            .iter()
+            .map(contact_from_row)
+            .collect::<StoreResult<_>>()?;
+        Ok((contacts, total))
+    }
+
+    async fn first_missing_variable(
+        &self,
+        campaign_id: i64,
+        variables: &BTreeSet<String>,
+    ) -> StoreResult<Option<MissingVariable>> {
+        for variable in variables {
+            let row = match variable.as_str() {
+                "phone" => continue,
+                "name" => {
+                    sqlx::query(
+                        "SELECT id, phone FROM contacts WHERE campaign_id = ?
+                         AND name IS NULL AND json_extract(variables, '$.name') IS NULL
+                         ORDER BY id LIMIT 1",
+                    )
+                    .bind(campaign_id)
+                    .fetch_optional(&self.reader)
+                    .await?
+                }
+                other => {
+                    sqlx::query(
+                        "SELECT id, phone FROM contacts WHERE campaign_id = ?
+                         AND json_extract(variables, ?) IS NULL ORDER BY id LIMIT 1",
+                    )
+                    .bind(campaign_id)
+                    .bind(json_path(other))
+                    .fetch_optional(&self.reader)
+                    .await?
+                }
+            };
+            if let Some(row) = row {
+                return Ok(Some(MissingVariable {
+                    contact_id: row.try_get("id")?,
+                    phone: row.try_get("phone")?,
+                    variable: variable.clone(),
+                }));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// A JSON path naming one key, quoted so dots stay part of the name.
+fn json_path(key: &str) -> String {
+    format!("$.\"{}\"", key.replace('"', "\\\""))
+}
+
+async fn upsert_contacts(
+    conn: &mut sqlx::SqliteConnection,
+    campaign_id: i64,
+    now: i64,
+    contacts: &[NewContact],
+) -> StoreResult<()> {
+    let variables: Vec<String> = contacts
+        .iter()
+        .map(|c| serde_json::to_string(&c.variables).expect("string map serialises"))
+        .collect();
+    let mut insert: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+        "INSERT INTO contacts (campaign_id, created_at, phone, name, variables) \
+         SELECT {campaign_id}, {now}, column1, column2, column3 FROM (VALUES "
+    ));
+    let mut rows = insert.separated(", ");
+    for (contact, vars) in contacts.iter().zip(&variables) {
+        rows.push("(");
+        rows.push_bind_unseparated(contact.phone.as_str());
+        rows.push_unseparated(", ");
+        rows.push_bind_unseparated(contact.name.as_deref());
+        rows.push_unseparated(", ");
+        rows.push_bind_unseparated(vars.as_str());
+        rows.push_unseparated(")");
+    }
+    // `WHERE true` disambiguates the upsert clause from a join constraint in
+    // SQLite's INSERT … SELECT grammar.
+    insert.push(
+        ") WHERE true ON CONFLICT (campaign_id, phone) DO UPDATE SET
+             name = COALESCE(excluded.name, contacts.name),
+             variables = json_patch(contacts.variables, excluded.variables)",
+    );
+    insert.build().execute(&mut *conn).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_path_quotes_dotted_names() {
+        assert_eq!(json_path("a.b"), "$.\"a.b\"");
+    }
+}
