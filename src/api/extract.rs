@@ -126,7 +126,12 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let path = err.path().to_string();
         let inner = err.into_inner().to_string();
         // serde reports a missing field at its parent; name the field itself.
-        let field = match inner.strip_prefix("missing field `") {
+        // …while an unknown field's path already ends with its name.
+        let missing = inner.strip_prefix("missing field `");
+        let field = match missing {
+            None if path == "." && inner.starts_with("unknown field `") => {
+                inner["unknown field `".len()..].split('`').next().unwrap_or("body").to_owned()
+            }
             Some(rest) => {
                 let name = rest.split('`').next().unwrap_or(rest);
                 if path == "." {

@@ -1,0 +1,131 @@
+//! `spawn_app()` and typed helpers shared by the integration tests.
+
+use std::sync::Arc;
+
+use herald::api::ApiConfig;
+use herald::startup::{Application, ServerConfig};
+use herald::store::Store;
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+pub struct TestApp {
+    pub base: String,
+    /// A key of workspace "alpha".
+    pub key: String,
+    pub client: reqwest::Client,
+    pub store: Arc<dyn Store>,
+    pub database_url: String,
+    _dir: TempDir,
+    _shutdown: oneshot::Sender<()>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(configure: impl FnOnce(&mut ServerConfig)) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database_url = format!("sqlite://{}", dir.path().join("herald.db").display());
+    let mut config = ServerConfig {
+        addr: "127.0.0.1:0".into(),
+        database_url: database_url.clone(),
+        api: ApiConfig::default(),
+        demo: false,
+    };
+    configure(&mut config);
+    let app = Application::build(config).await.expect("app builds");
+    let base = format!("http://{}", app.local_addr());
+    let store = app.store();
+    let (shutdown, stopped) = oneshot::channel::<()>();
+    tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let mut test_app = TestApp {
+        base,
+        key: String::new(),
+        client: reqwest::Client::new(),
+        store,
+        database_url,
+        _dir: dir,
+        _shutdown: shutdown,
+    };
+    test_app.key = test_app.new_key("alpha").await;
+    test_app
+}
+
+impl TestApp {
+    /// Creates a key (and the workspace, if new) straight in the store.
+    pub async fn new_key(&self, workspace: &str) -> String {
+        let ws = self.store.ensure_workspace(workspace).await.unwrap();
+        herald::api::keys::issue_key(self.store.as_ref(), ws.id, None)
+            .await
+            .unwrap()
+            .1
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.request_as(&self.key, method, path)
+    }
+
+    pub fn request_as(&self, key: &str, method: Method, path: &str) -> RequestBuilder {
+        self.client.request(method, self.url(path)).bearer_auth(key)
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.request(Method::GET, path).send().await.unwrap()
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Response {
+        self.request(Method::POST, path).json(body).send().await.unwrap()
+    }
+
+    pub async fn post_empty(&self, path: &str) -> Response {
+        self.request(Method::POST, path).send().await.unwrap()
+    }
+
+    pub async fn create_campaign(&self, body: Value) -> Value {
+        let response = self.post("/v1/campaigns", &body).await;
+        assert_eq!(response.status(), StatusCode::CREATED, "creating {body}");
+        response.json().await.unwrap()
+    }
+
+    /// A draft SMS campaign whose template uses `{{name}}` and `{{day}}`.
+    pub async fn sms_campaign(&self) -> Value {
+        self.create_campaign(json!({
+            "name": "Reminders",
+            "channel": "sms",
+            "template": "Hi {{name}}, see you {{day}}",
+            "sender": "ACME",
+        }))
+        .await
+    }
+
+    pub async fn import_csv(&self, campaign: &Value, csv: impl Into<reqwest::Body>) -> Response {
+        self.request(
+            Method::POST,
+            &format!("/v1/campaigns/{}/contacts:import", campaign["id"]),
+        )
+        .header("content-type", "text/csv")
+        .body(csv)
+        .send()
+        .await
+        .unwrap()
+    }
+}
+
+/// Reads an error response and checks its shape.
+pub async fn error_of(response: Response, status: StatusCode) -> Value {
+    assert_eq!(response.status(), status);
+    let body: Value = response.json().await.unwrap();
+    let error = &body["error"];
+    assert!(error["code"].is_string(), "error has a code: {body}");
+    assert!(error["message"].is_string(), "error has a message: {body}");
+    assert!(error.get("field").is_some(), "error has a field: {body}");
+    error.clone()
+}

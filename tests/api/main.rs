@@ -1,0 +1,9 @@
+//! Integration tests: one binary, each test against a real server on a
+//! random port with its own temporary SQLite file.
+
+mod campaigns;
+mod cli;
+mod contacts;
+mod helpers;
+mod isolation;
+mod keys;
