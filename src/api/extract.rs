@@ -129,9 +129,12 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         // …while an unknown field's path already ends with its name.
         let missing = inner.strip_prefix("missing field `");
         let field = match missing {
-            None if path == "." && inner.starts_with("unknown field `") => {
-                inner["unknown field `".len()..].split('`').next().unwrap_or("body").to_owned()
-            }
+            None if path == "." && inner.starts_with("unknown field `") => inner
+                ["unknown field `".len()..]
+                .split('`')
+                .next()
+                .unwrap_or("body")
+                .to_owned(),
             Some(rest) => {
                 let name = rest.split('`').next().unwrap_or(rest);
                 if path == "." {

@@ -17,7 +17,12 @@ async fn create_returns_the_campaign_with_both_ids_and_defaults() {
     assert_eq!(c["max_attempts"], 3);
     assert_eq!(c["contact_count"], 0);
 
-    let by_id: Value = app.get(&format!("/v1/campaigns/{}", c["id"])).await.json().await.unwrap();
+    let by_id: Value = app
+        .get(&format!("/v1/campaigns/{}", c["id"]))
+        .await
+        .json()
+        .await
+        .unwrap();
     let by_uuid: Value = app
         .get(&format!("/v1/campaigns/{}", c["uuid"].as_str().unwrap()))
         .await
@@ -45,26 +50,51 @@ async fn provider_secrets_are_never_echoed() {
 async fn list_is_paginated_newest_first_and_filterable() {
     let app = spawn_app().await;
     for name in ["one", "two", "three"] {
-        app.create_campaign(json!({"name": name, "channel": "voice"})).await;
+        app.create_campaign(json!({"name": name, "channel": "voice"}))
+            .await;
     }
-    let page1: Value = app.get("/v1/campaigns?per_page=2").await.json().await.unwrap();
+    let page1: Value = app
+        .get("/v1/campaigns?per_page=2")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page1["campaigns"].as_array().unwrap().len(), 2);
     assert_eq!(page1["campaigns"][0]["name"], "three");
     assert_eq!(
         page1["pagination"],
         json!({"page": 1, "per_page": 2, "total_items": 3, "total_pages": 2, "has_next": true, "has_prev": false})
     );
-    let page2: Value = app.get("/v1/campaigns?per_page=2&page=2").await.json().await.unwrap();
+    let page2: Value = app
+        .get("/v1/campaigns?per_page=2&page=2")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page2["campaigns"][0]["name"], "one");
     assert_eq!(page2["pagination"]["has_next"], false);
 
-    let drafts: Value = app.get("/v1/campaigns?status=draft").await.json().await.unwrap();
+    let drafts: Value = app
+        .get("/v1/campaigns?status=draft")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(drafts["pagination"]["total_items"], 3);
-    let running: Value = app.get("/v1/campaigns?status=running").await.json().await.unwrap();
+    let running: Value = app
+        .get("/v1/campaigns?status=running")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(running["pagination"]["total_items"], 0);
 
     for bad in ["?status=exploded", "?page=0", "?per_page=1001", "?page=abc"] {
-        let err = error_of(app.get(&format!("/v1/campaigns{bad}")).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+        let err = error_of(
+            app.get(&format!("/v1/campaigns{bad}")).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
         assert!(err["field"].is_string(), "{bad}: {err}");
     }
 }
@@ -77,25 +107,62 @@ async fn bad_fields_are_422_naming_the_field() {
         (json!({"name": "  ", "channel": "sms"}), "name"),
         (json!({"name": "x"}), "channel"),
         (json!({"name": "x", "channel": "fax"}), "channel"),
-        (json!({"name": "x", "channel": "sms", "template": "Hi {{name"}), "template"),
-        (json!({"name": "x", "channel": "sms", "template": "Hi {{ bad name }}"}), "template"),
-        (json!({"name": "x", "channel": "sms", "sender": "WAYTOOLONGSENDER"}), "sender"),
-        (json!({"name": "x", "channel": "voice", "sender": "ACME"}), "sender"),
-        (json!({"name": "x", "channel": "sms", "max_attempts": 0}), "max_attempts"),
-        (json!({"name": "x", "channel": "sms", "max_attempts": "three"}), "max_attempts"),
-        (json!({"name": "x", "channel": "sms", "provider": {"kind": "carrier-pigeon"}}), "provider.kind"),
-        (json!({"name": "x", "channel": "sms", "provider": {"kind": "webhook", "url": "not a url", "secret": "0123456789abcdef"}}), "provider.url"),
-        (json!({"name": "x", "channel": "sms", "provider": {"kind": "simulated", "outcomes": {"exploded": 1.0}}}), "provider.outcomes"),
-        (json!({"name": "x", "channel": "sms", "colour": "red"}), "colour"),
-        (json!(["not", "an", "object"]), "body"),
+        (
+            json!({"name": "x", "channel": "sms", "template": "Hi {{name"}),
+            "template",
+        ),
+        (
+            json!({"name": "x", "channel": "sms", "template": "Hi {{ bad name }}"}),
+            "template",
+        ),
+        (
+            json!({"name": "x", "channel": "sms", "sender": "WAYTOOLONGSENDER"}),
+            "sender",
+        ),
+        (
+            json!({"name": "x", "channel": "voice", "sender": "ACME"}),
+            "sender",
+        ),
+        (
+            json!({"name": "x", "channel": "sms", "max_attempts": 0}),
+            "max_attempts",
+        ),
+        (
+            json!({"name": "x", "channel": "sms", "max_attempts": "three"}),
+            "max_attempts",
+        ),
+        (
+            json!({"name": "x", "channel": "sms", "provider": {"kind": "carrier-pigeon"}}),
+            "provider.kind",
+        ),
+        (
+            json!({"name": "x", "channel": "sms", "provider": {"kind": "webhook", "url": "not a url", "secret": "0123456789abcdef"}}),
+            "provider.url",
+        ),
+        (
+            json!({"name": "x", "channel": "sms", "provider": {"kind": "simulated", "outcomes": {"exploded": 1.0}}}),
+            "provider.outcomes",
+        ),
+        (
+            json!({"name": "x", "channel": "sms", "colour": "red"}),
+            "colour",
+        ),
+        (json!(42), "body"),
     ];
     for (body, field) in cases {
-        let err = error_of(app.post("/v1/campaigns", &body).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+        let err = error_of(
+            app.post("/v1/campaigns", &body).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
         assert_eq!(err["code"], "invalid_field");
         assert_eq!(err["field"], field, "for {body}: {err}");
     }
     let listed: Value = app.get("/v1/campaigns").await.json().await.unwrap();
-    assert_eq!(listed["pagination"]["total_items"], 0, "nothing was created");
+    assert_eq!(
+        listed["pagination"]["total_items"], 0,
+        "nothing was created"
+    );
 }
 
 #[tokio::test]
@@ -120,7 +187,10 @@ async fn malformed_json_wrong_type_and_oversized_bodies() {
         .unwrap();
     error_of(wrong_type, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
 
-    let huge = format!("{{\"name\":\"{}\",\"channel\":\"sms\"}}", "x".repeat(20 * 1024 * 1024));
+    let huge = format!(
+        "{{\"name\":\"{}\",\"channel\":\"sms\"}}",
+        "x".repeat(20 * 1024 * 1024)
+    );
     let too_large = app
         .request(Method::POST, "/v1/campaigns")
         .header("content-type", "application/json")
@@ -150,21 +220,46 @@ async fn drafts_can_be_edited_and_deleted_but_nothing_else() {
     assert_eq!(updated["max_attempts"], 1);
     assert_eq!(updated["template"], c["template"], "unsent fields are kept");
 
-    let bad = app.request(Method::PATCH, &path).json(&json!({"sender": "!!"})).send().await.unwrap();
-    assert_eq!(error_of(bad, StatusCode::UNPROCESSABLE_ENTITY).await["field"], "sender");
+    let bad = app
+        .request(Method::PATCH, &path)
+        .json(&json!({"sender": "!!"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_of(bad, StatusCode::UNPROCESSABLE_ENTITY).await["field"],
+        "sender"
+    );
 
     // Once started, the campaign is frozen.
     app.post(&format!("{path}/contacts"), &json!({"contacts": [{"phone": "+15551234567", "name": "Ann", "variables": {"day": "Monday"}}]})).await;
-    assert_eq!(app.post_empty(&format!("{path}/start")).await.status(), StatusCode::OK);
-    let frozen = app.request(Method::PATCH, &path).json(&json!({"name": "Nope"})).send().await.unwrap();
+    assert_eq!(
+        app.post_empty(&format!("{path}/start")).await.status(),
+        StatusCode::OK
+    );
+    let frozen = app
+        .request(Method::PATCH, &path)
+        .json(&json!({"name": "Nope"}))
+        .send()
+        .await
+        .unwrap();
     let err = error_of(frozen, StatusCode::CONFLICT).await;
     assert_eq!(err["current_status"], "running");
     let undeletable = app.request(Method::DELETE, &path).send().await.unwrap();
-    assert_eq!(error_of(undeletable, StatusCode::CONFLICT).await["current_status"], "running");
+    assert_eq!(
+        error_of(undeletable, StatusCode::CONFLICT).await["current_status"],
+        "running"
+    );
 
-    let other = app.create_campaign(json!({"name": "Temp", "channel": "voice"})).await;
+    let other = app
+        .create_campaign(json!({"name": "Temp", "channel": "voice"}))
+        .await;
     let other_path = format!("/v1/campaigns/{}", other["id"]);
-    let deleted = app.request(Method::DELETE, &other_path).send().await.unwrap();
+    let deleted = app
+        .request(Method::DELETE, &other_path)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
     error_of(app.get(&other_path).await, StatusCode::NOT_FOUND).await;
 }
@@ -197,7 +292,11 @@ async fn the_status_machine_is_enforced_with_409_naming_the_current_status() {
         let response = app.post_empty(&format!("{path}/{action}")).await;
         assert_eq!(response.status(), status, "{action}");
         let body: Value = response.json().await.unwrap();
-        let shown = if status == StatusCode::OK { &body["status"] } else { &body["error"]["current_status"] };
+        let shown = if status == StatusCode::OK {
+            &body["status"]
+        } else {
+            &body["error"]["current_status"]
+        };
         assert_eq!(shown, expected, "{action}: {body}");
     }
     let final_state: Value = app.get(&path).await.json().await.unwrap();
@@ -209,26 +308,54 @@ async fn the_status_machine_is_enforced_with_409_naming_the_current_status() {
 #[tokio::test]
 async fn starting_checks_template_contacts_and_every_variable() {
     let app = spawn_app().await;
-    let no_template = app.create_campaign(json!({"name": "x", "channel": "sms"})).await;
-    let err = error_of(app.post_empty(&format!("/v1/campaigns/{}/start", no_template["id"])).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let no_template = app
+        .create_campaign(json!({"name": "x", "channel": "sms"}))
+        .await;
+    let err = error_of(
+        app.post_empty(&format!("/v1/campaigns/{}/start", no_template["id"]))
+            .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     assert_eq!(err["field"], "template");
 
     let c = app.sms_campaign().await;
     let path = format!("/v1/campaigns/{}", c["id"]);
-    let err = error_of(app.post_empty(&format!("{path}/start")).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let err = error_of(
+        app.post_empty(&format!("{path}/start")).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     assert_eq!(err["field"], "contacts");
 
     // Contacts imported before the template changed may lack a variable.
-    let plain = app.create_campaign(json!({"name": "p", "channel": "sms", "template": "Hello"})).await;
+    let plain = app
+        .create_campaign(json!({"name": "p", "channel": "sms", "template": "Hello"}))
+        .await;
     let plain_path = format!("/v1/campaigns/{}", plain["id"]);
-    app.post(&format!("{plain_path}/contacts"), &json!({"contacts": [
-        {"phone": "+15551234567", "name": "Ann", "variables": {"day": "Mon"}},
-        {"phone": "+15551234568", "name": "Bob"},
-    ]})).await;
-    app.request(Method::PATCH, &plain_path).json(&json!({"template": "Hi {{name}} on {{day}}"})).send().await.unwrap();
-    let err = error_of(app.post_empty(&format!("{plain_path}/start")).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    app.post(
+        &format!("{plain_path}/contacts"),
+        &json!({"contacts": [
+            {"phone": "+15551234567", "name": "Ann", "variables": {"day": "Mon"}},
+            {"phone": "+15551234568", "name": "Bob"},
+        ]}),
+    )
+    .await;
+    app.request(Method::PATCH, &plain_path)
+        .json(&json!({"template": "Hi {{name}} on {{day}}"}))
+        .send()
+        .await
+        .unwrap();
+    let err = error_of(
+        app.post_empty(&format!("{plain_path}/start")).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     let message = err["message"].as_str().unwrap();
-    assert!(message.contains("+15551234568") && message.contains("'day'"), "{message}");
+    assert!(
+        message.contains("+15551234568") && message.contains("'day'"),
+        "{message}"
+    );
     assert!(err["field"].as_str().unwrap().ends_with("variables.day"));
     let still: Value = app.get(&plain_path).await.json().await.unwrap();
     assert_eq!(still["status"], "draft", "a refused start changes nothing");
@@ -241,46 +368,100 @@ async fn scheduling_takes_a_future_rfc3339_time() {
     let path = format!("/v1/campaigns/{}", c["id"]);
     app.post(&format!("{path}/contacts"), &json!({"contacts": [{"phone": "+15551234567", "name": "Ann", "variables": {"day": "Monday"}}]})).await;
 
-    for bad in [json!({"start_at": "tomorrow"}), json!({"start_at": "2001-01-01T00:00:00Z"}), json!({})] {
-        let err = error_of(app.post(&format!("{path}/schedule"), &bad).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    for bad in [
+        json!({"start_at": "tomorrow"}),
+        json!({"start_at": "2001-01-01T00:00:00Z"}),
+        json!({}),
+    ] {
+        let err = error_of(
+            app.post(&format!("{path}/schedule"), &bad).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
         assert_eq!(err["field"], "start_at", "{bad}");
     }
     let when = (chrono::Utc::now() + chrono::Duration::hours(2)).to_rfc3339();
-    let scheduled: Value = app.post(&format!("{path}/schedule"), &json!({"start_at": when})).await.json().await.unwrap();
+    let scheduled: Value = app
+        .post(&format!("{path}/schedule"), &json!({"start_at": when}))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(scheduled["status"], "scheduled");
-    let start_at = chrono::DateTime::parse_from_rfc3339(scheduled["start_at"].as_str().unwrap()).unwrap();
+    let start_at =
+        chrono::DateTime::parse_from_rfc3339(scheduled["start_at"].as_str().unwrap()).unwrap();
     let asked = chrono::DateTime::parse_from_rfc3339(&when).unwrap();
     assert!((start_at - asked).num_milliseconds().abs() < 1000);
 
-    let started: Value = app.post_empty(&format!("{path}/start")).await.json().await.unwrap();
+    let started: Value = app
+        .post_empty(&format!("{path}/start"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(started["status"], "running");
 }
 
 #[tokio::test]
 async fn unknown_ids_and_routes_are_404() {
     let app = spawn_app().await;
-    for path in ["/v1/campaigns/999", "/v1/campaigns/not-a-uuid", "/v1/campaigns/00000000-0000-0000-0000-000000000000", "/v1/nothing-here"] {
+    for path in [
+        "/v1/campaigns/999",
+        "/v1/campaigns/not-a-uuid",
+        "/v1/campaigns/00000000-0000-0000-0000-000000000000",
+        "/v1/nothing-here",
+    ] {
         error_of(app.get(path).await, StatusCode::NOT_FOUND).await;
     }
-    error_of(app.post_empty("/v1/campaigns/999/start").await, StatusCode::NOT_FOUND).await;
+    error_of(
+        app.post_empty("/v1/campaigns/999/start").await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn openapi_and_health_probes_are_served() {
     let app = spawn_app().await;
-    let doc: Value = app.client.get(app.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    let doc: Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let paths = doc["paths"].as_object().unwrap();
     for path in [
-        "/v1/campaigns", "/v1/campaigns/{id}", "/v1/campaigns/{id}/start", "/v1/campaigns/{id}/schedule",
-        "/v1/campaigns/{id}/pause", "/v1/campaigns/{id}/resume", "/v1/campaigns/{id}/cancel",
-        "/v1/campaigns/{id}/contacts", "/v1/campaigns/{id}/contacts:import", "/v1/keys", "/v1/keys/{id}",
-        "/v1/workspace", "/healthz", "/readyz",
+        "/v1/campaigns",
+        "/v1/campaigns/{id}",
+        "/v1/campaigns/{id}/start",
+        "/v1/campaigns/{id}/schedule",
+        "/v1/campaigns/{id}/pause",
+        "/v1/campaigns/{id}/resume",
+        "/v1/campaigns/{id}/cancel",
+        "/v1/campaigns/{id}/contacts",
+        "/v1/campaigns/{id}/contacts:import",
+        "/v1/keys",
+        "/v1/keys/{id}",
+        "/v1/workspace",
+        "/healthz",
+        "/readyz",
     ] {
         assert!(paths.contains_key(path), "OpenAPI lacks {path}");
     }
     assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
     let health = app.client.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
-    let ready: Value = app.client.get(app.url("/readyz")).send().await.unwrap().json().await.unwrap();
+    let ready: Value = app
+        .client
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(ready["status"], "ready");
 }

@@ -21,26 +21,55 @@ fn herald(database_url: &str, args: &[&str]) -> std::process::Output {
 #[tokio::test]
 async fn keys_create_prints_only_the_key_and_revoke_takes_effect() {
     let app = spawn_app().await;
-    let out = herald(&app.database_url, &["keys", "create", "--workspace", "gamma", "--label", "cli"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = herald(
+        &app.database_url,
+        &["keys", "create", "--workspace", "gamma", "--label", "cli"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let key = stdout.trim();
-    assert_eq!(stdout.lines().count(), 1, "only the key on stdout: {stdout:?}");
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "only the key on stdout: {stdout:?}"
+    );
     assert!(key.starts_with("hk_"));
 
-    let ok = app.client.get(app.url("/v1/workspace")).bearer_auth(key).send().await.unwrap();
+    let ok = app
+        .client
+        .get(app.url("/v1/workspace"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
     let workspace: serde_json::Value = ok.json().await.unwrap();
     assert_eq!(workspace["name"], "gamma");
 
     let listed = herald(&app.database_url, &["keys", "list", "--workspace", "gamma"]);
     let listing = String::from_utf8(listed.stdout).unwrap();
     let prefix = &key[3..13];
-    assert!(listing.contains(prefix) && listing.contains("active"), "{listing}");
+    assert!(
+        listing.contains(prefix) && listing.contains("active"),
+        "{listing}"
+    );
     assert!(!listing.contains(key), "list never shows a secret");
 
-    let revoked = herald(&app.database_url, &["keys", "revoke", "--workspace", "gamma", prefix]);
+    let revoked = herald(
+        &app.database_url,
+        &["keys", "revoke", "--workspace", "gamma", prefix],
+    );
     assert!(revoked.status.success());
-    let refused = app.client.get(app.url("/v1/workspace")).bearer_auth(key).send().await.unwrap();
+    let refused = app
+        .client
+        .get(app.url("/v1/workspace"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
 }
 
@@ -63,7 +92,10 @@ fn keys_commands_refuse_bad_input() {
         .unwrap();
     assert!(!bad_region.status.success());
     assert!(String::from_utf8_lossy(&bad_region.stderr).contains("'XX' is not an ISO 3166 region"));
-    let bad_url = herald("postgres-ish://nowhere", &["keys", "list", "--workspace", "x"]);
+    let bad_url = herald(
+        "postgres-ish://nowhere",
+        &["keys", "list", "--workspace", "x"],
+    );
     assert!(!bad_url.status.success());
 }
 
@@ -71,15 +103,32 @@ fn keys_commands_refuse_bad_input() {
 fn help_explains_the_configuration() {
     let out = Command::new(HERALD).arg("--help").output().unwrap();
     let help = String::from_utf8(out.stdout).unwrap();
-    for needle in ["HERALD_ADDR", "HERALD_DATABASE_URL", "HERALD_MAX_BODY_BYTES", "keys", "serve"] {
+    for needle in [
+        "HERALD_ADDR",
+        "HERALD_DATABASE_URL",
+        "HERALD_MAX_BODY_BYTES",
+        "keys",
+        "serve",
+    ] {
         assert!(help.contains(needle), "--help lacks {needle}");
     }
-    let keys_help = String::from_utf8(Command::new(HERALD).args(["keys", "create", "--help"]).output().unwrap().stdout).unwrap();
+    let keys_help = String::from_utf8(
+        Command::new(HERALD)
+            .args(["keys", "create", "--help"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
     assert!(keys_help.contains("--workspace"));
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 async fn wait_healthy(base: &str) {
@@ -112,7 +161,10 @@ async fn serve_prints_a_demo_key_once_and_stops_on_sigterm() {
             .unwrap();
         let base = format!("http://127.0.0.1:{port}");
         wait_healthy(&base).await;
-        let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        let kill = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(kill.success());
         let deadline = Instant::now() + Duration::from_secs(10);
         let status = loop {
@@ -126,14 +178,23 @@ async fn serve_prints_a_demo_key_once_and_stops_on_sigterm() {
         let mut stdout = String::new();
         std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
         if run == 0 {
-            let key = stdout.split_whitespace().find(|w| w.starts_with("hk_")).expect("demo key printed");
-            assert!(stdout.contains("curl -H 'Authorization: Bearer hk_"), "{stdout}");
+            let key = stdout
+                .split_whitespace()
+                .find(|w| w.starts_with("hk_"))
+                .expect("demo key printed");
+            assert!(
+                stdout.contains("curl -H 'Authorization: Bearer hk_"),
+                "{stdout}"
+            );
             // The key works against the same database.
             let app_key = key.to_owned();
             let out = herald(&url, &["keys", "list", "--workspace", "demo"]);
             assert!(String::from_utf8_lossy(&out.stdout).contains(&app_key[3..13]));
         } else {
-            assert!(!stdout.contains("hk_"), "the key is printed only once: {stdout}");
+            assert!(
+                !stdout.contains("hk_"),
+                "the key is printed only once: {stdout}"
+            );
         }
     }
 }

@@ -82,7 +82,11 @@ impl TestApp {
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> Response {
-        self.request(Method::POST, path).json(body).send().await.unwrap()
+        self.request(Method::POST, path)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn post_empty(&self, path: &str) -> Response {

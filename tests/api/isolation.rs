@@ -24,13 +24,21 @@ async fn another_workspace_sees_nothing_and_changes_nothing() {
             (Method::GET, base.clone(), None),
             (Method::PATCH, base.clone(), Some(json!({"name": "pwned"}))),
             (Method::DELETE, base.clone(), None),
-            (Method::POST, format!("{base}/schedule"), Some(json!({"start_at": when}))),
+            (
+                Method::POST,
+                format!("{base}/schedule"),
+                Some(json!({"start_at": when})),
+            ),
             (Method::POST, format!("{base}/start"), None),
             (Method::POST, format!("{base}/pause"), None),
             (Method::POST, format!("{base}/resume"), None),
             (Method::POST, format!("{base}/cancel"), None),
             (Method::GET, format!("{base}/contacts"), None),
-            (Method::POST, format!("{base}/contacts"), Some(json!({"contacts": [{"phone": "+15550000000"}]}))),
+            (
+                Method::POST,
+                format!("{base}/contacts"),
+                Some(json!({"contacts": [{"phone": "+15550000000"}]})),
+            ),
         ];
         for (method, path, body) in attempts {
             let mut request = app.request_as(&intruder, method.clone(), &path);
@@ -44,10 +52,19 @@ async fn another_workspace_sees_nothing_and_changes_nothing() {
                 status == StatusCode::FORBIDDEN || status == StatusCode::NOT_FOUND,
                 "{method} {path} gave {status}"
             );
-            assert!(!text.contains("Secret Sam") && !text.contains("Reminders") && !text.contains("+15551234567"), "{text}");
+            assert!(
+                !text.contains("Secret Sam")
+                    && !text.contains("Reminders")
+                    && !text.contains("+15551234567"),
+                "{text}"
+            );
         }
         let import = app
-            .request_as(&intruder, Method::POST, &format!("/v1/campaigns/{id}/contacts:import"))
+            .request_as(
+                &intruder,
+                Method::POST,
+                &format!("/v1/campaigns/{id}/contacts:import"),
+            )
             .header("content-type", "text/csv")
             .body("phone,day\n+15550000000,Monday\n")
             .send()
@@ -56,17 +73,41 @@ async fn another_workspace_sees_nothing_and_changes_nothing() {
         assert_eq!(import.status(), StatusCode::FORBIDDEN);
     }
 
-    let listed: Value = app.request_as(&intruder, Method::GET, "/v1/campaigns").send().await.unwrap().json().await.unwrap();
+    let listed: Value = app
+        .request_as(&intruder, Method::GET, "/v1/campaigns")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(listed["pagination"]["total_items"], 0);
     let owner_keys: Value = app.get("/v1/keys").await.json().await.unwrap();
     let owner_key_id = owner_keys["keys"][0]["id"].clone();
-    let revoke = app.request_as(&intruder, Method::DELETE, &format!("/v1/keys/{owner_key_id}")).send().await.unwrap();
+    let revoke = app
+        .request_as(
+            &intruder,
+            Method::DELETE,
+            &format!("/v1/keys/{owner_key_id}"),
+        )
+        .send()
+        .await
+        .unwrap();
     assert_eq!(revoke.status(), StatusCode::NOT_FOUND);
 
     // The owner's campaign is untouched.
-    let after: Value = app.get(&format!("/v1/campaigns/{}", c["id"])).await.json().await.unwrap();
+    let after: Value = app
+        .get(&format!("/v1/campaigns/{}", c["id"]))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(after["name"], "Reminders");
     assert_eq!(after["status"], "draft");
     assert_eq!(after["contact_count"], 1);
-    assert_eq!(app.get("/v1/campaigns").await.status(), StatusCode::OK, "the owner's key still works");
+    assert_eq!(
+        app.get("/v1/campaigns").await.status(),
+        StatusCode::OK,
+        "the owner's key still works"
+    );
 }

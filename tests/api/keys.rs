@@ -8,11 +8,28 @@ use crate::helpers::{error_of, spawn_app};
 #[tokio::test]
 async fn every_way_of_presenting_a_key_works() {
     let app = spawn_app().await;
-    let bearer = app.client.get(app.url("/v1/campaigns")).bearer_auth(&app.key).send().await.unwrap();
+    let bearer = app
+        .client
+        .get(app.url("/v1/campaigns"))
+        .bearer_auth(&app.key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bearer.status(), StatusCode::OK);
-    let header = app.client.get(app.url("/v1/campaigns")).header("X-API-Key", &app.key).send().await.unwrap();
+    let header = app
+        .client
+        .get(app.url("/v1/campaigns"))
+        .header("X-API-Key", &app.key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(header.status(), StatusCode::OK);
-    let query = app.client.get(app.url(&format!("/v1/campaigns?token={}", app.key))).send().await.unwrap();
+    let query = app
+        .client
+        .get(app.url(&format!("/v1/campaigns?token={}", app.key)))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(query.status(), StatusCode::OK);
 }
 
@@ -22,11 +39,21 @@ async fn missing_malformed_and_forged_keys_are_401() {
     let forged = format!("{}{}", &app.key[..app.key.len() - 4], "AAAA");
     let requests = [
         app.client.get(app.url("/v1/campaigns")),
-        app.client.get(app.url("/v1/campaigns")).bearer_auth("hk_nope"),
-        app.client.get(app.url("/v1/campaigns")).header("Authorization", format!("Basic {}", app.key)),
-        app.client.get(app.url("/v1/campaigns")).bearer_auth(&forged),
-        app.client.get(app.url("/v1/campaigns")).header("X-API-Key", ""),
-        app.client.post(app.url("/v1/campaigns")).json(&json!({"name": "x", "channel": "sms"})),
+        app.client
+            .get(app.url("/v1/campaigns"))
+            .bearer_auth("hk_nope"),
+        app.client
+            .get(app.url("/v1/campaigns"))
+            .header("Authorization", format!("Basic {}", app.key)),
+        app.client
+            .get(app.url("/v1/campaigns"))
+            .bearer_auth(&forged),
+        app.client
+            .get(app.url("/v1/campaigns"))
+            .header("X-API-Key", ""),
+        app.client
+            .post(app.url("/v1/campaigns"))
+            .json(&json!({"name": "x", "channel": "sms"})),
     ];
     for request in requests {
         let err = error_of(request.send().await.unwrap(), StatusCode::UNAUTHORIZED).await;
@@ -37,33 +64,80 @@ async fn missing_malformed_and_forged_keys_are_401() {
 #[tokio::test]
 async fn keys_are_created_listed_and_revoked_at_once() {
     let app = spawn_app().await;
-    let created = app.request(Method::POST, "/v1/keys").json(&json!({"label": "ci"})).send().await.unwrap();
+    let created = app
+        .request(Method::POST, "/v1/keys")
+        .json(&json!({"label": "ci"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(created.status(), StatusCode::CREATED);
     let created: Value = created.json().await.unwrap();
     let new_key = created["key"].as_str().unwrap().to_owned();
     assert!(new_key.starts_with(&format!("hk_{}_", created["prefix"].as_str().unwrap())));
     assert!(new_key.len() >= 40, "≥128 bits of secret");
 
-    let listed: Value = app.request_as(&new_key, Method::GET, "/v1/keys").send().await.unwrap().json().await.unwrap();
+    let listed: Value = app
+        .request_as(&new_key, Method::GET, "/v1/keys")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let keys = listed["keys"].as_array().unwrap();
     assert_eq!(keys.len(), 2);
-    assert!(keys.iter().all(|k| k.get("key").is_none()), "secrets are never listed");
+    assert!(
+        keys.iter().all(|k| k.get("key").is_none()),
+        "secrets are never listed"
+    );
     assert!(!listed.to_string().contains(&new_key[14..]));
 
-    let revoked = app.request(Method::DELETE, &format!("/v1/keys/{}", created["id"])).send().await.unwrap();
+    let revoked = app
+        .request(Method::DELETE, &format!("/v1/keys/{}", created["id"]))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(revoked.status(), StatusCode::OK);
     let revoked: Value = revoked.json().await.unwrap();
     assert!(revoked["revoked_at"].is_string());
-    let refused = app.request_as(&new_key, Method::GET, "/v1/campaigns").send().await.unwrap();
+    let refused = app
+        .request_as(&new_key, Method::GET, "/v1/campaigns")
+        .send()
+        .await
+        .unwrap();
     error_of(refused, StatusCode::UNAUTHORIZED).await;
 
-    error_of(app.request(Method::DELETE, "/v1/keys/99999").send().await.unwrap(), StatusCode::NOT_FOUND).await;
-    let long_label = app.request(Method::POST, "/v1/keys").json(&json!({"label": "x".repeat(101)})).send().await.unwrap();
-    assert_eq!(error_of(long_label, StatusCode::UNPROCESSABLE_ENTITY).await["field"], "label");
-    let bad_json = app.request(Method::POST, "/v1/keys").header("content-type", "application/json").body("{").send().await.unwrap();
+    error_of(
+        app.request(Method::DELETE, "/v1/keys/99999")
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    let long_label = app
+        .request(Method::POST, "/v1/keys")
+        .json(&json!({"label": "x".repeat(101)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_of(long_label, StatusCode::UNPROCESSABLE_ENTITY).await["field"],
+        "label"
+    );
+    let bad_json = app
+        .request(Method::POST, "/v1/keys")
+        .header("content-type", "application/json")
+        .body("{")
+        .send()
+        .await
+        .unwrap();
     error_of(bad_json, StatusCode::BAD_REQUEST).await;
     // An empty POST makes an unlabelled key.
-    assert_eq!(app.post_empty("/v1/keys").await.status(), StatusCode::CREATED);
+    assert_eq!(
+        app.post_empty("/v1/keys").await.status(),
+        StatusCode::CREATED
+    );
 }
 
 #[tokio::test]
