@@ -1,10 +1,19 @@
-//! Benchmarks that print figures. Targets live here, never in timed tests.
+//! Benchmarks that print figures. Speed targets live here, never in timed
+//! tests. Each starts what it needs in-process, on a temporary database and
+//! loopback only, and stops by itself.
+
+use std::time::Instant;
 
 use clap::Subcommand;
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::api::ApiConfig;
+use crate::startup::{Application, ServerConfig};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
-    /// Import a generated CSV through the HTTP API and print rows/s and peak RSS.
+    /// Stream a generated CSV through the HTTP import and print rows/s and peak RSS.
     Import {
         /// Rows in the generated CSV.
         #[arg(long, default_value_t = 1_000_000)]
@@ -18,6 +27,99 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn import(_rows: u64) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+/// Peak resident set size of this process, in bytes (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// One CSV chunk of `count` rows starting at `first`, with a valid US number each.
+fn csv_rows(first: u64, count: u64) -> String {
+    let mut out = String::with_capacity(count as usize * 40);
+    for i in first..first + count {
+        // 202-555-xxxx style numbers, unique per row.
+        out.push_str(&format!("+1{:03}{:07},Person {i},{}\n", 201 + (i / 10_000_000) % 700, i % 10_000_000, i % 28 + 1));
+    }
+    out
+}
+
+async fn import(rows: u64) -> anyhow::Result<()> {
+    let dir = tempfile_dir()?;
+    let app = Application::build(ServerConfig {
+        addr: "127.0.0.1:0".into(),
+        database_url: format!("sqlite://{}/bench.db", dir.display()),
+        api: ApiConfig::default(),
+        demo: false,
+    })
+    .await?;
+    let base = format!("http://{}", app.local_addr());
+    let store = app.store();
+    let workspace = store.ensure_workspace("bench").await?;
+    let (_, key) = crate::api::keys::issue_key(store.as_ref(), workspace.id, None).await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+
+    let client = reqwest::Client::new();
+    let campaign: serde_json::Value = client
+        .post(format!("{base}/v1/campaigns"))
+        .bearer_auth(&key)
+        .json(&json!({"name": "bench", "channel": "sms", "template": "Hi {{name}}, day {{day}}"}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+
+    const PER_CHUNK: u64 = 5_000;
+    let header = futures::stream::once(async { Ok::<_, std::io::Error>("phone,name,day\n".to_owned()) });
+    let body = header.chain(
+        futures::stream::iter((0..rows).step_by(PER_CHUNK as usize))
+            .map(move |first| Ok(csv_rows(first, PER_CHUNK.min(rows - first)))),
+    );
+    println!("importing {rows} CSV rows through POST /v1/campaigns/{{id}}/contacts:import …");
+    let started = Instant::now();
+    let report: serde_json::Value = client
+        .post(format!("{base}/v1/campaigns/{}/contacts:import", campaign["id"]))
+        .bearer_auth(&key)
+        .header("content-type", "text/csv")
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let elapsed = started.elapsed();
+    let rate = rows as f64 / elapsed.as_secs_f64();
+    let peak = peak_rss_bytes().unwrap_or(0);
+    println!("imported:   {}", report["imported"]);
+    println!("duplicates: {}", report["duplicates"]);
+    println!("invalid:    {}", report["invalid"]);
+    println!("elapsed:    {:.2} s", elapsed.as_secs_f64());
+    println!("rate:       {rate:.0} rows/s");
+    println!("peak RSS:   {:.1} MiB (whole process: server and CSV generator)", peak as f64 / 1048576.0);
+    anyhow::ensure!(report["imported"].as_u64() == Some(rows), "not every row was imported: {report}");
+
+    let results = std::path::Path::new("bench/results");
+    std::fs::create_dir_all(results)?;
+    std::fs::write(
+        results.join("import.json"),
+        serde_json::to_string_pretty(&json!({
+            "scenario": "import", "rows": rows, "seconds": elapsed.as_secs_f64(),
+            "rows_per_second": rate, "peak_rss_bytes": peak,
+        }))?,
+    )?;
+    let _ = stop.send(());
+    server.await??;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
