@@ -40,7 +40,12 @@ fn csv_rows(first: u64, count: u64) -> String {
     let mut out = String::with_capacity(count as usize * 40);
     for i in first..first + count {
         // 202-555-xxxx style numbers, unique per row.
-        out.push_str(&format!("+1{:03}{:07},Person {i},{}\n", 201 + (i / 10_000_000) % 700, i % 10_000_000, i % 28 + 1));
+        out.push_str(&format!(
+            "+1{:03}{:07},Person {i},{}\n",
+            201 + (i / 10_000_000) % 700,
+            i % 10_000_000,
+            i % 28 + 1
+        ));
     }
     out
 }
@@ -75,7 +80,8 @@ async fn import(rows: u64) -> anyhow::Result<()> {
         .await?;
 
     const PER_CHUNK: u64 = 5_000;
-    let header = futures::stream::once(async { Ok::<_, std::io::Error>("phone,name,day\n".to_owned()) });
+    let header =
+        futures::stream::once(async { Ok::<_, std::io::Error>("phone,name,day\n".to_owned()) });
     let body = header.chain(
         futures::stream::iter((0..rows).step_by(PER_CHUNK as usize))
             .map(move |first| Ok(csv_rows(first, PER_CHUNK.min(rows - first)))),
@@ -83,7 +89,10 @@ async fn import(rows: u64) -> anyhow::Result<()> {
     println!("importing {rows} CSV rows through POST /v1/campaigns/{{id}}/contacts:import …");
     let started = Instant::now();
     let report: serde_json::Value = client
-        .post(format!("{base}/v1/campaigns/{}/contacts:import", campaign["id"]))
+        .post(format!(
+            "{base}/v1/campaigns/{}/contacts:import",
+            campaign["id"]
+        ))
         .bearer_auth(&key)
         .header("content-type", "text/csv")
         .body(reqwest::Body::wrap_stream(body))
@@ -100,8 +109,14 @@ async fn import(rows: u64) -> anyhow::Result<()> {
     println!("invalid:    {}", report["invalid"]);
     println!("elapsed:    {:.2} s", elapsed.as_secs_f64());
     println!("rate:       {rate:.0} rows/s");
-    println!("peak RSS:   {:.1} MiB (whole process: server and CSV generator)", peak as f64 / 1048576.0);
-    anyhow::ensure!(report["imported"].as_u64() == Some(rows), "not every row was imported: {report}");
+    println!(
+        "peak RSS:   {:.1} MiB (whole process: server and CSV generator)",
+        peak as f64 / 1048576.0
+    );
+    anyhow::ensure!(
+        report["imported"].as_u64() == Some(rows),
+        "not every row was imported: {report}"
+    );
 
     let results = std::path::Path::new("bench/results");
     std::fs::create_dir_all(results)?;
