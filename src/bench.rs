@@ -57,6 +57,8 @@ async fn import(rows: u64) -> anyhow::Result<()> {
         database_url: format!("sqlite://{}/bench.db", dir.display()),
         api: ApiConfig::default(),
         demo: false,
+        engine: Some(crate::engine::EngineConfig::default()),
+        public_url: None,
     })
     .await?;
     let base = format!("http://{}", app.local_addr());

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::api::ApiConfig;
 use crate::domain::Region;
+use crate::engine::EngineConfig;
 use crate::startup::{shutdown_signal, Application, ServerConfig};
 use crate::telemetry::{self, LogFormat};
 
@@ -64,6 +65,47 @@ pub struct ServeArgs {
     /// Do not create the demo workspace on a new database.
     #[arg(long, env = "HERALD_NO_DEMO")]
     pub no_demo: bool,
+    /// Serve the API only; run workers elsewhere with `herald worker`.
+    #[arg(long, env = "HERALD_NO_ENGINE")]
+    pub no_engine: bool,
+    /// URL providers use to call back (Twilio status callbacks); default http://ADDR.
+    #[arg(long, env = "HERALD_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// How workers send.
+#[derive(Debug, Args, Clone)]
+pub struct EngineArgs {
+    /// Sends in flight at once per run.
+    #[arg(long, env = "HERALD_IN_FLIGHT", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub in_flight: u32,
+    /// Runs worked at once by this node.
+    #[arg(long, env = "HERALD_MAX_RUNS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_runs: u32,
+    /// Seconds a worker's claim on a run lasts without renewal.
+    #[arg(long, env = "HERALD_LEASE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub lease_seconds: u64,
+    /// First retry delay in milliseconds; doubles per attempt, with jitter.
+    #[arg(long, env = "HERALD_RETRY_BASE_MS", default_value_t = 5000)]
+    pub retry_base_ms: u64,
+    /// Sends per second per sender id (0 = no limit).
+    #[arg(long, env = "HERALD_SENDER_RATE", default_value_t = 0)]
+    pub sender_rate: u32,
+}
+
+impl EngineArgs {
+    pub fn into_config(self) -> EngineConfig {
+        EngineConfig {
+            in_flight: self.in_flight as usize,
+            max_runs: self.max_runs as usize,
+            lease: std::time::Duration::from_secs(self.lease_seconds),
+            retry_base: std::time::Duration::from_millis(self.retry_base_ms),
+            sender_rate: std::num::NonZeroU32::new(self.sender_rate),
+            ..EngineConfig::default()
+        }
+    }
 }
 
 fn parse_region(s: &str) -> Result<Region, String> {
@@ -74,12 +116,32 @@ fn parse_region(s: &str) -> Result<Region, String> {
 pub enum Command {
     /// Serve the API (the default).
     Serve(ServeArgs),
+    /// Work runs without serving the API (several workers may share a database).
+    Worker(EngineArgs),
     /// Create, list and revoke API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Manage a workspace's credit balance.
+    #[command(subcommand)]
+    Credits(CreditsCommand),
     /// Run a benchmark and print its figures.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CreditsCommand {
+    /// Add credits to a workspace (negative to remove); prints the new balance.
+    /// The first top-up turns credit accounting on for the workspace.
+    Add {
+        #[arg(long)]
+        workspace: String,
+        /// Credits: SMS parts for SMS, one per call for voice.
+        #[arg(allow_negative_numbers = true)]
+        amount: i64,
+        #[arg(long)]
+        note: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,6 +180,8 @@ impl ServeArgs {
                 default_region: self.default_region,
             },
             demo: !self.no_demo,
+            engine: (!self.no_engine).then(|| self.engine.into_config()),
+            public_url: self.public_url,
         }
     }
 }
@@ -129,6 +193,8 @@ pub async fn main() -> ExitCode {
         None => serve(cli.serve.into_config(cli.global.database_url)).await,
         Some(Command::Serve(args)) => serve(args.into_config(cli.global.database_url)).await,
         Some(Command::Keys(cmd)) => keys(&cli.global.database_url, cmd).await,
+        Some(Command::Worker(args)) => worker(&cli.global.database_url, args).await,
+        Some(Command::Credits(cmd)) => credits(&cli.global.database_url, cmd).await,
         Some(Command::Bench(cmd)) => crate::bench::run(cmd).await,
     };
     match result {
@@ -152,6 +218,42 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     }
     app.run_until_stopped(shutdown_signal()).await?;
     tracing::info!("Herald stopped");
+    Ok(())
+}
+
+async fn worker(database_url: &str, args: EngineArgs) -> anyhow::Result<()> {
+    let store = crate::store::connect(database_url).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let engine = crate::engine::Engine::new(
+        store,
+        args.into_config(),
+        String::from("http://127.0.0.1"),
+        std::sync::Arc::new(tokio::sync::Notify::new()),
+        stop.clone(),
+    );
+    let running = tokio::spawn(engine.run());
+    shutdown_signal().await;
+    stop.cancel();
+    running.await?;
+    Ok(())
+}
+
+async fn credits(database_url: &str, cmd: CreditsCommand) -> anyhow::Result<()> {
+    let store = crate::store::connect(database_url).await?;
+    match cmd {
+        CreditsCommand::Add {
+            workspace,
+            amount,
+            note,
+        } => {
+            let ws = store
+                .workspace_by_name(&workspace)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no workspace named '{workspace}'"))?;
+            let ws = store.add_credits(ws.id, amount, note.as_deref()).await?;
+            println!("{}", ws.credit_balance.unwrap_or_default());
+        }
+    }
     Ok(())
 }
 

@@ -6,6 +6,10 @@
 //!   campaign status machine, API keys). No I/O.
 //! - [`store`]: the storage boundary, the [`store::Store`] trait, and its
 //!   SQLite implementation. The only place SQL lives.
+//! - [`engine`]: workers that claim runs, freeze them into batches and send
+//!   each recipient through a provider, with retries, receipts and credits.
+//! - [`providers`]: the `Provider` trait and the simulated, webhook and
+//!   Twilio providers.
 //! - [`api`]: the HTTP layer: routers, extractors, one error type, OpenAPI.
 //! - [`startup`]: builds the application and serves it until shutdown.
 //! - [`cli`]: the `herald` command line (serve, keys, bench).
@@ -16,6 +20,8 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod domain;
+pub mod engine;
+pub mod providers;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -9,7 +9,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
 use crate::api::{self, ApiConfig, AppState};
+use crate::engine::{Engine, EngineConfig};
 use crate::store::{self, Store};
 
 /// Everything `herald serve` needs to start.
@@ -20,6 +24,11 @@ pub struct ServerConfig {
     pub api: ApiConfig,
     /// Create a demo workspace and print its key when the database is new.
     pub demo: bool,
+    /// Run workers in this process; `None` serves the API only.
+    pub engine: Option<EngineConfig>,
+    /// How providers reach this node (Twilio's status callback); defaults
+    /// to `http://{addr}`.
+    pub public_url: Option<String>,
 }
 
 pub struct Application {
@@ -27,6 +36,8 @@ pub struct Application {
     state: AppState,
     /// The key printed for a brand-new database's demo workspace.
     demo_key: Option<String>,
+    engine: Option<EngineConfig>,
+    public_url: String,
 }
 
 impl Application {
@@ -42,13 +53,20 @@ impl Application {
         let listener = TcpListener::bind(&config.addr)
             .await
             .with_context(|| format!("binding {}", config.addr))?;
+        let public_url = config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", listener.local_addr().expect("bound")));
         Ok(Self {
             listener,
             state: AppState {
                 store,
                 config: Arc::new(config.api),
+                engine_wakeup: Arc::new(Notify::new()),
             },
             demo_key,
+            engine: config.engine,
+            public_url,
         })
     }
 
@@ -70,16 +88,45 @@ impl Application {
         self.demo_key.as_deref()
     }
 
-    /// Serves until `shutdown` completes, then lets in-flight requests finish.
+    /// Serves (and works runs, when the engine is on) until `shutdown`
+    /// completes; then in-flight requests finish and every run in hand is
+    /// released for another worker.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let stop = CancellationToken::new();
+        let engine = self.engine.map(|config| {
+            let engine = Engine::new(
+                self.state.store.clone(),
+                config,
+                self.public_url.clone(),
+                self.state.engine_wakeup.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(engine.run())
+        });
         let app = api::app(self.state);
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
+        let signal = stop.clone();
+        let served = axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move {
+                tokio::select! {
+                    () = shutdown => {}
+                    () = signal.cancelled() => {}
+                }
+                signal.cancel();
+            })
             .await
-            .context("serving HTTP")
+            .context("serving HTTP");
+        stop.cancel();
+        if let Some(engine) = engine {
+            engine.await.context("engine task")?;
+        }
+        served
+    }
+
+    pub fn public_url(&self) -> &str {
+        &self.public_url
     }
 }
 

@@ -11,9 +11,10 @@ use super::extract::{ApiJson, Auth, PageParams, Pagination};
 use super::views::{CampaignList, CampaignView};
 use super::{ApiError, AppState};
 use crate::domain::{
-    Action, CampaignName, CampaignStatus, Channel, MaxAttempts, ProviderSettings, Sender, Template,
+    Action, CampaignName, CampaignStatus, Channel, MaxAttempts, ProviderSettings, Recipients,
+    Sender, Template,
 };
-use crate::store::{Campaign, CampaignSpec, Transition};
+use crate::store::{Campaign, CampaignSpec, RunEffect, Transition};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -321,8 +322,20 @@ async fn drive(
     campaign: &Campaign,
     action: Action,
     start_at: Option<i64>,
+    recipients: Recipients,
 ) -> Result<Json<CampaignView>, ApiError> {
     let next = campaign.status.apply(action)?;
+    let run = match action {
+        Action::Schedule => RunEffect::Schedule {
+            at: start_at.unwrap_or_else(crate::store::now_ms),
+        },
+        Action::Start => RunEffect::Schedule {
+            at: crate::store::now_ms(),
+        },
+        Action::Rerun => RunEffect::NewRun { recipients },
+        Action::Cancel => RunEffect::CancelUnclaimed,
+        _ => RunEffect::None,
+    };
     let updated = state
         .store
         .transition_campaign(
@@ -331,9 +344,11 @@ async fn drive(
                 from: campaign.status,
                 to: next,
                 start_at,
+                run,
             },
         )
         .await?;
+    state.engine_wakeup.notify_one();
     tracing::info!(campaign = campaign.id, from = %campaign.status, to = %next, "campaign status changed");
     Ok(Json(CampaignView::from(&updated)))
 }
@@ -374,7 +389,14 @@ pub async fn schedule(
     }
     campaign.status.apply(Action::Schedule)?;
     ensure_sendable(&state, &campaign).await?;
-    drive(&state, &campaign, Action::Schedule, Some(start_at)).await
+    drive(
+        &state,
+        &campaign,
+        Action::Schedule,
+        Some(start_at),
+        Recipients::All,
+    )
+    .await
 }
 
 #[utoipa::path(post, path = "/v1/campaigns/{id}/start", tag = "campaigns",
@@ -396,7 +418,7 @@ pub async fn start(
     let campaign = auth.campaign(&state, &id).await?;
     campaign.status.apply(Action::Start)?;
     ensure_sendable(&state, &campaign).await?;
-    drive(&state, &campaign, Action::Start, None).await
+    drive(&state, &campaign, Action::Start, None, Recipients::All).await
 }
 
 macro_rules! simple_transition {
@@ -417,7 +439,7 @@ macro_rules! simple_transition {
             Path(id): Path<String>,
         ) -> Result<Json<CampaignView>, ApiError> {
             let campaign = auth.campaign(&state, &id).await?;
-            drive(&state, &campaign, $action, None).await
+            drive(&state, &campaign, $action, None, Recipients::All).await
         }
     };
 }

@@ -56,6 +56,8 @@ impl Default for ApiConfig {
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub config: Arc<ApiConfig>,
+    /// Poked after a campaign changes so a worker looks for due runs now.
+    pub engine_wakeup: Arc<tokio::sync::Notify>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -63,6 +63,8 @@ pub enum Action {
     Pause,
     Resume,
     Cancel,
+    /// A new run of a finished campaign (run again, or resend to failures).
+    Rerun,
     Complete,
     Fail,
 }
@@ -124,7 +126,8 @@ impl CampaignStatus {
             (Running, Action::Pause) => Some(Paused),
             (Paused, Action::Resume) => Some(Running),
             (Scheduled | Running | Paused, Action::Cancel) => Some(Cancelled),
-            (Running, Action::Complete) => Some(Completed),
+            (Completed | Cancelled | Failed, Action::Rerun) => Some(Running),
+            (Running | Paused, Action::Complete) => Some(Completed),
             (Scheduled | Running | Paused, Action::Fail) => Some(Failed),
             _ => None,
         };
@@ -149,6 +152,7 @@ impl Action {
             Action::Pause => "pause",
             Action::Resume => "resume",
             Action::Cancel => "cancel",
+            Action::Rerun => "run again",
             Action::Complete => "complete",
             Action::Fail => "fail",
         }
@@ -416,7 +420,9 @@ mod tests {
             ] {
                 assert!(terminal.apply(action).is_err(), "{terminal} {action:?}");
             }
+            assert_eq!(terminal.apply(Action::Rerun).unwrap(), Running);
         }
+        assert!(Running.apply(Action::Rerun).is_err());
         assert!(Paused.apply(Action::Pause).is_err());
         assert!(Running.apply(Action::Resume).is_err());
         assert!(Draft.apply(Action::Cancel).is_err());

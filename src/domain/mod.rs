@@ -6,6 +6,8 @@ pub mod api_key;
 pub mod campaign;
 pub mod contact;
 pub mod phone;
+pub mod run;
+pub mod sms;
 pub mod template;
 
 pub use api_key::{NewApiKey, PresentedKey};
@@ -15,4 +17,5 @@ pub use campaign::{
 };
 pub use contact::{ContactError, CsvLayout, NewContact};
 pub use phone::{PhoneNumber, Region};
+pub use run::{ExecutionStatus, Recipients, RunStatus, SendResult};
 pub use template::Template;

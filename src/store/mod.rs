@@ -8,7 +8,10 @@
 //! Every method that changes data runs in one transaction: a method either
 //! happens whole or not at all.
 
+pub mod engine;
 pub mod sqlite;
+
+pub use engine::*;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -138,6 +141,25 @@ pub struct Transition {
     pub to: CampaignStatus,
     /// Set with `scheduled`: when the campaign is due.
     pub start_at: Option<i64>,
+    /// What happens to the campaign's runs in the same transaction.
+    pub run: RunEffect,
+}
+
+/// The run side of a campaign transition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEffect {
+    None,
+    /// Make sure one run is scheduled at this time: move the campaign's
+    /// scheduled run, or create one.
+    Schedule {
+        at: i64,
+    },
+    /// Create a new run now (resend to failures, or run again).
+    NewRun {
+        recipients: crate::domain::Recipients,
+    },
+    /// Cancel runs no worker has frozen yet; a worker finalises the others.
+    CancelUnclaimed,
 }
 
 #[derive(Debug, Clone)]
@@ -180,8 +202,10 @@ pub struct MissingVariable {
     pub variable: String,
 }
 
+/// Everything Herald stores: management here, the engine's work in
+/// [`EngineStore`], the seed surfaces' reads in [`ReportStore`].
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: EngineStore + ReportStore + Send + Sync + 'static {
     /// Succeeds when the database answers.
     async fn ping(&self) -> StoreResult<()>;
 

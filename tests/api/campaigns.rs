@@ -204,7 +204,8 @@ async fn malformed_json_wrong_type_and_oversized_bodies() {
 
 #[tokio::test]
 async fn drafts_can_be_edited_and_deleted_but_nothing_else() {
-    let app = spawn_app().await;
+    // No engine: the run must not finish while the test drives the machine.
+    let app = spawn_app_with(|c| c.engine = None).await;
     let c = app.sms_campaign().await;
     let path = format!("/v1/campaigns/{}", c["id"]);
     let updated: Value = app
@@ -266,7 +267,8 @@ async fn drafts_can_be_edited_and_deleted_but_nothing_else() {
 
 #[tokio::test]
 async fn the_status_machine_is_enforced_with_409_naming_the_current_status() {
-    let app = spawn_app().await;
+    // No engine: the run must not finish while the test drives the machine.
+    let app = spawn_app_with(|c| c.engine = None).await;
     let c = app.sms_campaign().await;
     let path = format!("/v1/campaigns/{}", c["id"]);
 
@@ -363,7 +365,8 @@ async fn starting_checks_template_contacts_and_every_variable() {
 
 #[tokio::test]
 async fn scheduling_takes_a_future_rfc3339_time() {
-    let app = spawn_app().await;
+    // No engine: the run must not finish while the test drives the machine.
+    let app = spawn_app_with(|c| c.engine = None).await;
     let c = app.sms_campaign().await;
     let path = format!("/v1/campaigns/{}", c["id"]);
     app.post(&format!("{path}/contacts"), &json!({"contacts": [{"phone": "+15551234567", "name": "Ann", "variables": {"day": "Monday"}}]})).await;

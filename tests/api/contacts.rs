@@ -280,7 +280,7 @@ async fn larger_imports_cross_chunk_boundaries_exactly() {
 
 #[tokio::test]
 async fn contacts_cannot_be_added_once_running() {
-    let app = spawn_app().await;
+    let app = spawn_app_with(|c| c.engine = None).await;
     let c = app
         .create_campaign(json!({"name": "x", "channel": "sms", "template": "Hello"}))
         .await;

@@ -33,6 +33,8 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut ServerConfig)) -> TestAp
         database_url: database_url.clone(),
         api: ApiConfig::default(),
         demo: false,
+        engine: Some(herald::engine::EngineConfig::default()),
+        public_url: None,
     };
     configure(&mut config);
     let app = Application::build(config).await.expect("app builds");

@@ -18,18 +18,21 @@ use tokio::sync::mpsc;
 
 use super::*;
 
+mod engine;
+mod reports;
+
 /// Rows per multi-row INSERT: 1000 rows × 3 bound values stays far below
 /// SQLite's 32766-variable limit, and amortises statement overhead.
 const INSERT_CHUNK: usize = 1000;
 
 pub struct SqliteStore {
     /// The single writer connection.
-    writer: SqlitePool,
+    pub(super) writer: SqlitePool,
     /// Readers; WAL lets them run beside the writer.
-    reader: SqlitePool,
+    pub(super) reader: SqlitePool,
 }
 
-const CAMPAIGN_COLUMNS: &str = "id, uuid, workspace_id, name, channel, template, sender, provider, \
+pub(super) const CAMPAIGN_COLUMNS: &str = "id, uuid, workspace_id, name, channel, template, sender, provider, \
      max_attempts, status, start_at, contact_count, created_at, updated_at, started_at, completed_at";
 
 impl SqliteStore {
@@ -76,7 +79,7 @@ fn api_key_from_row(row: &SqliteRow) -> StoreResult<ApiKeyRecord> {
     })
 }
 
-fn campaign_from_row(row: &SqliteRow) -> StoreResult<Campaign> {
+pub(super) fn campaign_from_row(row: &SqliteRow) -> StoreResult<Campaign> {
     let channel: String = row.try_get("channel")?;
     let status: String = row.try_get("status")?;
     let provider: String = row.try_get("provider")?;
@@ -431,6 +434,46 @@ impl Store for SqliteStore {
             let current = self.campaign_status(&mut tx, id).await?;
             return Err(StoreError::StatusConflict { current });
         }
+        match &transition.run {
+            RunEffect::None => {}
+            RunEffect::Schedule { at } => {
+                let moved = sqlx::query(
+                    "UPDATE runs SET scheduled_at = ?, updated_at = ? WHERE campaign_id = ? AND status = 'scheduled'",
+                )
+                .bind(at)
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if moved == 0 {
+                    insert_run(&mut tx, id, crate::domain::Recipients::All, *at, now).await?;
+                }
+            }
+            RunEffect::NewRun { recipients } => {
+                insert_run(&mut tx, id, *recipients, now, now).await?;
+            }
+            RunEffect::CancelUnclaimed => {
+                sqlx::query(
+                    "UPDATE runs SET status = 'cancelled', completed_at = ?, updated_at = ?,
+                            error = 'the campaign was cancelled before the run started'
+                     WHERE campaign_id = ? AND status = 'scheduled'",
+                )
+                .bind(now)
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        engine::append_event(
+            &mut tx,
+            id,
+            "campaign_status",
+            serde_json::json!({"from": transition.from.as_str(), "status": transition.to.as_str()}),
+            now,
+        )
+        .await?;
         let campaign = self.fetch_campaign(&mut tx, id).await?;
         tx.commit().await?;
         Ok(campaign)
@@ -546,6 +589,27 @@ impl Store for SqliteStore {
         }
         Ok(None)
     }
+}
+
+async fn insert_run(
+    conn: &mut sqlx::SqliteConnection,
+    campaign_id: i64,
+    recipients: crate::domain::Recipients,
+    scheduled_at: i64,
+    now: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO runs (uuid, campaign_id, status, recipients, scheduled_at, updated_at)
+         VALUES (?, ?, 'scheduled', ?, ?, ?)",
+    )
+    .bind(uuid::Uuid::new_v4().to_string())
+    .bind(campaign_id)
+    .bind(recipients.as_str())
+    .bind(scheduled_at)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// A JSON path naming one key, quoted so dots stay part of the name.

@@ -1,0 +1,196 @@
+//! The engine: workers that claim due runs, freeze them, and send every
+//! recipient through the run's provider.
+//!
+//! # How a run moves
+//!
+//! 1. [`Engine::run`] polls for due runs (at least every `poll`, and at once
+//!    when the API pokes `wakeup`) and claims one with a lease.
+//! 2. A run task freezes the snapshot (executions and batches of ≤1000),
+//!    prices it and reserves credits ([`EngineStore::start_run`]).
+//! 3. It then loops over slices: [`EngineStore::take_slice`] marks up to
+//!    `slice` due executions in progress in one transaction, the task sends
+//!    them with at most `in_flight` at once, and
+//!    [`EngineStore::record_outcomes`] writes every outcome and counter in
+//!    one more. Pause, cancel and a lost lease are noticed between slices.
+//! 4. When nothing is pending or in flight, the run is finished.
+//!
+//! Marking a send in progress *before* sending is what makes a crash safe:
+//! a worker that takes over an expired lease writes in-flight sends off as
+//! "outcome unknown" instead of sending them again.
+//!
+//! [`EngineStore::start_run`]: crate::store::EngineStore::start_run
+//! [`EngineStore::take_slice`]: crate::store::EngineStore::take_slice
+//! [`EngineStore::record_outcomes`]: crate::store::EngineStore::record_outcomes
+
+mod receipts;
+mod run;
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::providers::ProviderContext;
+use crate::store::{now_ms, Store};
+
+/// How a node's workers behave.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Names this worker in leases (host, pid and a random suffix).
+    pub worker_id: String,
+    /// Runs one node works on at once.
+    pub max_runs: usize,
+    /// Sends in flight at once, per run.
+    pub in_flight: usize,
+    /// Executions taken per slice (one pair of transactions each).
+    pub slice: i64,
+    /// How long a claimed run stays ours without renewal.
+    pub lease: Duration,
+    /// Longest wait between looks for due runs.
+    pub poll: Duration,
+    /// First retry delay; doubles per attempt, with jitter.
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+    /// Sends per second per sender id; `None` for no limit.
+    pub sender_rate: Option<NonZeroU32>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            worker_id: default_worker_id(),
+            max_runs: 8,
+            in_flight: 256,
+            slice: 1000,
+            lease: Duration::from_secs(30),
+            poll: Duration::from_millis(250),
+            retry_base: Duration::from_secs(5),
+            retry_cap: Duration::from_secs(600),
+            sender_rate: None,
+        }
+    }
+}
+
+pub fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".into());
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}
+
+/// Everything a run task needs, shared by all of a node's runs.
+pub(crate) struct Shared {
+    pub store: Arc<dyn Store>,
+    pub config: EngineConfig,
+    pub providers: ProviderContext,
+    pub shutdown: CancellationToken,
+    /// One limiter per sender id, shared by every run on this node.
+    limiters: Mutex<HashMap<String, Arc<DefaultDirectRateLimiter>>>,
+}
+
+impl Shared {
+    pub fn limiter(&self, sender: &str) -> Option<Arc<DefaultDirectRateLimiter>> {
+        let rate = self.config.sender_rate?;
+        let mut limiters = self.limiters.lock().expect("limiter map lock");
+        Some(
+            limiters
+                .entry(sender.to_owned())
+                .or_insert_with(|| Arc::new(RateLimiter::direct(Quota::per_second(rate))))
+                .clone(),
+        )
+    }
+}
+
+pub struct Engine {
+    shared: Arc<Shared>,
+    wakeup: Arc<Notify>,
+    receipts: receipts::ReceiptQueue,
+}
+
+impl Engine {
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: EngineConfig,
+        public_url: String,
+        wakeup: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (receipts, sender) = receipts::ReceiptQueue::new(store.clone());
+        Self {
+            shared: Arc::new(Shared {
+                store,
+                config,
+                providers: ProviderContext::new(sender, public_url),
+                shutdown,
+                limiters: Mutex::new(HashMap::new()),
+            }),
+            wakeup,
+            receipts,
+        }
+    }
+
+    /// Claims and works runs until `shutdown` is cancelled; then lets every
+    /// run task release its lease and returns.
+    pub async fn run(self) {
+        let Engine {
+            shared,
+            wakeup,
+            receipts,
+        } = self;
+        let receipts = tokio::spawn(receipts.run(shared.shutdown.clone()));
+        let mut runs: JoinSet<()> = JoinSet::new();
+        tracing::info!(worker = %shared.config.worker_id, "engine started");
+        loop {
+            while let Some(done) = runs.try_join_next() {
+                if let Err(err) = done {
+                    tracing::error!(error = %err, "a run task panicked");
+                }
+            }
+            if shared.shutdown.is_cancelled() {
+                break;
+            }
+            if runs.len() < shared.config.max_runs {
+                let lease = shared.config.lease.as_millis() as i64;
+                match shared
+                    .store
+                    .claim_run(&shared.config.worker_id, now_ms(), lease)
+                    .await
+                {
+                    Ok(Some(claimed)) => {
+                        tracing::info!(
+                            run = claimed.id,
+                            campaign = claimed.campaign_id,
+                            "run claimed"
+                        );
+                        runs.spawn(run::drive(shared.clone(), claimed));
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(err) => tracing::warn!(error = %err, "claiming a run failed; retrying"),
+                }
+            }
+            tokio::select! {
+                () = shared.shutdown.cancelled() => break,
+                () = wakeup.notified() => {}
+                () = tokio::time::sleep(shared.config.poll) => {}
+                Some(_) = runs.join_next(), if !runs.is_empty() => {}
+            }
+        }
+        while let Some(done) = runs.join_next().await {
+            if let Err(err) = done {
+                tracing::error!(error = %err, "a run task panicked");
+            }
+        }
+        let _ = receipts.await;
+        tracing::info!("engine stopped");
+    }
+}

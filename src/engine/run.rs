@@ -1,0 +1,339 @@
+//! One run, from claim to its end. See the module docs of `engine`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::Shared;
+use crate::domain::run::retry_delay;
+use crate::domain::sms::sms_parts;
+use crate::domain::{CampaignStatus, Channel, ExecutionStatus, SendResult, Template};
+use crate::providers::{self, OutboundMessage, Provider};
+use crate::store::{
+    now_ms, Control, ExecutionOutcome, PendingExecution, RunEnd, RunRecord, RunSnapshot,
+};
+
+/// Rows read per pricing query.
+const PRICE_PAGE: i64 = 5000;
+
+pub(super) async fn drive(shared: Arc<Shared>, run: RunRecord) {
+    let run_id = run.id;
+    if let Err(err) = drive_inner(&shared, run).await {
+        // The lease will expire and a worker (maybe this one) retries.
+        tracing::error!(run = run_id, error = %err, "run task failed; it will be retried");
+    }
+}
+
+/// The value a template variable takes for an execution.
+fn lookup<'a>(execution: &'a PendingExecution, variable: &str) -> Option<&'a str> {
+    match variable {
+        "phone" => Some(&execution.phone),
+        "name" => execution
+            .name
+            .as_deref()
+            .or_else(|| execution.variables.get("name").map(String::as_str)),
+        other => execution.variables.get(other).map(String::as_str),
+    }
+}
+
+/// Credits one delivered message costs.
+fn cost_of(channel: Channel, body: &str) -> i64 {
+    match channel {
+        Channel::Sms => i64::from(sms_parts(body)),
+        _ => 1,
+    }
+}
+
+async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
+    let store = &shared.store;
+    let worker = &shared.config.worker_id;
+    let campaign = store
+        .campaign_of_run(run.id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("run {} has no campaign", run.id))?;
+    if campaign.status == CampaignStatus::Cancelled {
+        store
+            .finish_run(run.id, &RunEnd::Cancelled, now_ms())
+            .await?;
+        return Ok(());
+    }
+
+    let run = if run.frozen_at.is_none() {
+        let snapshot = RunSnapshot {
+            channel: campaign.channel,
+            provider: campaign.provider.clone(),
+            sender: campaign.sender.clone(),
+            template: campaign.template.clone().unwrap_or_default(),
+            max_attempts: campaign.max_attempts,
+        };
+        store.freeze_run(run.id, &snapshot).await?
+    } else {
+        run
+    };
+    let snapshot = run
+        .snapshot
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("run {} was frozen without a snapshot", run.id))?;
+    let template = match Template::parse(&snapshot.template) {
+        Ok(t) => t,
+        Err(err) => {
+            let reason = format!("the frozen template is not usable: {err}");
+            store
+                .finish_run(run.id, &RunEnd::Failed(reason), now_ms())
+                .await?;
+            return Ok(());
+        }
+    };
+
+    if run.status == crate::domain::RunStatus::Claimed {
+        let cost = price(shared, &run, &snapshot, &template).await?;
+        let started = store.start_run(run.id, cost, now_ms()).await?;
+        if started.run.status.is_terminal() {
+            tracing::warn!(run = run.id, error = ?started.run.error, "run could not start");
+            return Ok(());
+        }
+    }
+
+    let provider = providers::build(&snapshot.provider, snapshot.channel, &shared.providers);
+    let sending = Sending {
+        shared,
+        run_uuid: run.uuid.clone(),
+        campaign_id: run.campaign_id,
+        snapshot: &snapshot,
+        template: &template,
+        provider,
+    };
+    loop {
+        if shared.shutdown.is_cancelled() {
+            store.release_run(run.id, worker).await?;
+            tracing::info!(run = run.id, "run released for shutdown");
+            return Ok(());
+        }
+        let now = now_ms();
+        let lease_until = now + shared.config.lease.as_millis() as i64;
+        let slice = store
+            .take_slice(run.id, worker, now, lease_until, shared.config.slice)
+            .await?;
+        match slice.control {
+            Control::LeaseLost => {
+                tracing::warn!(run = run.id, "lease lost; another worker has the run");
+                return Ok(());
+            }
+            Control::Paused => {
+                store.release_run(run.id, worker).await?;
+                tracing::info!(run = run.id, "campaign paused; run released");
+                return Ok(());
+            }
+            Control::Cancelled => {
+                store
+                    .finish_run(run.id, &RunEnd::Cancelled, now_ms())
+                    .await?;
+                tracing::info!(run = run.id, "run cancelled");
+                return Ok(());
+            }
+            Control::Continue => {}
+        }
+        if slice.executions.is_empty() {
+            let c = slice.counters;
+            if c.pending == 0 && c.processing == 0 {
+                let end = if c.sent == 0 && c.failed > 0 {
+                    RunEnd::Failed(format!("every one of {} sends failed", c.failed))
+                } else {
+                    RunEnd::Completed
+                };
+                let done = store.finish_run(run.id, &end, now_ms()).await?;
+                tracing::info!(
+                    run = run.id,
+                    status = done.run.status.as_str(),
+                    sent = c.sent,
+                    failed = c.failed,
+                    "run finished"
+                );
+                return Ok(());
+            }
+            // Only retries are left, and none is due yet.
+            let wait = slice
+                .next_retry_at
+                .map_or(1000, |at| (at - now_ms()).clamp(10, 1000));
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
+                () = shared.shutdown.cancelled() => {}
+            }
+            continue;
+        }
+
+        let results: Vec<(ExecutionOutcome, Option<String>)> =
+            futures::stream::iter(slice.executions)
+                .map(|execution| sending.send(execution))
+                .buffer_unordered(shared.config.in_flight)
+                .collect()
+                .await;
+        let misconfigured = results.iter().find_map(|(_, m)| m.clone());
+        let outcomes: Vec<ExecutionOutcome> = results.into_iter().map(|(o, _)| o).collect();
+        store.record_outcomes(run.id, &outcomes, now_ms()).await?;
+        if let Some(reason) = misconfigured {
+            tracing::error!(run = run.id, %reason, "provider refuses every send; failing the run");
+            store
+                .finish_run(
+                    run.id,
+                    &RunEnd::Failed(format!("provider misconfigured: {reason}")),
+                    now_ms(),
+                )
+                .await?;
+            return Ok(());
+        }
+    }
+}
+
+/// Prices a frozen run: SMS parts for SMS, one unit per call otherwise.
+async fn price(
+    shared: &Shared,
+    run: &RunRecord,
+    snapshot: &RunSnapshot,
+    template: &Template,
+) -> anyhow::Result<i64> {
+    if snapshot.channel != Channel::Sms {
+        return Ok(run.counters.total);
+    }
+    let mut cost = 0i64;
+    let mut after = 0i64;
+    loop {
+        let page = shared
+            .store
+            .run_executions(run.id, after, PRICE_PAGE)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        for execution in &page {
+            let body = template
+                .render(|v| lookup(execution, v))
+                .unwrap_or_default();
+            cost += cost_of(Channel::Sms, &body);
+        }
+    }
+    Ok(cost)
+}
+
+struct Sending<'a> {
+    shared: &'a Shared,
+    run_uuid: String,
+    campaign_id: i64,
+    snapshot: &'a RunSnapshot,
+    template: &'a Template,
+    provider: Arc<dyn Provider>,
+}
+
+impl Sending<'_> {
+    /// Sends one execution and classifies the result; the second value is
+    /// set when the provider says it is misconfigured.
+    async fn send(&self, execution: PendingExecution) -> (ExecutionOutcome, Option<String>) {
+        let mut outcome = ExecutionOutcome {
+            id: execution.id,
+            batch_sequence: execution.batch_sequence,
+            status: ExecutionStatus::Failed,
+            message_status: None,
+            provider_id: None,
+            duration_seconds: None,
+            error_details: None,
+            retry_reason: None,
+            next_attempt_at: None,
+            charged_units: 0,
+        };
+        let body = match self.template.render(|v| lookup(&execution, v)) {
+            Ok(body) => body,
+            Err(missing) => {
+                outcome.error_details = Some(missing.to_string());
+                return (outcome, None);
+            }
+        };
+        if let Some(limiter) = self
+            .snapshot
+            .sender
+            .as_deref()
+            .and_then(|s| self.shared.limiter(s))
+        {
+            limiter.until_ready().await;
+        }
+        let message = OutboundMessage {
+            id: format!("{}:{}:{}", self.run_uuid, execution.id, execution.attempt),
+            channel: self.snapshot.channel,
+            to: execution.phone.clone(),
+            from: self.snapshot.sender.clone(),
+            body,
+            campaign_id: self.campaign_id,
+            run_id: self.run_uuid.clone(),
+            execution_id: execution.id,
+            attempt: execution.attempt,
+        };
+        let result = self.provider.send(&message).await;
+        let max_attempts = i64::from(self.snapshot.max_attempts);
+        match result {
+            SendResult::Delivered {
+                status,
+                provider_id,
+                duration_seconds,
+            } => {
+                outcome.status = status;
+                outcome.provider_id = provider_id;
+                outcome.duration_seconds = duration_seconds;
+                outcome.charged_units = cost_of(self.snapshot.channel, &message.body);
+                if self.snapshot.channel == Channel::Sms {
+                    outcome.message_status = Some("sent");
+                }
+                (outcome, None)
+            }
+            SendResult::Retriable {
+                status,
+                provider_id,
+                reason,
+            } => {
+                outcome.provider_id = provider_id;
+                outcome.error_details = Some(reason.clone());
+                if execution.attempt < max_attempts {
+                    let delay = retry_delay(
+                        self.shared.config.retry_base,
+                        execution.attempt as u32,
+                        self.shared.config.retry_cap,
+                        rand::random::<f64>(),
+                    );
+                    outcome.status = ExecutionStatus::Pending;
+                    outcome.next_attempt_at = Some(now_ms() + delay.as_millis() as i64);
+                    outcome.retry_reason = Some(format!(
+                        "{reason}; will retry in {} (attempt {} of {max_attempts})",
+                        human(delay),
+                        execution.attempt + 1
+                    ));
+                } else {
+                    outcome.status = status;
+                    outcome.retry_reason = (max_attempts > 1)
+                        .then(|| format!("gave up after {max_attempts} attempts"));
+                }
+                (outcome, None)
+            }
+            SendResult::Permanent {
+                provider_id,
+                reason,
+            } => {
+                outcome.provider_id = provider_id;
+                outcome.error_details = Some(reason);
+                (outcome, None)
+            }
+            SendResult::Misconfigured { reason } => {
+                outcome.error_details = Some(reason.clone());
+                (outcome, Some(reason))
+            }
+        }
+    }
+}
+
+fn human(d: Duration) -> String {
+    let secs = d.as_secs_f64();
+    if secs >= 120.0 {
+        format!("{:.0} minutes", secs / 60.0)
+    } else if secs >= 1.0 {
+        format!("{secs:.0} seconds")
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}

@@ -1,0 +1,312 @@
+//! Records and traits for the engine's side of the store: runs, batches,
+//! executions, receipts, credits, events, and the reads behind the seed
+//! surfaces.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::{Campaign, StoreResult, Workspace};
+use crate::domain::{Channel, ExecutionStatus, ProviderSettings, Recipients, RunStatus};
+
+/// What a run sends, frozen when a worker claims it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSnapshot {
+    pub channel: Channel,
+    pub provider: ProviderSettings,
+    pub sender: Option<String>,
+    pub template: String,
+    pub max_attempts: u8,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    pub total: i64,
+    pub pending: i64,
+    pub processing: i64,
+    pub sent: i64,
+    pub failed: i64,
+    pub skipped: i64,
+    pub delivered: i64,
+    pub failed_delivery: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub id: i64,
+    pub uuid: String,
+    pub campaign_id: i64,
+    pub status: RunStatus,
+    pub recipients: Recipients,
+    pub scheduled_at: i64,
+    pub lease_owner: Option<String>,
+    pub claimed_at: Option<i64>,
+    pub started_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    pub snapshot: Option<RunSnapshot>,
+    pub frozen_at: Option<i64>,
+    pub counters: Counters,
+    pub total_batches: i64,
+    pub completed_batches: i64,
+    pub cost_units: i64,
+    pub reserved_credits: i64,
+    pub charged_credits: i64,
+    pub refunded_credits: i64,
+    pub first_sent_at: Option<i64>,
+    pub last_sent_at: Option<i64>,
+    pub error: Option<String>,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct BatchRecord {
+    pub run_id: i64,
+    pub batch_sequence: i64,
+    pub status: String,
+    pub recipient_count: i64,
+    pub counters: Counters,
+    pub started_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    pub error_detail: Option<serde_json::Value>,
+}
+
+/// An execution handed to a worker to send.
+#[derive(Debug, Clone)]
+pub struct PendingExecution {
+    pub id: i64,
+    pub batch_sequence: i64,
+    pub phone: String,
+    pub name: Option<String>,
+    pub variables: BTreeMap<String, String>,
+    /// The attempt this send is (1 for the first).
+    pub attempt: i64,
+}
+
+/// What a worker learned from one send.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExecutionOutcome {
+    pub id: i64,
+    pub batch_sequence: i64,
+    /// `Pending` means "retry at `next_attempt_at`".
+    pub status: ExecutionStatus,
+    pub message_status: Option<&'static str>,
+    pub provider_id: Option<String>,
+    pub duration_seconds: Option<i64>,
+    pub error_details: Option<String>,
+    pub retry_reason: Option<String>,
+    pub next_attempt_at: Option<i64>,
+    /// Credits this send costs (0 unless it reached the recipient).
+    pub charged_units: i64,
+}
+
+/// Whether a run's worker should keep sending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    /// The campaign is paused: stop sending and let the run go.
+    Paused,
+    /// The campaign was cancelled: finalise the run as cancelled.
+    Cancelled,
+    /// Another worker holds the run now.
+    LeaseLost,
+}
+
+#[derive(Debug, Clone)]
+pub struct Slice {
+    pub control: Control,
+    pub executions: Vec<PendingExecution>,
+    /// Earliest retry still waiting, when nothing is due now.
+    pub next_retry_at: Option<i64>,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    Completed,
+    Failed(String),
+    Cancelled,
+}
+
+/// A delivery receipt from a provider.
+#[derive(Debug, Clone)]
+pub struct Receipt {
+    pub provider_id: String,
+    pub delivered: bool,
+    pub error: Option<String>,
+}
+
+/// An entry of a campaign's event log.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredEvent {
+    pub campaign_id: i64,
+    pub seq: i64,
+    pub kind: String,
+    pub data: serde_json::Value,
+    pub created_at: i64,
+}
+
+/// The outcome of a write that changed a run: its new state, and the
+/// events it appended (to publish after commit).
+#[derive(Debug, Clone)]
+pub struct RunUpdate {
+    pub run: RunRecord,
+    pub events: Vec<StoredEvent>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LedgerEntry {
+    pub id: i64,
+    pub run_id: Option<i64>,
+    pub kind: String,
+    pub amount: i64,
+    pub balance_after: i64,
+    pub note: Option<String>,
+    pub created_at: i64,
+}
+
+/// One execution as the seed-001 list shows it.
+#[derive(Debug, Clone)]
+pub struct ExecutionRecord {
+    pub id: i64,
+    pub run_id: i64,
+    pub batch_sequence: i64,
+    pub contact_id: i64,
+    pub phone: String,
+    pub name: Option<String>,
+    pub variables: BTreeMap<String, String>,
+    pub status: ExecutionStatus,
+    pub message_status: Option<String>,
+    pub attempts: i64,
+    pub provider_message_id: Option<String>,
+    pub duration_seconds: Option<i64>,
+    pub error_details: Option<String>,
+    pub retry_reason: Option<String>,
+    pub executed_at: Option<i64>,
+    pub delivered_at: Option<i64>,
+}
+
+/// Totals across all of a campaign's runs (seed 002 analytics).
+#[derive(Debug, Clone, Default)]
+pub struct CampaignTotals {
+    pub runs: i64,
+    pub counters: Counters,
+    pub first_sent_at: Option<i64>,
+    pub last_sent_at: Option<i64>,
+    /// Recipients on cancelled runs.
+    pub cancelled: i64,
+}
+
+/// Sends per minute, for `metrics_history` and charts.
+#[derive(Debug, Clone, Copy)]
+pub struct MinuteBucket {
+    pub minute: i64,
+    pub completed: i64,
+    pub failed: i64,
+}
+
+/// Filters for listing executions.
+#[derive(Debug, Clone, Default)]
+pub struct ExecutionQuery {
+    pub status: Option<ExecutionStatus>,
+    pub run_id: Option<i64>,
+    /// Keyset: only executions with an id below this one.
+    pub before_id: Option<i64>,
+    pub offset: i64,
+    pub limit: i64,
+}
+
+#[async_trait]
+pub trait EngineStore: Send + Sync {
+    /// Claims one due run for `worker`: a scheduled run that is due, or a
+    /// started run whose lease expired (its in-flight sends are marked failed
+    /// with an unknown outcome: they are never sent again).
+    async fn claim_run(
+        &self,
+        worker: &str,
+        now: i64,
+        lease_ms: i64,
+    ) -> StoreResult<Option<RunRecord>>;
+    /// Earliest time a scheduled run becomes due, if any.
+    async fn next_due_at(&self) -> StoreResult<Option<i64>>;
+    /// Freezes the snapshot and creates executions and batches (idempotent).
+    async fn freeze_run(&self, run_id: i64, snapshot: &RunSnapshot) -> StoreResult<RunRecord>;
+    /// Reads frozen executions after `after_id`, for pricing the run.
+    async fn run_executions(
+        &self,
+        run_id: i64,
+        after_id: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<PendingExecution>>;
+    /// Reserves `cost_units` credits and marks the run running; when the
+    /// workspace cannot cover it, fails the run with the reason.
+    async fn start_run(&self, run_id: i64, cost_units: i64, now: i64) -> StoreResult<RunUpdate>;
+    /// Lets go of a run (on pause or shutdown) so any worker may claim it later.
+    async fn release_run(&self, run_id: i64, worker: &str) -> StoreResult<()>;
+    /// Renews the lease and marks up to `limit` due executions in progress.
+    async fn take_slice(
+        &self,
+        run_id: i64,
+        worker: &str,
+        now: i64,
+        lease_until: i64,
+        limit: i64,
+    ) -> StoreResult<Slice>;
+    /// Records send outcomes, counters, batch completion, metrics and an event.
+    async fn record_outcomes(
+        &self,
+        run_id: i64,
+        outcomes: &[ExecutionOutcome],
+        now: i64,
+    ) -> StoreResult<RunUpdate>;
+    /// Ends a run: unsent executions become skipped, credits are refunded,
+    /// the campaign takes the matching status.
+    async fn finish_run(&self, run_id: i64, end: &RunEnd, now: i64) -> StoreResult<RunUpdate>;
+    /// Applies delivery receipts; unknown ids are counted, not errors.
+    async fn record_receipts(&self, receipts: &[Receipt], now: i64) -> StoreResult<ReceiptReport>;
+
+    /// Adds (or, negative, removes) credits; the first top-up turns credit
+    /// accounting on for the workspace.
+    async fn add_credits(
+        &self,
+        workspace_id: i64,
+        amount: i64,
+        note: Option<&str>,
+    ) -> StoreResult<Workspace>;
+    async fn credit_ledger(&self, workspace_id: i64, limit: i64) -> StoreResult<Vec<LedgerEntry>>;
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReceiptReport {
+    pub applied: u64,
+    pub unknown: u64,
+    pub duplicate: u64,
+}
+
+#[async_trait]
+pub trait ReportStore: Send + Sync {
+    async fn run(&self, run_id: i64) -> StoreResult<Option<RunRecord>>;
+    async fn run_by_uuid(&self, uuid: &str) -> StoreResult<Option<RunRecord>>;
+    async fn latest_run(&self, campaign_id: i64) -> StoreResult<Option<RunRecord>>;
+    async fn runs_of(&self, campaign_id: i64) -> StoreResult<Vec<RunRecord>>;
+    async fn batches(&self, run_id: i64) -> StoreResult<Vec<BatchRecord>>;
+    async fn executions(
+        &self,
+        campaign_id: i64,
+        query: &ExecutionQuery,
+    ) -> StoreResult<Vec<ExecutionRecord>>;
+    async fn campaign_totals(&self, campaign_id: i64) -> StoreResult<CampaignTotals>;
+    async fn metrics_history(
+        &self,
+        campaign_id: i64,
+        since_minute: i64,
+    ) -> StoreResult<Vec<MinuteBucket>>;
+    async fn events_since(
+        &self,
+        campaign_id: i64,
+        after_seq: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<StoredEvent>>;
+    /// Campaigns with a run in flight, for the dashboard and monitors.
+    async fn campaign_of_run(&self, run_id: i64) -> StoreResult<Option<Campaign>>;
+}

@@ -1,0 +1,960 @@
+//! The engine's writes and the seed surfaces' reads on SQLite.
+//!
+//! Hot paths move whole slices at once: ids travel as one JSON array bound
+//! to `json_each`, outcomes as one JSON array joined by `UPDATE … FROM`, so a
+//! slice of 1000 sends costs a handful of statements, not thousands.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use serde_json::json;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection};
+
+use super::SqliteStore;
+use crate::domain::{ExecutionStatus, Recipients, RunStatus};
+use crate::store::*;
+
+/// Recipients per batch.
+pub const BATCH_SIZE: i64 = 1000;
+
+pub(super) const RUN_COLUMNS: &str = "id, uuid, campaign_id, status, recipients, scheduled_at, \
+    lease_owner, claimed_at, started_at, completed_at, snapshot, frozen_at, total, pending, \
+    processing, sent, failed, skipped, delivered, failed_delivery, total_batches, \
+    completed_batches, cost_units, reserved_credits, charged_credits, refunded_credits, \
+    first_sent_at, last_sent_at, error, updated_at";
+
+fn counters_from_row(row: &SqliteRow) -> StoreResult<Counters> {
+    Ok(Counters {
+        total: row
+            .try_get("total")
+            .or_else(|_| row.try_get("recipient_count"))?,
+        pending: row.try_get("pending")?,
+        processing: row.try_get("processing")?,
+        sent: row.try_get("sent")?,
+        failed: row.try_get("failed")?,
+        skipped: row.try_get("skipped")?,
+        delivered: row.try_get("delivered")?,
+        failed_delivery: row.try_get("failed_delivery")?,
+    })
+}
+
+pub(super) fn run_from_row(row: &SqliteRow) -> StoreResult<RunRecord> {
+    let status: String = row.try_get("status")?;
+    let recipients: String = row.try_get("recipients")?;
+    let snapshot: Option<String> = row.try_get("snapshot")?;
+    Ok(RunRecord {
+        id: row.try_get("id")?,
+        uuid: row.try_get("uuid")?,
+        campaign_id: row.try_get("campaign_id")?,
+        status: RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(status.clone()))?,
+        recipients: if recipients == "failed" {
+            Recipients::Failed
+        } else {
+            Recipients::All
+        },
+        scheduled_at: row.try_get("scheduled_at")?,
+        lease_owner: row.try_get("lease_owner")?,
+        claimed_at: row.try_get("claimed_at")?,
+        started_at: row.try_get("started_at")?,
+        completed_at: row.try_get("completed_at")?,
+        snapshot: snapshot
+            .map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("snapshot: {e}")))?,
+        frozen_at: row.try_get("frozen_at")?,
+        counters: counters_from_row(row)?,
+        total_batches: row.try_get("total_batches")?,
+        completed_batches: row.try_get("completed_batches")?,
+        cost_units: row.try_get("cost_units")?,
+        reserved_credits: row.try_get("reserved_credits")?,
+        charged_credits: row.try_get("charged_credits")?,
+        refunded_credits: row.try_get("refunded_credits")?,
+        first_sent_at: row.try_get("first_sent_at")?,
+        last_sent_at: row.try_get("last_sent_at")?,
+        error: row.try_get("error")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn variables_of(row: &SqliteRow) -> StoreResult<BTreeMap<String, String>> {
+    let raw: String = row.try_get("variables")?;
+    serde_json::from_str(&raw).map_err(|e| StoreError::Corrupt(format!("variables: {e}")))
+}
+
+pub(super) async fn fetch_run(conn: &mut SqliteConnection, run_id: i64) -> StoreResult<RunRecord> {
+    let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))
+        .bind(run_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+    run_from_row(&row)
+}
+
+/// Appends one event to a campaign's log with the next gap-free sequence.
+pub(super) async fn append_event(
+    conn: &mut SqliteConnection,
+    campaign_id: i64,
+    kind: &str,
+    data: serde_json::Value,
+    now: i64,
+) -> StoreResult<StoredEvent> {
+    let seq: i64 = sqlx::query_scalar(
+        "UPDATE campaigns SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
+    )
+    .bind(campaign_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO events (campaign_id, seq, kind, data, created_at) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(campaign_id)
+    .bind(seq)
+    .bind(kind)
+    .bind(data.to_string())
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(StoredEvent {
+        campaign_id,
+        seq,
+        kind: kind.to_owned(),
+        data,
+        created_at: now,
+    })
+}
+
+fn run_event_data(run: &RunRecord) -> serde_json::Value {
+    json!({
+        "run_id": run.uuid,
+        "status": run.status.public(),
+        "counters": run.counters,
+        "total_batches": run.total_batches,
+        "completed_batches": run.completed_batches,
+    })
+}
+
+/// Per-batch amounts to add to counters, for one statement per batch.
+#[derive(Default)]
+struct Delta {
+    pending: i64,
+    processing: i64,
+    sent: i64,
+    failed: i64,
+    skipped: i64,
+}
+
+async fn apply_deltas(
+    conn: &mut SqliteConnection,
+    run_id: i64,
+    deltas: &BTreeMap<i64, Delta>,
+) -> StoreResult<()> {
+    let mut total = Delta::default();
+    for (sequence, d) in deltas {
+        sqlx::query(
+            "UPDATE batches SET pending = pending + ?, processing = processing + ?, sent = sent + ?,
+                    failed = failed + ?, skipped = skipped + ?
+             WHERE run_id = ? AND batch_sequence = ?",
+        )
+        .bind(d.pending)
+        .bind(d.processing)
+        .bind(d.sent)
+        .bind(d.failed)
+        .bind(d.skipped)
+        .bind(run_id)
+        .bind(sequence)
+        .execute(&mut *conn)
+        .await?;
+        total.pending += d.pending;
+        total.processing += d.processing;
+        total.sent += d.sent;
+        total.failed += d.failed;
+        total.skipped += d.skipped;
+    }
+    sqlx::query(
+        "UPDATE runs SET pending = pending + ?, processing = processing + ?, sent = sent + ?,
+                failed = failed + ?, skipped = skipped + ?
+         WHERE id = ?",
+    )
+    .bind(total.pending)
+    .bind(total.processing)
+    .bind(total.sent)
+    .bind(total.failed)
+    .bind(total.skipped)
+    .bind(run_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Moves every execution of `run_id` in `from` to `to`, keeping counters
+/// exact; `error` is recorded on each. Returns how many moved.
+async fn bulk_move(
+    conn: &mut SqliteConnection,
+    run_id: i64,
+    from: ExecutionStatus,
+    to: ExecutionStatus,
+    error: Option<&str>,
+    now: i64,
+) -> StoreResult<i64> {
+    let rows = sqlx::query(
+        "UPDATE executions SET status = ?, error_details = COALESCE(?, error_details),
+                next_attempt_at = NULL, updated_at = ?
+         WHERE run_id = ? AND status = ? RETURNING batch_sequence",
+    )
+    .bind(to.as_str())
+    .bind(error)
+    .bind(now)
+    .bind(run_id)
+    .bind(from.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut deltas: BTreeMap<i64, Delta> = BTreeMap::new();
+    for row in &rows {
+        let d = deltas.entry(row.try_get("batch_sequence")?).or_default();
+        match from {
+            ExecutionStatus::Pending => d.pending -= 1,
+            _ => d.processing -= 1,
+        }
+        match to {
+            ExecutionStatus::Skipped => d.skipped += 1,
+            _ => d.failed += 1,
+        }
+    }
+    if !rows.is_empty() {
+        apply_deltas(conn, run_id, &deltas).await?;
+    }
+    Ok(rows.len() as i64)
+}
+
+/// Closes batches with nothing left to do; returns how many closed.
+async fn close_finished_batches(
+    conn: &mut SqliteConnection,
+    run_id: i64,
+    now: i64,
+) -> StoreResult<i64> {
+    let closed = sqlx::query(
+        "UPDATE batches SET
+            status = CASE WHEN sent = 0 AND (failed > 0 OR skipped > 0) THEN 'failed' ELSE 'completed' END,
+            error_detail = CASE WHEN sent = 0 AND (failed > 0 OR skipped > 0)
+                THEN json_object('failed', failed, 'skipped', skipped,
+                    'message', CASE WHEN failed > 0 THEN 'every send in the batch failed'
+                                    ELSE 'the run ended before the batch was sent' END)
+                ELSE NULL END,
+            started_at = COALESCE(started_at, ?),
+            completed_at = ?
+         WHERE run_id = ? AND status IN ('pending', 'running') AND pending = 0 AND processing = 0",
+    )
+    .bind(now)
+    .bind(now)
+    .bind(run_id)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected() as i64;
+    if closed > 0 {
+        sqlx::query("UPDATE runs SET completed_batches = completed_batches + ? WHERE id = ?")
+            .bind(closed)
+            .bind(run_id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(closed)
+}
+
+fn pending_from_row(row: &SqliteRow) -> StoreResult<PendingExecution> {
+    Ok(PendingExecution {
+        id: row.try_get("id")?,
+        batch_sequence: row.try_get("batch_sequence")?,
+        phone: row.try_get("phone")?,
+        name: row.try_get("name")?,
+        variables: variables_of(row)?,
+        attempt: row.try_get::<i64, _>("attempts")?,
+    })
+}
+
+#[async_trait]
+impl EngineStore for SqliteStore {
+    async fn claim_run(
+        &self,
+        worker: &str,
+        now: i64,
+        lease_ms: i64,
+    ) -> StoreResult<Option<RunRecord>> {
+        let mut tx = self.writer.begin().await?;
+        let candidate: Option<(i64, String, i64)> = sqlx::query_as(
+            "SELECT r.id, r.status, r.campaign_id FROM runs r JOIN campaigns c ON c.id = r.campaign_id
+             WHERE (r.status = 'scheduled' AND r.scheduled_at <= ? AND c.status IN ('scheduled', 'running'))
+                OR (r.status IN ('claimed', 'running')
+                    AND (r.lease_owner IS NULL OR r.lease_expires_at < ?)
+                    AND c.status IN ('running', 'cancelled'))
+             ORDER BY r.scheduled_at LIMIT 1",
+        )
+        .bind(now)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((run_id, status, campaign_id)) = candidate else {
+            return Ok(None);
+        };
+        sqlx::query(
+            "UPDATE runs SET status = CASE WHEN status = 'scheduled' THEN 'claimed' ELSE status END,
+                    lease_owner = ?, lease_expires_at = ?, claimed_at = COALESCE(claimed_at, ?),
+                    updated_at = ?
+             WHERE id = ?",
+        )
+        .bind(worker)
+        .bind(now + lease_ms)
+        .bind(now)
+        .bind(now)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+        if status == "scheduled" {
+            sqlx::query(
+                "UPDATE campaigns SET status = 'running', started_at = COALESCE(started_at, ?),
+                        updated_at = ?
+                 WHERE id = ? AND status = 'scheduled'",
+            )
+            .bind(now)
+            .bind(now)
+            .bind(campaign_id)
+            .execute(&mut *tx)
+            .await?;
+        } else {
+            // The previous holder died mid-send: whatever it had in flight
+            // may or may not have reached the provider. Never send it again.
+            let lost = bulk_move(
+                &mut tx,
+                run_id,
+                ExecutionStatus::InProgress,
+                ExecutionStatus::Failed,
+                Some("outcome unknown: the worker stopped while sending; not resent so no recipient is contacted twice"),
+                now,
+            )
+            .await?;
+            if lost > 0 {
+                tracing::warn!(
+                    run = run_id,
+                    lost,
+                    "took over a run; in-flight sends marked failed"
+                );
+                close_finished_batches(&mut tx, run_id, now).await?;
+            }
+        }
+        let run = fetch_run(&mut tx, run_id).await?;
+        tx.commit().await?;
+        Ok(Some(run))
+    }
+
+    async fn next_due_at(&self) -> StoreResult<Option<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT MIN(scheduled_at) FROM runs WHERE status = 'scheduled'")
+                .fetch_one(&self.reader)
+                .await?,
+        )
+    }
+
+    async fn freeze_run(&self, run_id: i64, snapshot: &RunSnapshot) -> StoreResult<RunRecord> {
+        let mut tx = self.writer.begin().await?;
+        let run = fetch_run(&mut tx, run_id).await?;
+        if run.frozen_at.is_some() {
+            return Ok(run);
+        }
+        let now = now_ms();
+        let only_failed = run.recipients == Recipients::Failed;
+        // Failed recipients: those whose execution in their latest earlier
+        // run ended failed, no_answer or busy.
+        sqlx::query(
+            "INSERT INTO executions (run_id, campaign_id, batch_sequence, contact_id, phone, name,
+                                     variables, status, updated_at)
+             SELECT ?1, c.campaign_id, (ROW_NUMBER() OVER (ORDER BY c.id) - 1) / ?2 + 1,
+                    c.id, c.phone, c.name, c.variables, 'pending', ?3
+             FROM contacts c
+             WHERE c.campaign_id = ?4 AND (NOT ?5 OR c.id IN (
+                 SELECT e.contact_id FROM executions e
+                 JOIN (SELECT contact_id, MAX(run_id) AS run_id FROM executions
+                       WHERE campaign_id = ?4 AND run_id <> ?1 GROUP BY contact_id) latest
+                   ON latest.contact_id = e.contact_id AND latest.run_id = e.run_id
+                 WHERE e.status IN ('failed', 'no_answer', 'busy')))
+             ORDER BY c.id",
+        )
+        .bind(run_id)
+        .bind(BATCH_SIZE)
+        .bind(now)
+        .bind(run.campaign_id)
+        .bind(only_failed)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO batches (run_id, batch_sequence, status, recipient_count, pending)
+             SELECT ?, batch_sequence, 'pending', COUNT(*), COUNT(*) FROM executions
+             WHERE run_id = ? GROUP BY batch_sequence",
+        )
+        .bind(run_id)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE runs SET snapshot = ?2, frozen_at = ?3, updated_at = ?3,
+                total = (SELECT COALESCE(SUM(recipient_count), 0) FROM batches WHERE run_id = ?1),
+                pending = (SELECT COALESCE(SUM(recipient_count), 0) FROM batches WHERE run_id = ?1),
+                total_batches = (SELECT COUNT(*) FROM batches WHERE run_id = ?1)
+             WHERE id = ?1",
+        )
+        .bind(run_id)
+        .bind(serde_json::to_string(snapshot).expect("snapshot serialises"))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let run = fetch_run(&mut tx, run_id).await?;
+        tx.commit().await?;
+        Ok(run)
+    }
+
+    async fn run_executions(
+        &self,
+        run_id: i64,
+        after_id: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<PendingExecution>> {
+        sqlx::query(
+            "SELECT id, batch_sequence, phone, name, variables, attempts FROM executions
+             WHERE run_id = ? AND id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(run_id)
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(pending_from_row)
+        .collect()
+    }
+
+    async fn start_run(&self, run_id: i64, cost_units: i64, now: i64) -> StoreResult<RunUpdate> {
+        let mut tx = self.writer.begin().await?;
+        let run = fetch_run(&mut tx, run_id).await?;
+        if run.status != RunStatus::Claimed {
+            return Ok(RunUpdate {
+                run,
+                events: vec![],
+            });
+        }
+        let (workspace_id, balance): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT w.id, w.credit_balance FROM workspaces w
+             JOIN campaigns c ON c.workspace_id = w.id WHERE c.id = ?",
+        )
+        .bind(run.campaign_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if let Some(balance) = balance {
+            if balance < cost_units {
+                drop(tx);
+                let reason = format!(
+                    "insufficient credits: the run costs {cost_units} and the workspace has {balance}"
+                );
+                sqlx::query("UPDATE runs SET cost_units = ? WHERE id = ?")
+                    .bind(cost_units)
+                    .bind(run_id)
+                    .execute(&self.writer)
+                    .await?;
+                return self.finish_run(run_id, &RunEnd::Failed(reason), now).await;
+            }
+            if cost_units > 0 {
+                let after: i64 = sqlx::query_scalar(
+                    "UPDATE workspaces SET credit_balance = credit_balance - ? WHERE id = ?
+                     RETURNING credit_balance",
+                )
+                .bind(cost_units)
+                .bind(workspace_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO credit_ledger (workspace_id, run_id, kind, amount, balance_after, note, created_at)
+                     VALUES (?, ?, 'reserve', ?, ?, 'reserved when the run was claimed', ?)",
+                )
+                .bind(workspace_id)
+                .bind(run_id)
+                .bind(-cost_units)
+                .bind(after)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let reserved = if balance.is_some() { cost_units } else { 0 };
+        sqlx::query(
+            "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, ?), cost_units = ?,
+                    reserved_credits = ?, updated_at = ?
+             WHERE id = ?",
+        )
+        .bind(now)
+        .bind(cost_units)
+        .bind(reserved)
+        .bind(now)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+        let run = fetch_run(&mut tx, run_id).await?;
+        let event = append_event(
+            &mut tx,
+            run.campaign_id,
+            "run_started",
+            run_event_data(&run),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(RunUpdate {
+            run,
+            events: vec![event],
+        })
+    }
+
+    async fn release_run(&self, run_id: i64, worker: &str) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL
+             WHERE id = ? AND lease_owner = ?",
+        )
+        .bind(run_id)
+        .bind(worker)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn take_slice(
+        &self,
+        run_id: i64,
+        worker: &str,
+        now: i64,
+        lease_until: i64,
+        limit: i64,
+    ) -> StoreResult<Slice> {
+        let mut tx = self.writer.begin().await?;
+        let (owner, campaign_status): (Option<String>, String) = sqlx::query_as(
+            "SELECT r.lease_owner, c.status FROM runs r JOIN campaigns c ON c.id = r.campaign_id
+             WHERE r.id = ?",
+        )
+        .bind(run_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let control = match (owner.as_deref() == Some(worker), campaign_status.as_str()) {
+            (false, _) => Control::LeaseLost,
+            (true, "paused") => Control::Paused,
+            (true, "cancelled") => Control::Cancelled,
+            _ => Control::Continue,
+        };
+        let mut executions = Vec::new();
+        let mut next_retry_at = None;
+        if control == Control::Continue {
+            sqlx::query("UPDATE runs SET lease_expires_at = ? WHERE id = ?")
+                .bind(lease_until)
+                .bind(run_id)
+                .execute(&mut *tx)
+                .await?;
+            executions = sqlx::query(
+                "SELECT id, batch_sequence, phone, name, variables, attempts + 1 AS attempts
+                 FROM executions
+                 WHERE run_id = ? AND status = 'pending'
+                   AND (next_attempt_at IS NULL OR next_attempt_at <= ?)
+                 ORDER BY batch_sequence, id LIMIT ?",
+            )
+            .bind(run_id)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(pending_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+            if executions.is_empty() {
+                next_retry_at = sqlx::query_scalar(
+                    "SELECT MIN(next_attempt_at) FROM executions WHERE run_id = ? AND status = 'pending'",
+                )
+                .bind(run_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            } else {
+                let ids: Vec<i64> = executions.iter().map(|e| e.id).collect();
+                sqlx::query(
+                    "UPDATE executions SET status = 'in_progress', attempts = attempts + 1,
+                            next_attempt_at = NULL, updated_at = ?
+                     WHERE id IN (SELECT value FROM json_each(?))",
+                )
+                .bind(now)
+                .bind(serde_json::to_string(&ids).expect("ids serialise"))
+                .execute(&mut *tx)
+                .await?;
+                let mut deltas: BTreeMap<i64, Delta> = BTreeMap::new();
+                for e in &executions {
+                    let d = deltas.entry(e.batch_sequence).or_default();
+                    d.pending -= 1;
+                    d.processing += 1;
+                }
+                for sequence in deltas.keys() {
+                    sqlx::query(
+                        "UPDATE batches SET status = 'running', started_at = COALESCE(started_at, ?)
+                         WHERE run_id = ? AND batch_sequence = ? AND status = 'pending'",
+                    )
+                    .bind(now)
+                    .bind(run_id)
+                    .bind(sequence)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                apply_deltas(&mut tx, run_id, &deltas).await?;
+            }
+        }
+        let counters = fetch_run(&mut tx, run_id).await?.counters;
+        tx.commit().await?;
+        Ok(Slice {
+            control,
+            executions,
+            next_retry_at,
+            counters,
+        })
+    }
+
+    async fn record_outcomes(
+        &self,
+        run_id: i64,
+        outcomes: &[ExecutionOutcome],
+        now: i64,
+    ) -> StoreResult<RunUpdate> {
+        let mut tx = self.writer.begin().await?;
+        let payload: Vec<serde_json::Value> = outcomes
+            .iter()
+            .map(|o| {
+                json!([
+                    o.id,
+                    o.status.as_str(),
+                    o.message_status,
+                    o.provider_id,
+                    o.duration_seconds,
+                    o.error_details,
+                    o.retry_reason,
+                    o.next_attempt_at
+                ])
+            })
+            .collect();
+        // Only executions still in progress are updated: one a new worker
+        // already wrote off must not be counted twice.
+        let updated: Vec<i64> = sqlx::query_scalar(
+            "UPDATE executions SET status = o.status, message_status = o.message_status,
+                    provider_message_id = COALESCE(o.provider_id, executions.provider_message_id),
+                    duration_seconds = o.duration, error_details = o.error,
+                    retry_reason = o.retry, next_attempt_at = o.next_at,
+                    executed_at = ?, updated_at = ?
+             FROM (SELECT value ->> 0 AS id, value ->> 1 AS status, value ->> 2 AS message_status,
+                          value ->> 3 AS provider_id, value ->> 4 AS duration, value ->> 5 AS error,
+                          value ->> 6 AS retry, value ->> 7 AS next_at
+                   FROM json_each(?)) AS o
+             WHERE executions.id = o.id AND executions.status = 'in_progress'
+             RETURNING executions.id",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(serde_json::Value::Array(payload).to_string())
+        .fetch_all(&mut *tx)
+        .await?;
+        let updated: std::collections::HashSet<i64> = updated.into_iter().collect();
+
+        let mut deltas: BTreeMap<i64, Delta> = BTreeMap::new();
+        let (mut successes, mut failures, mut charged) = (0i64, 0i64, 0i64);
+        for o in outcomes.iter().filter(|o| updated.contains(&o.id)) {
+            let d = deltas.entry(o.batch_sequence).or_default();
+            d.processing -= 1;
+            if o.status == ExecutionStatus::Pending {
+                d.pending += 1;
+            } else if o.status.is_success() {
+                d.sent += 1;
+                successes += 1;
+                charged += o.charged_units;
+            } else {
+                d.failed += 1;
+                failures += 1;
+            }
+        }
+        apply_deltas(&mut tx, run_id, &deltas).await?;
+        sqlx::query(
+            "UPDATE runs SET charged_credits = charged_credits + ?,
+                    first_sent_at = CASE WHEN ? > 0 THEN COALESCE(first_sent_at, ?) ELSE first_sent_at END,
+                    last_sent_at = CASE WHEN ? > 0 THEN ? ELSE last_sent_at END,
+                    updated_at = ?
+             WHERE id = ?",
+        )
+        .bind(charged)
+        .bind(successes)
+        .bind(now)
+        .bind(successes)
+        .bind(now)
+        .bind(now)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+        close_finished_batches(&mut tx, run_id, now).await?;
+        let run = fetch_run(&mut tx, run_id).await?;
+        if successes + failures > 0 {
+            sqlx::query(
+                "INSERT INTO metrics_minutes (campaign_id, minute, completed, failed) VALUES (?, ?, ?, ?)
+                 ON CONFLICT (campaign_id, minute) DO UPDATE SET
+                    completed = completed + excluded.completed, failed = failed + excluded.failed",
+            )
+            .bind(run.campaign_id)
+            .bind(now / 60_000)
+            .bind(successes)
+            .bind(failures)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let event = append_event(
+            &mut tx,
+            run.campaign_id,
+            "progress",
+            run_event_data(&run),
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(RunUpdate {
+            run,
+            events: vec![event],
+        })
+    }
+
+    async fn finish_run(&self, run_id: i64, end: &RunEnd, now: i64) -> StoreResult<RunUpdate> {
+        let mut tx = self.writer.begin().await?;
+        let before = fetch_run(&mut tx, run_id).await?;
+        if before.status.is_terminal() {
+            return Ok(RunUpdate {
+                run: before,
+                events: vec![],
+            });
+        }
+        let (status, campaign_status, reason) = match end {
+            RunEnd::Completed => ("completed", "completed", None),
+            RunEnd::Failed(reason) => ("failed", "failed", Some(reason.as_str())),
+            RunEnd::Cancelled => ("cancelled", "cancelled", Some("the campaign was cancelled")),
+        };
+        bulk_move(
+            &mut tx,
+            run_id,
+            ExecutionStatus::Pending,
+            ExecutionStatus::Skipped,
+            None,
+            now,
+        )
+        .await?;
+        bulk_move(
+            &mut tx,
+            run_id,
+            ExecutionStatus::InProgress,
+            ExecutionStatus::Failed,
+            Some("outcome unknown: the run ended while this was being sent"),
+            now,
+        )
+        .await?;
+        close_finished_batches(&mut tx, run_id, now).await?;
+
+        // Refund what was reserved and not spent.
+        let refund = (before.reserved_credits - before.charged_credits).max(0);
+        if refund > 0 {
+            let (workspace_id, after): (i64, i64) = sqlx::query_as(
+                "UPDATE workspaces SET credit_balance = credit_balance + ?
+                 WHERE id = (SELECT workspace_id FROM campaigns WHERE id = ?)
+                 RETURNING id, credit_balance",
+            )
+            .bind(refund)
+            .bind(before.campaign_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO credit_ledger (workspace_id, run_id, kind, amount, balance_after, note, created_at)
+                 VALUES (?, ?, 'refund', ?, ?, ?, ?)",
+            )
+            .bind(workspace_id)
+            .bind(run_id)
+            .bind(refund)
+            .bind(after)
+            .bind(format!("unsent part of a {status} run"))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "UPDATE runs SET status = ?, error = ?, completed_at = ?, refunded_credits = ?,
+                    lease_owner = NULL, lease_expires_at = NULL, updated_at = ?
+             WHERE id = ?",
+        )
+        .bind(status)
+        .bind(reason)
+        .bind(now)
+        .bind(refund)
+        .bind(now)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE campaigns SET status = ?, completed_at = ?, updated_at = ?
+             WHERE id = ? AND status IN ('scheduled', 'running', 'paused', 'cancelled')",
+        )
+        .bind(campaign_status)
+        .bind(now)
+        .bind(now)
+        .bind(before.campaign_id)
+        .execute(&mut *tx)
+        .await?;
+        let run = fetch_run(&mut tx, run_id).await?;
+        let mut data = run_event_data(&run);
+        data["error"] = json!(reason);
+        let event = append_event(
+            &mut tx,
+            run.campaign_id,
+            &format!("run_{status}"),
+            data,
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(RunUpdate {
+            run,
+            events: vec![event],
+        })
+    }
+
+    async fn record_receipts(&self, receipts: &[Receipt], now: i64) -> StoreResult<ReceiptReport> {
+        let mut report = ReceiptReport::default();
+        let mut tx = self.writer.begin().await?;
+        let mut per_batch: BTreeMap<(i64, i64), (i64, i64)> = BTreeMap::new();
+        for receipt in receipts {
+            let row: Option<(i64, i64, Option<String>)> = sqlx::query_as(
+                "SELECT run_id, batch_sequence, message_status FROM executions
+                 WHERE provider_message_id = ? LIMIT 1",
+            )
+            .bind(&receipt.provider_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((run_id, sequence, current)) = row else {
+                report.unknown += 1;
+                continue;
+            };
+            // A receipt settles a sent message once; repeats and late
+            // contradictions are acknowledged and ignored.
+            if current.as_deref() != Some("sent") {
+                report.duplicate += 1;
+                continue;
+            }
+            let status = if receipt.delivered {
+                "delivered"
+            } else {
+                "failed"
+            };
+            sqlx::query(
+                "UPDATE executions SET message_status = ?, delivered_at = ?,
+                        error_details = COALESCE(?, error_details), updated_at = ?
+                 WHERE provider_message_id = ?",
+            )
+            .bind(status)
+            .bind(receipt.delivered.then_some(now))
+            .bind(&receipt.error)
+            .bind(now)
+            .bind(&receipt.provider_id)
+            .execute(&mut *tx)
+            .await?;
+            let entry = per_batch.entry((run_id, sequence)).or_default();
+            if receipt.delivered {
+                entry.0 += 1;
+            } else {
+                entry.1 += 1;
+            }
+            report.applied += 1;
+        }
+        let mut per_run: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+        for ((run_id, sequence), (delivered, failed)) in per_batch {
+            sqlx::query(
+                "UPDATE batches SET delivered = delivered + ?, failed_delivery = failed_delivery + ?
+                 WHERE run_id = ? AND batch_sequence = ?",
+            )
+            .bind(delivered)
+            .bind(failed)
+            .bind(run_id)
+            .bind(sequence)
+            .execute(&mut *tx)
+            .await?;
+            let entry = per_run.entry(run_id).or_default();
+            entry.0 += delivered;
+            entry.1 += failed;
+        }
+        for (run_id, (delivered, failed)) in per_run {
+            sqlx::query(
+                "UPDATE runs SET delivered = delivered + ?, failed_delivery = failed_delivery + ?,
+                        updated_at = ?
+                 WHERE id = ?",
+            )
+            .bind(delivered)
+            .bind(failed)
+            .bind(now)
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(report)
+    }
+
+    async fn add_credits(
+        &self,
+        workspace_id: i64,
+        amount: i64,
+        note: Option<&str>,
+    ) -> StoreResult<Workspace> {
+        let mut tx = self.writer.begin().await?;
+        let after: i64 = sqlx::query_scalar(
+            "UPDATE workspaces SET credit_balance = COALESCE(credit_balance, 0) + ? WHERE id = ?
+             RETURNING credit_balance",
+        )
+        .bind(amount)
+        .bind(workspace_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        sqlx::query(
+            "INSERT INTO credit_ledger (workspace_id, kind, amount, balance_after, note, created_at)
+             VALUES (?, 'topup', ?, ?, ?, ?)",
+        )
+        .bind(workspace_id)
+        .bind(amount)
+        .bind(after)
+        .bind(note)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.workspace(workspace_id).await
+    }
+
+    async fn credit_ledger(&self, workspace_id: i64, limit: i64) -> StoreResult<Vec<LedgerEntry>> {
+        sqlx::query(
+            "SELECT id, run_id, kind, amount, balance_after, note, created_at FROM credit_ledger
+             WHERE workspace_id = ? ORDER BY id DESC LIMIT ?",
+        )
+        .bind(workspace_id)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(LedgerEntry {
+                id: row.try_get("id")?,
+                run_id: row.try_get("run_id")?,
+                kind: row.try_get("kind")?,
+                amount: row.try_get("amount")?,
+                balance_after: row.try_get("balance_after")?,
+                note: row.try_get("note")?,
+                created_at: row.try_get("created_at")?,
+            })
+        })
+        .collect()
+    }
+}

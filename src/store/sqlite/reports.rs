@@ -1,0 +1,238 @@
+//! Reads behind the seed surfaces and the dashboard. Counters come from
+//! the `runs` and `batches` rows, never from counting executions.
+
+use async_trait::async_trait;
+use sqlx::sqlite::SqliteRow;
+use sqlx::Row;
+
+use super::engine::{run_from_row, RUN_COLUMNS};
+use super::{campaign_from_row, SqliteStore, CAMPAIGN_COLUMNS};
+use crate::domain::ExecutionStatus;
+use crate::store::*;
+
+fn batch_from_row(row: &SqliteRow) -> StoreResult<BatchRecord> {
+    let error: Option<String> = row.try_get("error_detail")?;
+    Ok(BatchRecord {
+        run_id: row.try_get("run_id")?,
+        batch_sequence: row.try_get("batch_sequence")?,
+        status: row.try_get("status")?,
+        recipient_count: row.try_get("recipient_count")?,
+        counters: Counters {
+            total: row.try_get("recipient_count")?,
+            pending: row.try_get("pending")?,
+            processing: row.try_get("processing")?,
+            sent: row.try_get("sent")?,
+            failed: row.try_get("failed")?,
+            skipped: row.try_get("skipped")?,
+            delivered: row.try_get("delivered")?,
+            failed_delivery: row.try_get("failed_delivery")?,
+        },
+        started_at: row.try_get("started_at")?,
+        completed_at: row.try_get("completed_at")?,
+        error_detail: error.and_then(|e| serde_json::from_str(&e).ok()),
+    })
+}
+
+fn execution_from_row(row: &SqliteRow) -> StoreResult<ExecutionRecord> {
+    let status: String = row.try_get("status")?;
+    let variables: String = row.try_get("variables")?;
+    Ok(ExecutionRecord {
+        id: row.try_get("id")?,
+        run_id: row.try_get("run_id")?,
+        batch_sequence: row.try_get("batch_sequence")?,
+        contact_id: row.try_get("contact_id")?,
+        phone: row.try_get("phone")?,
+        name: row.try_get("name")?,
+        variables: serde_json::from_str(&variables)
+            .map_err(|e| StoreError::Corrupt(format!("variables: {e}")))?,
+        status: ExecutionStatus::parse(&status).ok_or(StoreError::Corrupt(status))?,
+        message_status: row.try_get("message_status")?,
+        attempts: row.try_get("attempts")?,
+        provider_message_id: row.try_get("provider_message_id")?,
+        duration_seconds: row.try_get("duration_seconds")?,
+        error_details: row.try_get("error_details")?,
+        retry_reason: row.try_get("retry_reason")?,
+        executed_at: row.try_get("executed_at")?,
+        delivered_at: row.try_get("delivered_at")?,
+    })
+}
+
+#[async_trait]
+impl ReportStore for SqliteStore {
+    async fn run(&self, run_id: i64) -> StoreResult<Option<RunRecord>> {
+        sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))
+            .bind(run_id)
+            .fetch_optional(&self.reader)
+            .await?
+            .as_ref()
+            .map(run_from_row)
+            .transpose()
+    }
+
+    async fn run_by_uuid(&self, uuid: &str) -> StoreResult<Option<RunRecord>> {
+        sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE uuid = ?"))
+            .bind(uuid)
+            .fetch_optional(&self.reader)
+            .await?
+            .as_ref()
+            .map(run_from_row)
+            .transpose()
+    }
+
+    async fn latest_run(&self, campaign_id: i64) -> StoreResult<Option<RunRecord>> {
+        sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE campaign_id = ? ORDER BY id DESC LIMIT 1"
+        ))
+        .bind(campaign_id)
+        .fetch_optional(&self.reader)
+        .await?
+        .as_ref()
+        .map(run_from_row)
+        .transpose()
+    }
+
+    async fn runs_of(&self, campaign_id: i64) -> StoreResult<Vec<RunRecord>> {
+        sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE campaign_id = ? ORDER BY id DESC"
+        ))
+        .bind(campaign_id)
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(run_from_row)
+        .collect()
+    }
+
+    async fn batches(&self, run_id: i64) -> StoreResult<Vec<BatchRecord>> {
+        sqlx::query("SELECT * FROM batches WHERE run_id = ? ORDER BY batch_sequence")
+            .bind(run_id)
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(batch_from_row)
+            .collect()
+    }
+
+    async fn executions(
+        &self,
+        campaign_id: i64,
+        query: &ExecutionQuery,
+    ) -> StoreResult<Vec<ExecutionRecord>> {
+        let status = query.status.map(ExecutionStatus::as_str);
+        sqlx::query(
+            "SELECT * FROM executions
+             WHERE campaign_id = ?1 AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR run_id = ?3)
+               AND (?4 IS NULL OR id < ?4)
+             ORDER BY id DESC LIMIT ?5 OFFSET ?6",
+        )
+        .bind(campaign_id)
+        .bind(status)
+        .bind(query.run_id)
+        .bind(query.before_id)
+        .bind(query.limit)
+        .bind(query.offset)
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(execution_from_row)
+        .collect()
+    }
+
+    async fn campaign_totals(&self, campaign_id: i64) -> StoreResult<CampaignTotals> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS runs, COALESCE(SUM(total), 0) AS total,
+                    COALESCE(SUM(pending), 0) AS pending, COALESCE(SUM(processing), 0) AS processing,
+                    COALESCE(SUM(sent), 0) AS sent, COALESCE(SUM(failed), 0) AS failed,
+                    COALESCE(SUM(skipped), 0) AS skipped, COALESCE(SUM(delivered), 0) AS delivered,
+                    COALESCE(SUM(failed_delivery), 0) AS failed_delivery,
+                    MIN(first_sent_at) AS first_sent_at, MAX(last_sent_at) AS last_sent_at,
+                    COALESCE(SUM(CASE WHEN status = 'cancelled' THEN total ELSE 0 END), 0) AS cancelled
+             FROM runs WHERE campaign_id = ?",
+        )
+        .bind(campaign_id)
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(CampaignTotals {
+            runs: row.try_get("runs")?,
+            counters: Counters {
+                total: row.try_get("total")?,
+                pending: row.try_get("pending")?,
+                processing: row.try_get("processing")?,
+                sent: row.try_get("sent")?,
+                failed: row.try_get("failed")?,
+                skipped: row.try_get("skipped")?,
+                delivered: row.try_get("delivered")?,
+                failed_delivery: row.try_get("failed_delivery")?,
+            },
+            first_sent_at: row.try_get("first_sent_at")?,
+            last_sent_at: row.try_get("last_sent_at")?,
+            cancelled: row.try_get("cancelled")?,
+        })
+    }
+
+    async fn metrics_history(
+        &self,
+        campaign_id: i64,
+        since_minute: i64,
+    ) -> StoreResult<Vec<MinuteBucket>> {
+        sqlx::query_as::<_, (i64, i64, i64)>(
+            "SELECT minute, completed, failed FROM metrics_minutes
+             WHERE campaign_id = ? AND minute >= ? ORDER BY minute",
+        )
+        .bind(campaign_id)
+        .bind(since_minute)
+        .fetch_all(&self.reader)
+        .await
+        .map(|rows| {
+            rows.into_iter()
+                .map(|(minute, completed, failed)| MinuteBucket {
+                    minute,
+                    completed,
+                    failed,
+                })
+                .collect()
+        })
+        .map_err(Into::into)
+    }
+
+    async fn events_since(
+        &self,
+        campaign_id: i64,
+        after_seq: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        sqlx::query(
+            "SELECT campaign_id, seq, kind, data, created_at FROM events
+             WHERE campaign_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(campaign_id)
+        .bind(after_seq)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(|row| {
+            let data: String = row.try_get("data")?;
+            Ok(StoredEvent {
+                campaign_id: row.try_get("campaign_id")?,
+                seq: row.try_get("seq")?,
+                kind: row.try_get("kind")?,
+                data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+                created_at: row.try_get("created_at")?,
+            })
+        })
+        .collect()
+    }
+
+    async fn campaign_of_run(&self, run_id: i64) -> StoreResult<Option<Campaign>> {
+        sqlx::query(&format!(
+            "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = (SELECT campaign_id FROM runs WHERE id = ?)"
+        ))
+        .bind(run_id)
+        .fetch_optional(&self.reader)
+        .await?
+        .as_ref()
+        .map(campaign_from_row)
+        .transpose()
+    }
+}
