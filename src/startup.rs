@@ -63,6 +63,7 @@ impl Application {
                 store,
                 config: Arc::new(config.api),
                 engine_wakeup: Arc::new(Notify::new()),
+                public_url: public_url.clone().into(),
             },
             demo_key,
             engine: config.engine,

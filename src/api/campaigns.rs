@@ -146,7 +146,10 @@ pub async fn create(
         .insert_campaign(auth.workspace_id, &spec)
         .await?;
     tracing::info!(campaign = campaign.id, "campaign created");
-    Ok((StatusCode::CREATED, Json(CampaignView::from(&campaign))))
+    Ok((
+        StatusCode::CREATED,
+        Json(CampaignView::new(&campaign, None)),
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/campaigns", tag = "campaigns",
@@ -180,8 +183,12 @@ pub async fn list(
         .store
         .list_campaigns(auth.workspace_id, status, page.offset(), page.per_page)
         .await?;
+    let mut views = Vec::with_capacity(campaigns.len());
+    for campaign in &campaigns {
+        views.push(CampaignView::with_progress(&state, campaign).await?);
+    }
     Ok(Json(CampaignList {
-        campaigns: campaigns.iter().map(CampaignView::from).collect(),
+        campaigns: views,
         pagination: Pagination::new(page, total),
     }))
 }
@@ -201,7 +208,7 @@ pub async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<CampaignView>, ApiError> {
     let campaign = auth.campaign(&state, &id).await?;
-    Ok(Json(CampaignView::from(&campaign)))
+    Ok(Json(CampaignView::with_progress(&state, &campaign).await?))
 }
 
 #[utoipa::path(patch, path = "/v1/campaigns/{id}", tag = "campaigns",
@@ -235,7 +242,7 @@ pub async fn update(
         Some(patch.max_attempts.unwrap_or(current.max_attempts.into())),
     )?;
     let campaign = state.store.update_campaign(current.id, &spec).await?;
-    Ok(Json(CampaignView::from(&campaign)))
+    Ok(Json(CampaignView::new(&campaign, None)))
 }
 
 #[utoipa::path(delete, path = "/v1/campaigns/{id}", tag = "campaigns",
@@ -350,7 +357,7 @@ async fn drive(
         .await?;
     state.engine_wakeup.notify_one();
     tracing::info!(campaign = campaign.id, from = %campaign.status, to = %next, "campaign status changed");
-    Ok(Json(CampaignView::from(&updated)))
+    Ok(Json(CampaignView::with_progress(state, &updated).await?))
 }
 
 #[utoipa::path(post, path = "/v1/campaigns/{id}/schedule", tag = "campaigns",

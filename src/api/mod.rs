@@ -5,12 +5,15 @@
 //!
 //! [`Store`]: crate::store::Store
 
+pub mod briq;
+pub mod burki;
 pub mod campaigns;
 pub mod contacts;
 pub mod error;
 pub mod extract;
 pub mod health;
 pub mod keys;
+pub mod runs;
 pub mod views;
 
 use std::sync::Arc;
@@ -20,7 +23,9 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, Request};
 use axum::routing::get;
 use axum::{Json, Router};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -58,6 +63,8 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     /// Poked after a campaign changes so a worker looks for due runs now.
     pub engine_wakeup: Arc<tokio::sync::Notify>,
+    /// How providers reach this node; callbacks are signed against it.
+    pub public_url: Arc<str>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -70,6 +77,9 @@ pub fn app(state: AppState) -> Router {
         .merge(campaigns::router())
         .merge(contacts::router())
         .merge(keys::router())
+        .merge(runs::router())
+        .merge(burki::router())
+        .merge(briq::router())
         .route("/openapi.json", get(openapi_json))
         .fallback(|| async { ApiError::NotFound("route".into()) })
         .with_state(state)
@@ -85,11 +95,24 @@ pub fn app(state: AppState) -> Router {
                 tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id = %id)
             }),
         )
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeBriqRequestId))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(600),
         ))
+}
+
+/// Request ids look like Briq's (`req_…`), since seed 002 echoes them.
+#[derive(Clone, Copy)]
+struct MakeBriqRequestId;
+
+impl MakeRequestId for MakeBriqRequestId {
+    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+        let id = format!("req_{}", uuid::Uuid::new_v4().simple());
+        axum::http::HeaderValue::from_str(&id)
+            .ok()
+            .map(RequestId::new)
+    }
 }
 
 #[derive(OpenApi)]
@@ -102,6 +125,9 @@ pub fn app(state: AppState) -> Router {
         campaigns::pause, campaigns::resume, campaigns::cancel,
         contacts::add, contacts::import_csv, contacts::list,
         keys::create, keys::list, keys::revoke, keys::show_workspace, keys::update_workspace,
+        runs::create_run, runs::list_runs, runs::credits, runs::twilio_status,
+        burki::executions,
+        briq::status, briq::analytics, briq::run_detail, briq::snapshot,
     ),
     components(schemas(ErrorBody, error::ErrorDetail)),
     modifiers(&SecuritySchemes),
@@ -110,6 +136,9 @@ pub fn app(state: AppState) -> Router {
         (name = "contacts", description = "Recipients of a campaign"),
         (name = "keys", description = "The workspace and its API keys"),
         (name = "health", description = "Probes"),
+        (name = "seed-001", description = "Burki-compatible executions list"),
+        (name = "seed-002", description = "Briq-compatible status, analytics and runs"),
+        (name = "providers", description = "Provider callbacks"),
     )
 )]
 pub struct ApiDoc;

@@ -4,7 +4,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::domain::{CampaignStatus, Channel, ContactError, ProviderSettings};
-use crate::store::{ApiKeyRecord, Campaign, ContactRecord, Workspace};
+use crate::store::{ApiKeyRecord, Campaign, ContactRecord, RunRecord, Workspace};
 
 /// Formats store milliseconds as RFC 3339 UTC with milliseconds.
 pub fn rfc3339(ms: i64) -> String {
@@ -37,10 +37,67 @@ pub struct CampaignView {
     pub updated_at: String,
     pub started_at: Option<String>,
     pub completed_at: Option<String>,
+    /// Live counters of the latest run (zeros before the first).
+    pub progress: Progress,
 }
 
-impl From<&Campaign> for CampaignView {
-    fn from(c: &Campaign) -> Self {
+/// Counters of a campaign's latest run.
+#[derive(Debug, Serialize, ToSchema, Default)]
+pub struct Progress {
+    pub run_id: Option<String>,
+    /// The run's status; `claimed` shows as `running`.
+    pub run_status: Option<String>,
+    pub total: i64,
+    pub pending: i64,
+    pub processing: i64,
+    pub sent: i64,
+    pub failed: i64,
+    pub skipped: i64,
+    pub delivered: i64,
+    pub failed_delivery: i64,
+    pub completed_batches: i64,
+    pub total_batches: i64,
+    /// Share of recipients with a final outcome, 0–100.
+    pub progress_percentage: f64,
+}
+
+impl From<&RunRecord> for Progress {
+    fn from(run: &RunRecord) -> Self {
+        let c = run.counters;
+        let done = c.sent + c.failed + c.skipped;
+        Self {
+            run_id: Some(run.uuid.clone()),
+            run_status: Some(run.status.public().to_owned()),
+            total: c.total,
+            pending: c.pending,
+            processing: c.processing,
+            sent: c.sent,
+            failed: c.failed,
+            skipped: c.skipped,
+            delivered: c.delivered,
+            failed_delivery: c.failed_delivery,
+            completed_batches: run.completed_batches,
+            total_batches: run.total_batches,
+            progress_percentage: if c.total > 0 {
+                (done as f64 * 1000.0 / c.total as f64).round() / 10.0
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
+impl CampaignView {
+    /// The campaign with its latest run's live counters.
+    pub async fn with_progress(
+        state: &super::AppState,
+        c: &Campaign,
+    ) -> Result<Self, super::ApiError> {
+        let latest = state.store.latest_run(c.id).await?;
+        Ok(Self::new(c, latest.as_ref()))
+    }
+
+    pub fn new(c: &Campaign, latest: Option<&RunRecord>) -> Self {
         Self {
             id: c.id,
             uuid: c.uuid.clone(),
@@ -57,6 +114,7 @@ impl From<&Campaign> for CampaignView {
             updated_at: rfc3339(c.updated_at),
             started_at: rfc3339_opt(c.started_at),
             completed_at: rfc3339_opt(c.completed_at),
+            progress: latest.map(Progress::from).unwrap_or_default(),
         }
     }
 }

@@ -295,6 +295,16 @@ pub trait ReportStore: Send + Sync {
         campaign_id: i64,
         query: &ExecutionQuery,
     ) -> StoreResult<Vec<ExecutionRecord>>;
+    /// Executions of a campaign (in one status, if given), for paging.
+    async fn count_executions(
+        &self,
+        campaign_id: i64,
+        status: Option<ExecutionStatus>,
+    ) -> StoreResult<i64>;
+    /// The run, if any, that sent `provider_id` (for callback checks).
+    async fn run_of_message(&self, provider_id: &str) -> StoreResult<Option<RunRecord>>;
+    /// Every phone number of a run, in execution order.
+    async fn run_phones(&self, run_id: i64) -> StoreResult<Vec<String>>;
     async fn campaign_totals(&self, campaign_id: i64) -> StoreResult<CampaignTotals>;
     async fn metrics_history(
         &self,

@@ -138,6 +138,54 @@ impl ReportStore for SqliteStore {
         .collect()
     }
 
+    async fn count_executions(
+        &self,
+        campaign_id: i64,
+        status: Option<ExecutionStatus>,
+    ) -> StoreResult<i64> {
+        let count = match status {
+            // The runs' totals are exact and need no scan.
+            None => {
+                sqlx::query_scalar("SELECT COALESCE(SUM(total), 0) FROM runs WHERE campaign_id = ?")
+                    .bind(campaign_id)
+                    .fetch_one(&self.reader)
+                    .await?
+            }
+            Some(status) => {
+                sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM executions WHERE campaign_id = ? AND status = ?",
+                )
+                .bind(campaign_id)
+                .bind(status.as_str())
+                .fetch_one(&self.reader)
+                .await?
+            }
+        };
+        Ok(count)
+    }
+
+    async fn run_of_message(&self, provider_id: &str) -> StoreResult<Option<RunRecord>> {
+        let run_id: Option<i64> = sqlx::query_scalar(
+            "SELECT run_id FROM executions WHERE provider_message_id = ? LIMIT 1",
+        )
+        .bind(provider_id)
+        .fetch_optional(&self.reader)
+        .await?;
+        match run_id {
+            Some(id) => self.run(id).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn run_phones(&self, run_id: i64) -> StoreResult<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT phone FROM executions WHERE run_id = ? ORDER BY id")
+                .bind(run_id)
+                .fetch_all(&self.reader)
+                .await?,
+        )
+    }
+
     async fn campaign_totals(&self, campaign_id: i64) -> StoreResult<CampaignTotals> {
         let row = sqlx::query(
             "SELECT COUNT(*) AS runs, COALESCE(SUM(total), 0) AS total,

@@ -1,0 +1,233 @@
+//! Seed 001 (Burki): `GET /api/v1/campaigns/{campaign_id}/executions`.
+//!
+//! Field names, nesting and statuses are the seed's. Beyond it: a `status`
+//! filter, and a keyset `cursor` (the `next_cursor` of the previous page)
+//! that stays fast at any depth, where `page` needs an OFFSET.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+use super::extract::{Auth, PageParams, Pagination};
+use super::views::rfc3339_opt;
+use super::{ApiError, AppState};
+use crate::domain::{Channel, ExecutionStatus, Template};
+use crate::store::{ExecutionQuery, ExecutionRecord, RunSnapshot};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route(
+        "/api/v1/campaigns/{campaign_id}/executions",
+        get(executions),
+    )
+}
+
+/// Errors on Burki's surface also carry FastAPI's `detail`.
+pub struct BurkiError(ApiError);
+
+impl From<ApiError> for BurkiError {
+    fn from(err: ApiError) -> Self {
+        Self(err)
+    }
+}
+
+impl IntoResponse for BurkiError {
+    fn into_response(self) -> Response {
+        self.0.log();
+        let mut body = serde_json::to_value(self.0.body()).expect("error body serialises");
+        body["detail"] = Value::String(self.0.public_message());
+        (self.0.status(), Json(body)).into_response()
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ExecutionParams {
+    /// 1-based page (default 1).
+    page: Option<String>,
+    /// Results per page (default 50, max 1000; more is a 422).
+    per_page: Option<String>,
+    /// Only executions in this status.
+    status: Option<String>,
+    /// Keyset cursor: `next_cursor` from the previous page.
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Execution {
+    pub id: i64,
+    pub execution_id: i64,
+    pub contact_id: i64,
+    pub contact_name: Option<String>,
+    pub contact_phone: String,
+    pub status: ExecutionStatus,
+    pub call_id: Option<String>,
+    pub sms_id: Option<String>,
+    pub executed_at: Option<String>,
+    /// from_number, to_number, personalized_welcome_message,
+    /// template_variables_used, duration_seconds, error_details, retry_reason.
+    #[schema(value_type = Object)]
+    pub execution_data: Map<String, Value>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExecutionPage {
+    pub executions: Vec<Execution>,
+    pub pagination: Pagination,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+fn execution_view(e: ExecutionRecord, snapshot: Option<&RunSnapshot>) -> Execution {
+    let mut data = Map::new();
+    let channel = snapshot.map_or(Channel::Sms, |s| s.channel);
+    data.insert(
+        "from_number".into(),
+        snapshot
+            .and_then(|s| s.sender.clone())
+            .map_or(Value::Null, Value::String),
+    );
+    data.insert("to_number".into(), Value::String(e.phone.clone()));
+    if let Some(template) = snapshot.and_then(|s| Template::parse(&s.template).ok()) {
+        let lookup = |v: &str| match v {
+            "phone" => Some(e.phone.as_str()),
+            "name" => e
+                .name
+                .as_deref()
+                .or_else(|| e.variables.get("name").map(String::as_str)),
+            other => e.variables.get(other).map(String::as_str),
+        };
+        if let Ok(message) = template.render(lookup) {
+            data.insert(
+                "personalized_welcome_message".into(),
+                Value::String(message),
+            );
+        }
+        let used: Map<String, Value> = template
+            .variables()
+            .into_iter()
+            .filter_map(|v| lookup(v).map(|value| (v.to_owned(), Value::String(value.to_owned()))))
+            .collect();
+        data.insert("template_variables_used".into(), Value::Object(used));
+    }
+    if let Some(duration) = e.duration_seconds {
+        data.insert("duration_seconds".into(), duration.into());
+    }
+    if let Some(error) = &e.error_details {
+        data.insert("error_details".into(), Value::String(error.clone()));
+    }
+    if let Some(retry) = &e.retry_reason {
+        data.insert("retry_reason".into(), Value::String(retry.clone()));
+    }
+    if let Some(status) = &e.message_status {
+        data.insert("message_status".into(), Value::String(status.clone()));
+    }
+    data.insert("attempts".into(), e.attempts.into());
+    let (call_id, sms_id) = match channel {
+        Channel::Voice => (e.provider_message_id.clone(), None),
+        _ => (None, e.provider_message_id.clone()),
+    };
+    Execution {
+        id: e.id,
+        execution_id: e.id,
+        contact_id: e.contact_id,
+        contact_name: e.name.clone(),
+        contact_phone: e.phone.clone(),
+        status: e.status,
+        call_id,
+        sms_id,
+        executed_at: rfc3339_opt(e.executed_at),
+        execution_data: data,
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/campaigns/{campaign_id}/executions", tag = "seed-001",
+    params(("campaign_id" = i64, Path, description = "Campaign id"), ExecutionParams),
+    responses(
+        (status = 200, description = "A page of executions, newest first", body = ExecutionPage),
+        (status = 401, description = "Unauthorized", body = super::ErrorBody),
+        (status = 403, description = "Another workspace's campaign", body = super::ErrorBody),
+        (status = 404, description = "Campaign not found", body = super::ErrorBody),
+        (status = 422, description = "Bad page, per_page, status or cursor", body = super::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn executions(
+    State(state): State<AppState>,
+    auth: Result<Auth, ApiError>,
+    Path(campaign_id): Path<String>,
+    Query(params): Query<ExecutionParams>,
+) -> Result<Json<ExecutionPage>, BurkiError> {
+    let auth = auth?;
+    let campaign = auth.campaign(&state, &campaign_id).await?;
+    let page = PageParams {
+        page: params.page,
+        per_page: params.per_page,
+    }
+    .parse()?;
+    let status = params
+        .status
+        .as_deref()
+        .map(|s| {
+            ExecutionStatus::parse(s).ok_or_else(|| {
+                ApiError::invalid("status", format!("'{s}' is not an execution status"))
+            })
+        })
+        .transpose()?;
+    let before_id = params
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse::<i64>()
+                .ok()
+                .filter(|id| *id > 0)
+                .ok_or_else(|| ApiError::invalid("cursor", "cursor must be a next_cursor value"))
+        })
+        .transpose()?;
+    let query = ExecutionQuery {
+        status,
+        run_id: None,
+        before_id,
+        offset: if before_id.is_some() {
+            0
+        } else {
+            page.offset()
+        },
+        limit: page.per_page,
+    };
+    let rows = state
+        .store
+        .executions(campaign.id, &query)
+        .await
+        .map_err(ApiError::from)?;
+    let total_items = state
+        .store
+        .count_executions(campaign.id, status)
+        .await
+        .map_err(ApiError::from)?;
+    let mut snapshots: HashMap<i64, Option<RunSnapshot>> = HashMap::new();
+    for row in &rows {
+        if !snapshots.contains_key(&row.run_id) {
+            let run = state.store.run(row.run_id).await.map_err(ApiError::from)?;
+            snapshots.insert(row.run_id, run.and_then(|r| r.snapshot));
+        }
+    }
+    let next_cursor = (rows.len() as i64 == page.per_page)
+        .then(|| rows.last().map(|r| r.id.to_string()))
+        .flatten();
+    let executions = rows
+        .into_iter()
+        .map(|row| {
+            let snapshot = snapshots.get(&row.run_id).and_then(Option::as_ref);
+            execution_view(row, snapshot)
+        })
+        .collect();
+    Ok(Json(ExecutionPage {
+        executions,
+        pagination: Pagination::new(page, total_items),
+        next_cursor,
+    }))
+}
