@@ -210,9 +210,9 @@ pub async fn executions(
         .map_err(ApiError::from)?;
     let mut snapshots: HashMap<i64, Option<RunSnapshot>> = HashMap::new();
     for row in &rows {
-        if !snapshots.contains_key(&row.run_id) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = snapshots.entry(row.run_id) {
             let run = state.store.run(row.run_id).await.map_err(ApiError::from)?;
-            snapshots.insert(row.run_id, run.and_then(|r| r.snapshot));
+            slot.insert(run.and_then(|r| r.snapshot));
         }
     }
     let next_cursor = (rows.len() as i64 == page.per_page)
