@@ -21,6 +21,17 @@ pub struct TestApp {
     _shutdown: oneshot::Sender<()>,
 }
 
+/// Engine settings that keep tests quick: short retries, leases and polls.
+pub fn test_engine() -> herald::engine::EngineConfig {
+    herald::engine::EngineConfig {
+        retry_base: std::time::Duration::from_millis(20),
+        retry_cap: std::time::Duration::from_millis(200),
+        lease: std::time::Duration::from_secs(3),
+        poll: std::time::Duration::from_millis(50),
+        ..Default::default()
+    }
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
@@ -33,7 +44,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut ServerConfig)) -> TestAp
         database_url: database_url.clone(),
         api: ApiConfig::default(),
         demo: false,
-        engine: Some(herald::engine::EngineConfig::default()),
+        engine: Some(test_engine()),
         public_url: None,
     };
     configure(&mut config);
@@ -134,4 +145,101 @@ pub async fn error_of(response: Response, status: StatusCode) -> Value {
     assert!(error["message"].is_string(), "error has a message: {body}");
     assert!(error.get("field").is_some(), "error has a field: {body}");
     error.clone()
+}
+
+impl TestApp {
+    /// A campaign with `n` contacts `+1555xxxxxxx` named `P{i}`.
+    pub async fn campaign_with_contacts(&self, mut body: Value, n: usize) -> Value {
+        if body.get("name").is_none() {
+            body["name"] = json!("Engine test");
+        }
+        let campaign = self.create_campaign(body).await;
+        let mut csv = String::from("phone,name\n");
+        for i in 0..n {
+            csv.push_str(&format!("+1555{i:07},P{i}\n"));
+        }
+        let report: Value = self.import_csv(&campaign, csv).await.json().await.unwrap();
+        assert_eq!(report["imported"], n as u64, "{report}");
+        campaign
+    }
+
+    pub async fn campaign(&self, id: &Value) -> Value {
+        self.get(&format!("/v1/campaigns/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Polls the campaign until `done` holds, for at most `secs` seconds.
+    pub async fn wait_campaign(
+        &self,
+        id: &Value,
+        secs: u64,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let campaign = self.campaign(id).await;
+            if done(&campaign) {
+                return campaign;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting; last: {campaign}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn wait_status(&self, id: &Value, status: &str, secs: u64) -> Value {
+        self.wait_campaign(id, secs, |c| c["status"] == status)
+            .await
+    }
+
+    /// Every execution of a campaign, read page by page through seed 001.
+    pub async fn all_executions(&self, id: &Value) -> Vec<Value> {
+        let mut all = Vec::new();
+        let mut page = 1;
+        loop {
+            let body: Value = self
+                .get(&format!(
+                    "/api/v1/campaigns/{id}/executions?per_page=1000&page={page}"
+                ))
+                .await
+                .json()
+                .await
+                .unwrap();
+            all.extend(body["executions"].as_array().unwrap().iter().cloned());
+            if body["pagination"]["has_next"] != true {
+                return all;
+            }
+            page += 1;
+        }
+    }
+
+    pub async fn briq(&self, path: &str) -> Value {
+        let response = self
+            .client
+            .get(self.url(path))
+            .header("X-API-Key", &self.key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["success"], true);
+        body["data"].clone()
+    }
+}
+
+/// Counts executions by status.
+pub fn count_by_status(executions: &[Value]) -> std::collections::BTreeMap<String, i64> {
+    let mut counts = std::collections::BTreeMap::new();
+    for e in executions {
+        *counts
+            .entry(e["status"].as_str().unwrap().to_owned())
+            .or_insert(0) += 1;
+    }
+    counts
 }

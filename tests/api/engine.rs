@@ -1,0 +1,362 @@
+//! The engine end to end on the simulated provider: counters against rows,
+//! batches, receipts, retries, pause/resume/cancel, resend, credits.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::helpers::{count_by_status, error_of, spawn_app};
+
+fn progress(c: &Value, key: &str) -> i64 {
+    c["progress"][key].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn a_10k_sms_campaign_completes_with_counters_equal_to_rows() {
+    let app = spawn_app().await;
+    let ws = app.store.workspace_by_name("alpha").await.unwrap().unwrap();
+    app.store
+        .add_credits(ws.id, 50_000, Some("test"))
+        .await
+        .unwrap();
+    let c = app
+        .campaign_with_contacts(
+            json!({"channel": "sms", "template": "Hi {{name}}, your code is ready", "sender": "ACME",
+                   "provider": {"kind": "simulated", "seed": 1, "receipt_delay_ms": 10}}),
+            10_000,
+        )
+        .await;
+    assert_eq!(
+        app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    app.wait_status(&c["id"], "completed", 60).await;
+    // Receipts lag sends; wait for every sent message to have one.
+    let done = app
+        .wait_campaign(&c["id"], 30, |c| {
+            progress(c, "delivered") + progress(c, "failed_delivery") == progress(c, "sent")
+        })
+        .await;
+
+    let executions = app.all_executions(&c["id"]).await;
+    assert_eq!(executions.len(), 10_000);
+    let by_status = count_by_status(&executions);
+    let sent = progress(&done, "sent");
+    let failed = progress(&done, "failed");
+    assert_eq!(by_status.get("completed").copied().unwrap_or(0), sent);
+    assert_eq!(by_status.get("failed").copied().unwrap_or(0), failed);
+    assert_eq!(sent + failed, 10_000);
+    assert!(
+        sent > 9_000 && failed > 0,
+        "the default mix has a few failures: {sent}/{failed}"
+    );
+    let delivered_rows = executions
+        .iter()
+        .filter(|e| e["execution_data"]["message_status"] == "delivered")
+        .count() as i64;
+    assert_eq!(delivered_rows, progress(&done, "delivered"));
+    assert_eq!(
+        progress(&done, "pending") + progress(&done, "processing"),
+        0
+    );
+    assert_eq!(done["progress"]["progress_percentage"], 100.0);
+
+    // Every recipient once, with its personalised message and an sms_id.
+    let mut phones: Vec<&str> = executions
+        .iter()
+        .map(|e| e["contact_phone"].as_str().unwrap())
+        .collect();
+    phones.sort();
+    phones.dedup();
+    assert_eq!(phones.len(), 10_000);
+    let one = executions
+        .iter()
+        .find(|e| e["status"] == "completed")
+        .unwrap();
+    assert!(one["sms_id"].as_str().unwrap().starts_with("SM"));
+    assert_eq!(
+        one["execution_data"]["personalized_welcome_message"],
+        format!(
+            "Hi {}, your code is ready",
+            one["contact_name"].as_str().unwrap()
+        )
+    );
+
+    // Batches: ten of 1000, their counts add up to the run's.
+    let runs: Value = app
+        .get(&format!("/v1/campaigns/{}/runs", c["id"]))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let run_uuid = runs["runs"][0]["uuid"].as_str().unwrap().to_owned();
+    let detail = app
+        .briq(&format!(
+            "/v1/campaign/{}/runs/{run_uuid}",
+            c["uuid"].as_str().unwrap()
+        ))
+        .await;
+    let batches = detail["batches"].as_array().unwrap();
+    assert_eq!(batches.len(), 10);
+    assert!(batches
+        .iter()
+        .all(|b| b["recipient_count"] == 1000 && b["status"] == "completed"));
+    let batch_sent: i64 = batches
+        .iter()
+        .map(|b| b["sent_count"].as_i64().unwrap())
+        .sum();
+    let batch_failed: i64 = batches
+        .iter()
+        .map(|b| b["failed_count"].as_i64().unwrap())
+        .sum();
+    assert_eq!((batch_sent, batch_failed), (sent, failed));
+    assert_eq!(detail["run"]["current_batch"], 10);
+
+    // Credits: 1 part per message; only what was sent is kept.
+    let credits: Value = app.get("/v1/credits").await.json().await.unwrap();
+    assert_eq!(credits["balance"], 50_000 - sent);
+    let ledger = credits["ledger"].as_array().unwrap();
+    let ledger_sum: i64 = ledger.iter().map(|e| e["amount"].as_i64().unwrap()).sum();
+    assert_eq!(
+        ledger_sum,
+        credits["balance"].as_i64().unwrap(),
+        "the ledger balances"
+    );
+    let kinds: Vec<&str> = ledger.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["refund", "reserve", "topup"]);
+    assert_eq!(ledger[1]["amount"], -10_000);
+    assert_eq!(ledger[0]["amount"], failed);
+
+    // Analytics agree with the run.
+    let analytics = app
+        .briq(&format!(
+            "/v1/campaign/{}/analytics",
+            c["uuid"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(analytics["sent_count"], sent);
+    assert_eq!(analytics["failed_count"], failed);
+    assert_eq!(analytics["total_recipients"], 10_000);
+    assert_eq!(analytics["pending_delivery_count"], 0);
+    let rate = analytics["delivery_rate"].as_f64().unwrap();
+    let expected = progress(&done, "delivered") as f64 / sent as f64;
+    assert!((rate - expected).abs() < 0.0001, "{rate} vs {expected}");
+}
+
+#[tokio::test]
+async fn a_voice_campaign_retries_then_resends_to_failures() {
+    let app = spawn_app().await;
+    let c = app
+        .campaign_with_contacts(
+            json!({"channel": "voice", "template": "Hello {{name}}", "sender": "+15550001234", "max_attempts": 2,
+                   "provider": {"kind": "simulated", "seed": 9,
+                                "outcomes": {"completed": 0.5, "no_answer": 0.3, "busy": 0.2}}}),
+            1_500,
+        )
+        .await;
+    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+        .await;
+    let done = app.wait_status(&c["id"], "completed", 60).await;
+    let executions = app.all_executions(&c["id"]).await;
+    let by_status = count_by_status(&executions);
+    let unreached = by_status.get("no_answer").copied().unwrap_or(0)
+        + by_status.get("busy").copied().unwrap_or(0);
+    assert_eq!(progress(&done, "failed"), unreached);
+    assert_eq!(progress(&done, "sent"), by_status["completed"]);
+    // Each unreached recipient was tried twice; retries say why.
+    for e in executions
+        .iter()
+        .filter(|e| e["status"] == "no_answer" || e["status"] == "busy")
+    {
+        assert_eq!(e["execution_data"]["attempts"], 2, "{e}");
+        assert_eq!(
+            e["execution_data"]["retry_reason"],
+            "gave up after 2 attempts"
+        );
+        assert!(e["call_id"].as_str().unwrap().starts_with("CA"));
+    }
+    // About half succeed on the first try, a further share on the second.
+    let retried_ok = executions
+        .iter()
+        .filter(|e| e["status"] == "completed" && e["execution_data"]["attempts"] == 2)
+        .count();
+    assert!(retried_ok > 100, "{retried_ok}");
+    assert!(executions
+        .iter()
+        .filter(|e| e["status"] == "completed")
+        .all(|e| e["execution_data"]["duration_seconds"].is_i64()));
+
+    // Resend to failures: a second run with exactly the unreached contacts.
+    let rerun = app
+        .post(
+            &format!("/v1/campaigns/{}/runs", c["id"]),
+            &json!({"recipients": "failed"}),
+        )
+        .await;
+    assert_eq!(rerun.status(), StatusCode::CREATED);
+    let again = app
+        .wait_campaign(&c["id"], 60, |c| {
+            c["status"] == "completed" && c["progress"]["total"] == unreached
+        })
+        .await;
+    assert_eq!(
+        progress(&again, "sent") + progress(&again, "failed"),
+        unreached
+    );
+    let runs: Value = app
+        .get(&format!("/v1/campaigns/{}/runs", c["id"]))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(runs["runs"].as_array().unwrap().len(), 2);
+    assert_eq!(runs["runs"][0]["recipients"], "failed");
+
+    let bad = app
+        .post(
+            &format!("/v1/campaigns/{}/runs", c["id"]),
+            &json!({"recipients": "some"}),
+        )
+        .await;
+    assert_eq!(
+        error_of(bad, StatusCode::UNPROCESSABLE_ENTITY).await["field"],
+        "recipients"
+    );
+}
+
+#[tokio::test]
+async fn pause_stops_sending_resume_continues_and_cancel_skips_the_rest() {
+    let app = crate::helpers::spawn_app_with(|c| {
+        if let Some(engine) = c.engine.as_mut() {
+            engine.in_flight = 8;
+            engine.slice = 16;
+        }
+    })
+    .await;
+    let c = app
+        .campaign_with_contacts(
+            json!({"channel": "sms", "template": "Hi {{name}}",
+                   "provider": {"kind": "simulated", "latency_ms": 20, "receipt_delay_ms": 0}}),
+            600,
+        )
+        .await;
+    let id = c["id"].clone();
+    app.post_empty(&format!("/v1/campaigns/{id}/start")).await;
+    app.wait_campaign(&id, 30, |c| progress(c, "sent") > 50)
+        .await;
+
+    let paused = app.post_empty(&format!("/v1/campaigns/{id}/pause")).await;
+    assert_eq!(paused.status(), StatusCode::OK);
+    // At most the slice in flight finishes after a pause.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let frozen = app.campaign(&id).await;
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let still = app.campaign(&id).await;
+    assert_eq!(still["status"], "paused");
+    assert_eq!(
+        progress(&frozen, "sent") + progress(&frozen, "failed"),
+        progress(&still, "sent") + progress(&still, "failed"),
+        "no sends while paused"
+    );
+    assert_eq!(progress(&still, "processing"), 0);
+    assert!(progress(&still, "pending") > 0);
+
+    app.post_empty(&format!("/v1/campaigns/{id}/resume")).await;
+    let moving = app
+        .wait_campaign(&id, 30, |c| {
+            progress(c, "sent") > progress(&still, "sent") + 30
+        })
+        .await;
+    assert_eq!(moving["status"], "running");
+
+    let cancelled = app.post_empty(&format!("/v1/campaigns/{id}/cancel")).await;
+    assert_eq!(cancelled.status(), StatusCode::OK);
+    let end = app
+        .wait_campaign(&id, 30, |c| c["progress"]["run_status"] == "cancelled")
+        .await;
+    assert_eq!(end["status"], "cancelled");
+    let (sent, failed, skipped) = (
+        progress(&end, "sent"),
+        progress(&end, "failed"),
+        progress(&end, "skipped"),
+    );
+    assert_eq!(sent + failed + skipped, 600);
+    assert!(skipped > 0, "unsent recipients are skipped");
+    let by_status = count_by_status(&app.all_executions(&id).await);
+    assert_eq!(by_status["skipped"], skipped);
+    assert_eq!(by_status.get("pending"), None);
+    assert_eq!(by_status.get("in_progress"), None);
+    let after = app.campaign(&id).await;
+    assert_eq!(
+        progress(&after, "skipped"),
+        skipped,
+        "nothing moves after cancel"
+    );
+}
+
+#[tokio::test]
+async fn a_run_the_workspace_cannot_pay_for_fails_at_claim() {
+    let app = spawn_app().await;
+    let ws = app.store.workspace_by_name("alpha").await.unwrap().unwrap();
+    app.store.add_credits(ws.id, 10, None).await.unwrap();
+    // 161 GSM characters: two parts per message, 40 parts for 20 contacts.
+    let long = format!("{{{{name}}}} {}", "x".repeat(158));
+    let c = app
+        .campaign_with_contacts(json!({"channel": "sms", "template": long}), 20)
+        .await;
+    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+        .await;
+    let failed = app.wait_status(&c["id"], "failed", 30).await;
+    assert_eq!(progress(&failed, "skipped"), 20);
+    assert_eq!(progress(&failed, "sent"), 0);
+    let runs: Value = app
+        .get(&format!("/v1/campaigns/{}/runs", c["id"]))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let error = runs["runs"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("insufficient credits")
+            && error.contains("costs 40")
+            && error.contains("has 10"),
+        "{error}"
+    );
+    let credits: Value = app.get("/v1/credits").await.json().await.unwrap();
+    assert_eq!(credits["balance"], 10, "nothing was taken");
+}
+
+#[tokio::test]
+async fn a_scheduled_campaign_starts_on_time() {
+    let app = spawn_app().await;
+    let c = app
+        .campaign_with_contacts(json!({"channel": "sms", "template": "Hi {{name}}"}), 5)
+        .await;
+    let at = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    let scheduled: Value = app
+        .post(
+            &format!("/v1/campaigns/{}/schedule", c["id"]),
+            &json!({"start_at": at.to_rfc3339()}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(scheduled["status"], "scheduled");
+    let status = app
+        .briq(&format!(
+            "/v1/campaign/{}/status",
+            c["uuid"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(status["status"], "scheduled");
+    let running = app
+        .wait_campaign(&c["id"], 10, |c| c["status"] != "scheduled")
+        .await;
+    let started =
+        chrono::DateTime::parse_from_rfc3339(running["started_at"].as_str().unwrap()).unwrap();
+    let lag = (started.with_timezone(&chrono::Utc) - at).num_milliseconds();
+    assert!((0..1000).contains(&lag), "picked up {lag} ms after due");
+    app.wait_status(&c["id"], "completed", 30).await;
+}
