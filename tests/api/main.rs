@@ -8,3 +8,4 @@ mod engine;
 mod helpers;
 mod isolation;
 mod keys;
+mod providers;

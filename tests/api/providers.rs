@@ -1,0 +1,298 @@
+//! The webhook and Twilio providers against local fake servers (wiremock),
+//! with signatures checked on both sides.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use wiremock::matchers::{header_exists, method, path};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+use crate::helpers::{count_by_status, spawn_app};
+
+const SECRET: &str = "a-webhook-secret-of-some-length";
+
+/// A webhook receiver that checks Herald's signature and answers `busy`
+/// to each recipient's first `busy_first` attempts.
+#[derive(Clone, Default)]
+struct Receiver {
+    busy_first: u32,
+    attempts: Arc<Mutex<HashMap<String, Vec<String>>>>,
+    bad_signatures: Arc<AtomicUsize>,
+}
+
+impl Respond for Receiver {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let header = |name: &str| {
+            request
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        };
+        let timestamp: i64 = header("x-herald-timestamp").parse().unwrap_or(0);
+        let expected = herald::providers::webhook::signature(SECRET, timestamp, &request.body);
+        if header("x-herald-signature") != expected
+            || (chrono::Utc::now().timestamp() - timestamp).abs() > 300
+        {
+            self.bad_signatures.fetch_add(1, Ordering::SeqCst);
+            return ResponseTemplate::new(401);
+        }
+        let body: Value = serde_json::from_slice(&request.body).unwrap();
+        let to = body["to"].as_str().unwrap().to_owned();
+        let mut attempts = self.attempts.lock().unwrap();
+        let seen = attempts.entry(to).or_default();
+        seen.push(body["id"].as_str().unwrap().to_owned());
+        if seen.len() as u32 <= self.busy_first {
+            ResponseTemplate::new(200).set_body_json(
+                json!({"id": format!("wh-{}", body["execution_id"]), "status": "busy"}),
+            )
+        } else {
+            ResponseTemplate::new(200).set_body_json(json!({"id": format!("wh-{}", body["execution_id"]), "status": "completed", "duration_seconds": 31}))
+        }
+    }
+}
+
+#[tokio::test]
+async fn webhook_busy_twice_then_completed_is_retried_with_fresh_ids() {
+    let app = spawn_app().await;
+    let fake = MockServer::start().await;
+    let receiver = Receiver {
+        busy_first: 2,
+        ..Default::default()
+    };
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(receiver.clone())
+        .mount(&fake)
+        .await;
+
+    let c = app
+        .campaign_with_contacts(
+            json!({"channel": "voice", "template": "Hi {{name}}", "sender": "+15550001234", "max_attempts": 3,
+                   "provider": {"kind": "webhook", "url": format!("{}/hook", fake.uri()), "secret": SECRET}}),
+            40,
+        )
+        .await;
+    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+        .await;
+    let done = app.wait_status(&c["id"], "completed", 60).await;
+    assert_eq!(done["progress"]["sent"], 40);
+    assert_eq!(receiver.bad_signatures.load(Ordering::SeqCst), 0);
+    let attempts = receiver.attempts.lock().unwrap().clone();
+    assert_eq!(attempts.len(), 40);
+    for ids in attempts.values() {
+        assert_eq!(ids.len(), 3, "busy, busy, completed");
+        let suffixes: Vec<&str> = ids
+            .iter()
+            .map(|id| id.rsplit(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            suffixes,
+            ["1", "2", "3"],
+            "each attempt has its own idempotency key"
+        );
+    }
+    for e in app.all_executions(&c["id"]).await {
+        assert_eq!(e["status"], "completed");
+        assert_eq!(e["execution_data"]["attempts"], 3);
+        assert_eq!(e["execution_data"]["duration_seconds"], 31);
+        assert!(e["call_id"].as_str().unwrap().starts_with("wh-"));
+    }
+}
+
+#[tokio::test]
+async fn a_provider_refusing_our_credentials_fails_the_run_and_refunds() {
+    let app = spawn_app().await;
+    let ws = app.store.workspace_by_name("alpha").await.unwrap().unwrap();
+    app.store.add_credits(ws.id, 5_000, None).await.unwrap();
+    let fake = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(401).set_body_string("bad token"))
+        .mount(&fake)
+        .await;
+    let c = app
+        .campaign_with_contacts(
+            json!({"channel": "sms", "template": "Hi {{name}}",
+                   "provider": {"kind": "webhook", "url": format!("{}/hook", fake.uri()), "secret": SECRET}}),
+            2_500,
+        )
+        .await;
+    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+        .await;
+    let failed = app.wait_status(&c["id"], "failed", 30).await;
+    let p = &failed["progress"];
+    assert_eq!(p["sent"], 0);
+    assert_eq!(
+        p["failed"].as_i64().unwrap() + p["skipped"].as_i64().unwrap(),
+        2_500
+    );
+    assert!(
+        p["skipped"].as_i64().unwrap() >= 1_500,
+        "it stops after the first slice: {p}"
+    );
+    assert!(fake.received_requests().await.unwrap().len() <= 1_000);
+    let runs: Value = app
+        .get(&format!("/v1/campaigns/{}/runs", c["id"]))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(runs["runs"][0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("misconfigured"));
+    let credits: Value = app.get("/v1/credits").await.json().await.unwrap();
+    assert_eq!(credits["balance"], 5_000, "everything unsent is refunded");
+}
+
+#[tokio::test]
+async fn rejected_and_flaky_sends_end_failed_after_their_attempts() {
+    let app = spawn_app().await;
+    let fake = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/reject"))
+        .respond_with(ResponseTemplate::new(400))
+        .mount(&fake)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/flaky"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&fake)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/garbled"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("<html>"))
+        .mount(&fake)
+        .await;
+
+    for (route, expected_requests) in [("reject", 10), ("flaky", 20), ("garbled", 20)] {
+        let c = app
+            .campaign_with_contacts(
+                json!({"channel": "sms", "template": "Hi {{name}}", "max_attempts": 2,
+                       "provider": {"kind": "webhook", "url": format!("{}/{route}", fake.uri()), "secret": SECRET}}),
+                10,
+            )
+            .await;
+        app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+            .await;
+        let failed = app.wait_status(&c["id"], "failed", 30).await;
+        assert_eq!(failed["progress"]["failed"], 10, "{route}");
+        let executions = app.all_executions(&c["id"]).await;
+        assert_eq!(count_by_status(&executions)["failed"], 10);
+        assert!(executions[0]["execution_data"]["error_details"].is_string());
+        let requests = fake
+            .received_requests()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.url.path() == format!("/{route}"))
+            .count();
+        assert_eq!(
+            requests, expected_requests,
+            "{route}: 4xx is final, 5xx and garbage are retried"
+        );
+    }
+}
+
+#[tokio::test]
+async fn twilio_sends_the_messages_api_shape_and_verifies_status_callbacks() {
+    let app = spawn_app().await;
+    let fake = MockServer::start().await;
+    let counter = Arc::new(AtomicUsize::new(0));
+    let responder = {
+        let counter = counter.clone();
+        move |_: &Request| {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            ResponseTemplate::new(201)
+                .set_body_json(json!({"sid": format!("SM{n:032}"), "status": "queued"}))
+        }
+    };
+    Mock::given(method("POST"))
+        .and(path("/2010-04-01/Accounts/AC123/Messages.json"))
+        .and(header_exists("authorization"))
+        .respond_with(responder)
+        .mount(&fake)
+        .await;
+    let c = app
+        .campaign_with_contacts(
+            json!({"channel": "sms", "template": "Hi {{name}}",
+                   "provider": {"kind": "twilio", "base_url": fake.uri(), "account_sid": "AC123",
+                                "auth_token": "tok-secret", "from": "+15550009999"}}),
+            5,
+        )
+        .await;
+    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+        .await;
+    app.wait_status(&c["id"], "completed", 30).await;
+
+    let requests = fake.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 5);
+    let auth = requests[0]
+        .headers
+        .get("authorization")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    use base64::Engine as _;
+    assert_eq!(
+        auth,
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("AC123:tok-secret")
+        )
+    );
+    let form: HashMap<String, String> = serde_urlencoded::from_bytes(&requests[0].body).unwrap();
+    assert_eq!(form["From"], "+15550009999");
+    assert!(form["To"].starts_with("+1555"));
+    assert!(form["Body"].starts_with("Hi P"));
+    let callback = format!("{}/v1/providers/twilio/status", app.base);
+    assert_eq!(form["StatusCallback"], callback);
+
+    let post_status = |sid: String, status: &str, signature: Option<String>| {
+        let params = vec![
+            ("MessageSid".to_owned(), sid),
+            ("MessageStatus".to_owned(), status.to_owned()),
+        ];
+        let signature = signature.unwrap_or_else(|| {
+            herald::providers::twilio::signature("tok-secret", &callback, &params)
+        });
+        app.client
+            .post(&callback)
+            .header("X-Twilio-Signature", signature)
+            .form(&params)
+            .send()
+    };
+    let sid = |n: usize| format!("SM{n:032}");
+    let forged = post_status(sid(0), "delivered", Some("AAAA".into()))
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        post_status(sid(0), "sent", None).await.unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
+    for n in 0..4 {
+        assert_eq!(
+            post_status(sid(n), "delivered", None)
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::NO_CONTENT
+        );
+    }
+    post_status(sid(4), "undelivered", None).await.unwrap();
+    // Duplicates and unknown messages are acknowledged, never counted.
+    post_status(sid(0), "delivered", None).await.unwrap();
+    let unknown = post_status("SMunknown".into(), "delivered", None)
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::NO_CONTENT);
+
+    let done = app.campaign(&c["id"]).await;
+    assert_eq!(done["progress"]["delivered"], 4);
+    assert_eq!(done["progress"]["failed_delivery"], 1);
+}
