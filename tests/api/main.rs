@@ -9,3 +9,4 @@ mod helpers;
 mod isolation;
 mod keys;
 mod providers;
+mod seeds;
