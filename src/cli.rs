@@ -63,10 +63,10 @@ pub struct ServeArgs {
     #[arg(long, env = "HERALD_DEFAULT_REGION", default_value = "US", value_parser = parse_region)]
     pub default_region: Region,
     /// Do not create the demo workspace on a new database.
-    #[arg(long, env = "HERALD_NO_DEMO")]
+    #[arg(long, env = "HERALD_NO_DEMO", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_demo: bool,
     /// Serve the API only; run workers elsewhere with `herald worker`.
-    #[arg(long, env = "HERALD_NO_ENGINE")]
+    #[arg(long, env = "HERALD_NO_ENGINE", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_engine: bool,
     /// URL providers use to call back (Twilio status callbacks); default http://ADDR.
     #[arg(long, env = "HERALD_PUBLIC_URL")]
@@ -90,6 +90,10 @@ pub struct EngineArgs {
     /// First retry delay in milliseconds; doubles per attempt, with jitter.
     #[arg(long, env = "HERALD_RETRY_BASE_MS", default_value_t = 5000)]
     pub retry_base_ms: u64,
+    /// Executions marked in progress per slice (default: 4 × in-flight, at
+    /// most 1000). Smaller slices lose fewer sends to a crash.
+    #[arg(long, env = "HERALD_SLICE", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub slice: Option<u32>,
     /// Sends per second per sender id (0 = no limit).
     #[arg(long, env = "HERALD_SENDER_RATE", default_value_t = 0)]
     pub sender_rate: u32,
@@ -98,6 +102,7 @@ pub struct EngineArgs {
 impl EngineArgs {
     pub fn into_config(self) -> EngineConfig {
         EngineConfig {
+            slice: i64::from(self.slice.unwrap_or((self.in_flight * 4).clamp(16, 1000))),
             in_flight: self.in_flight as usize,
             max_runs: self.max_runs as usize,
             lease: std::time::Duration::from_secs(self.lease_seconds),

@@ -4,6 +4,7 @@
 mod campaigns;
 mod cli;
 mod contacts;
+mod crash;
 mod engine;
 mod helpers;
 mod isolation;
