@@ -19,11 +19,29 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1_000_000)]
         rows: u64,
     },
+    /// Run one SMS campaign on the simulated provider and print recipients/s
+    /// from start to the run's final counters, and peak RSS.
+    Engine {
+        /// Recipients in the campaign.
+        #[arg(long, default_value_t = 1_000_000)]
+        recipients: u64,
+        /// Simulated provider latency per send, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Sends in flight at once.
+        #[arg(long, default_value_t = 1000)]
+        in_flight: usize,
+    },
 }
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Import { rows } => import(rows).await,
+        BenchCommand::Engine {
+            recipients,
+            latency_ms,
+            in_flight,
+        } => engine(recipients, latency_ms, in_flight).await,
     }
 }
 
@@ -50,6 +68,129 @@ fn csv_rows(first: u64, count: u64) -> String {
     out
 }
 
+/// Current resident set size of this process, in bytes (`VmRSS`).
+pub fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn write_result(scenario: &str, value: serde_json::Value) -> anyhow::Result<()> {
+    let results = std::path::Path::new("bench/results");
+    std::fs::create_dir_all(results)?;
+    std::fs::write(
+        results.join(format!("{scenario}.json")),
+        serde_json::to_string_pretty(&value)?,
+    )?;
+    Ok(())
+}
+
+async fn engine(recipients: u64, latency_ms: u64, in_flight: usize) -> anyhow::Result<()> {
+    let dir = tempfile_dir()?;
+    let engine = crate::engine::EngineConfig {
+        in_flight,
+        slice: 1000,
+        ..Default::default()
+    };
+    let app = Application::build(ServerConfig {
+        addr: "127.0.0.1:0".into(),
+        database_url: format!("sqlite://{}/bench.db", dir.display()),
+        api: ApiConfig::default(),
+        demo: false,
+        engine: Some(engine),
+        public_url: None,
+    })
+    .await?;
+    let base = format!("http://{}", app.local_addr());
+    let store = app.store();
+    let workspace = store.ensure_workspace("bench").await?;
+    let (_, key) = crate::api::keys::issue_key(store.as_ref(), workspace.id, None).await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let client = reqwest::Client::new();
+    let campaign: serde_json::Value = client
+        .post(format!("{base}/v1/campaigns"))
+        .bearer_auth(&key)
+        .json(&json!({"name": "bench", "channel": "sms", "template": "Hi {{name}}, day {{day}}",
+                      "provider": {"kind": "simulated", "latency_ms": latency_ms, "receipt_delay_ms": 1000}}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = campaign["id"].clone();
+    println!("importing {recipients} contacts …");
+    const PER_CHUNK: u64 = 5_000;
+    let header =
+        futures::stream::once(async { Ok::<_, std::io::Error>("phone,name,day\n".to_owned()) });
+    let body = header.chain(
+        futures::stream::iter((0..recipients).step_by(PER_CHUNK as usize))
+            .map(move |first| Ok(csv_rows(first, PER_CHUNK.min(recipients - first)))),
+    );
+    client
+        .post(format!("{base}/v1/campaigns/{id}/contacts:import"))
+        .bearer_auth(&key)
+        .header("content-type", "text/csv")
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await?
+        .error_for_status()?;
+    let rss_before = rss_bytes().unwrap_or(0);
+    println!("running the campaign (simulated provider, {latency_ms} ms latency, {in_flight} in flight) …");
+    let started = Instant::now();
+    client
+        .post(format!("{base}/v1/campaigns/{id}/start"))
+        .bearer_auth(&key)
+        .send()
+        .await?
+        .error_for_status()?;
+    let mut peak_rss = rss_before;
+    let done = loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        peak_rss = peak_rss.max(rss_bytes().unwrap_or(0));
+        let c: serde_json::Value = client
+            .get(format!("{base}/v1/campaigns/{id}"))
+            .bearer_auth(&key)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if c["status"] == "completed" || c["status"] == "failed" {
+            break c;
+        }
+    };
+    let elapsed = started.elapsed();
+    let rate = recipients as f64 / elapsed.as_secs_f64();
+    println!("status:        {}", done["status"]);
+    println!(
+        "sent / failed: {} / {}",
+        done["progress"]["sent"], done["progress"]["failed"]
+    );
+    println!(
+        "elapsed:       {:.2} s (start → final counters)",
+        elapsed.as_secs_f64()
+    );
+    println!("rate:          {rate:.0} recipients/s");
+    println!(
+        "RSS:           {:.1} MiB before start, {:.1} MiB peak during the run",
+        rss_before as f64 / 1048576.0,
+        peak_rss as f64 / 1048576.0
+    );
+    write_result(
+        "engine",
+        json!({"scenario": "engine", "recipients": recipients, "latency_ms": latency_ms,
+               "seconds": elapsed.as_secs_f64(), "recipients_per_second": rate,
+               "peak_rss_bytes": peak_rss}),
+    )?;
+    let _ = stop.send(());
+    server.await??;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 async fn import(rows: u64) -> anyhow::Result<()> {
     let dir = tempfile_dir()?;
     let app = Application::build(ServerConfig {
@@ -57,7 +198,7 @@ async fn import(rows: u64) -> anyhow::Result<()> {
         database_url: format!("sqlite://{}/bench.db", dir.display()),
         api: ApiConfig::default(),
         demo: false,
-        engine: Some(crate::engine::EngineConfig::default()),
+        engine: None,
         public_url: None,
     })
     .await?;
@@ -120,14 +261,12 @@ async fn import(rows: u64) -> anyhow::Result<()> {
         "not every row was imported: {report}"
     );
 
-    let results = std::path::Path::new("bench/results");
-    std::fs::create_dir_all(results)?;
-    std::fs::write(
-        results.join("import.json"),
-        serde_json::to_string_pretty(&json!({
+    write_result(
+        "import",
+        json!({
             "scenario": "import", "rows": rows, "seconds": elapsed.as_secs_f64(),
             "rows_per_second": rate, "peak_rss_bytes": peak,
-        }))?,
+        }),
     )?;
     let _ = stop.send(());
     server.await??;

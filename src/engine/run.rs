@@ -112,9 +112,11 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
         }
         let now = now_ms();
         let lease_until = now + shared.config.lease.as_millis() as i64;
+        let t0 = std::time::Instant::now();
         let slice = store
             .take_slice(run.id, worker, now, lease_until, shared.config.slice)
             .await?;
+        let t_take = t0.elapsed();
         match slice.control {
             Control::LeaseLost => {
                 tracing::warn!(run = run.id, "lease lost; another worker has the run");
@@ -171,7 +173,9 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
                 .await;
         let misconfigured = results.iter().find_map(|(_, m)| m.clone());
         let outcomes: Vec<ExecutionOutcome> = results.into_iter().map(|(o, _)| o).collect();
+        let t_send = t0.elapsed();
         store.record_outcomes(run.id, &outcomes, now_ms()).await?;
+        tracing::debug!(take = ?t_take, send = ?(t_send - t_take), record = ?(t0.elapsed() - t_send), "slice");
         if let Some(reason) = misconfigured {
             tracing::error!(run = run.id, %reason, "provider refuses every send; failing the run");
             store

@@ -824,51 +824,47 @@ impl EngineStore for SqliteStore {
     }
 
     async fn record_receipts(&self, receipts: &[Receipt], now: i64) -> StoreResult<ReceiptReport> {
-        let mut report = ReceiptReport::default();
+        if receipts.is_empty() {
+            return Ok(ReceiptReport::default());
+        }
+        let payload = serde_json::Value::Array(
+            receipts
+                .iter()
+                .map(|r| {
+                    json!([
+                        r.provider_id,
+                        if r.delivered { "delivered" } else { "failed" },
+                        r.error
+                    ])
+                })
+                .collect(),
+        )
+        .to_string();
         let mut tx = self.writer.begin().await?;
+        // A receipt settles a `sent` message once: repeats and late
+        // contradictions match no row and are acknowledged, not counted.
+        let settled: Vec<(i64, i64, String)> = sqlx::query_as(
+            "UPDATE executions SET message_status = r.status,
+                    delivered_at = CASE WHEN r.status = 'delivered' THEN ?1 ELSE NULL END,
+                    error_details = COALESCE(r.error, executions.error_details), updated_at = ?1
+             FROM (SELECT value ->> 0 AS provider_id, value ->> 1 AS status, value ->> 2 AS error
+                   FROM json_each(?2)) AS r
+             WHERE executions.provider_message_id = r.provider_id
+               AND executions.message_status = 'sent'
+             RETURNING executions.run_id, executions.batch_sequence, executions.message_status",
+        )
+        .bind(now)
+        .bind(&payload)
+        .fetch_all(&mut *tx)
+        .await?;
         let mut per_batch: BTreeMap<(i64, i64), (i64, i64)> = BTreeMap::new();
-        for receipt in receipts {
-            let row: Option<(i64, i64, Option<String>)> = sqlx::query_as(
-                "SELECT run_id, batch_sequence, message_status FROM executions
-                 WHERE provider_message_id = ? LIMIT 1",
-            )
-            .bind(&receipt.provider_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some((run_id, sequence, current)) = row else {
-                report.unknown += 1;
-                continue;
-            };
-            // A receipt settles a sent message once; repeats and late
-            // contradictions are acknowledged and ignored.
-            if current.as_deref() != Some("sent") {
-                report.duplicate += 1;
-                continue;
-            }
-            let status = if receipt.delivered {
-                "delivered"
-            } else {
-                "failed"
-            };
-            sqlx::query(
-                "UPDATE executions SET message_status = ?, delivered_at = ?,
-                        error_details = COALESCE(?, error_details), updated_at = ?
-                 WHERE provider_message_id = ?",
-            )
-            .bind(status)
-            .bind(receipt.delivered.then_some(now))
-            .bind(&receipt.error)
-            .bind(now)
-            .bind(&receipt.provider_id)
-            .execute(&mut *tx)
-            .await?;
-            let entry = per_batch.entry((run_id, sequence)).or_default();
-            if receipt.delivered {
+        for (run_id, sequence, status) in &settled {
+            let entry = per_batch.entry((*run_id, *sequence)).or_default();
+            if status == "delivered" {
                 entry.0 += 1;
             } else {
                 entry.1 += 1;
             }
-            report.applied += 1;
         }
         let mut per_run: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
         for ((run_id, sequence), (delivered, failed)) in per_batch {
@@ -899,8 +895,24 @@ impl EngineStore for SqliteStore {
             .execute(&mut *tx)
             .await?;
         }
+        let applied = settled.len() as u64;
+        let unknown: i64 = if applied < receipts.len() as u64 {
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM json_each(?) j WHERE NOT EXISTS
+                   (SELECT 1 FROM executions e WHERE e.provider_message_id = j.value ->> 0)",
+            )
+            .bind(&payload)
+            .fetch_one(&mut *tx)
+            .await?
+        } else {
+            0
+        };
         tx.commit().await?;
-        Ok(report)
+        Ok(ReceiptReport {
+            applied,
+            unknown: unknown as u64,
+            duplicate: (receipts.len() as u64).saturating_sub(applied + unknown as u64),
+        })
     }
 
     async fn add_credits(
