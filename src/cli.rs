@@ -65,6 +65,15 @@ pub struct ServeArgs {
     /// Do not create the demo workspace on a new database.
     #[arg(long, env = "HERALD_NO_DEMO", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_demo: bool,
+    /// At most one progress frame per campaign per this many milliseconds.
+    #[arg(long, env = "HERALD_COALESCE_MS", default_value_t = 250)]
+    pub coalesce_ms: u64,
+    /// Seed-004 sockets close after this many seconds without campaign activity.
+    #[arg(long, env = "HERALD_WS_IDLE_SECONDS", default_value_t = 600)]
+    pub ws_idle_seconds: u64,
+    /// Simultaneous seed-004 WebSockets per API key.
+    #[arg(long, env = "HERALD_WS_MAX_PER_KEY", default_value_t = 10)]
+    pub ws_max_per_key: usize,
     /// Serve the API only; run workers elsewhere with `herald worker`.
     #[arg(long, env = "HERALD_NO_ENGINE", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_engine: bool,
@@ -183,6 +192,12 @@ impl ServeArgs {
                 max_body_bytes: self.max_body_bytes,
                 max_import_bytes: self.max_import_bytes,
                 default_region: self.default_region,
+                streams: crate::api::StreamConfig {
+                    coalesce: std::time::Duration::from_millis(self.coalesce_ms),
+                    idle_timeout: std::time::Duration::from_secs(self.ws_idle_seconds),
+                    max_sockets_per_key: self.ws_max_per_key,
+                    ..Default::default()
+                },
             },
             demo: !self.no_demo,
             engine: (!self.no_engine).then(|| self.engine.into_config()),
@@ -229,11 +244,19 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
 async fn worker(database_url: &str, args: EngineArgs) -> anyhow::Result<()> {
     let store = crate::store::connect(database_url).await?;
     let stop = tokio_util::sync::CancellationToken::new();
+    // A worker has no subscribers of its own; its events reach them
+    // through the log.
+    let hub = crate::streams::Hub::start(
+        store.clone(),
+        std::time::Duration::from_millis(250),
+        stop.clone(),
+    );
     let engine = crate::engine::Engine::new(
         store,
         args.into_config(),
         String::from("http://127.0.0.1"),
         std::sync::Arc::new(tokio::sync::Notify::new()),
+        hub,
         stop.clone(),
     );
     let running = tokio::spawn(engine.run());

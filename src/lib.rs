@@ -24,4 +24,5 @@ pub mod engine;
 pub mod providers;
 pub mod startup;
 pub mod store;
+pub mod streams;
 pub mod telemetry;

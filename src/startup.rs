@@ -38,6 +38,8 @@ pub struct Application {
     demo_key: Option<String>,
     engine: Option<EngineConfig>,
     public_url: String,
+    /// Cancelled at shutdown: stops the engine and the stream hub.
+    stop: CancellationToken,
 }
 
 impl Application {
@@ -57,6 +59,9 @@ impl Application {
             .public_url
             .clone()
             .unwrap_or_else(|| format!("http://{}", listener.local_addr().expect("bound")));
+        let stop = CancellationToken::new();
+        let hub =
+            crate::streams::Hub::start(store.clone(), config.api.streams.coalesce, stop.clone());
         Ok(Self {
             listener,
             state: AppState {
@@ -64,10 +69,14 @@ impl Application {
                 config: Arc::new(config.api),
                 engine_wakeup: Arc::new(Notify::new()),
                 public_url: public_url.clone().into(),
+                hub,
+                sockets: Default::default(),
+                shutdown: stop.clone(),
             },
             demo_key,
             engine: config.engine,
             public_url,
+            stop,
         })
     }
 
@@ -96,13 +105,14 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let stop = CancellationToken::new();
+        let stop = self.stop;
         let engine = self.engine.map(|config| {
             let engine = Engine::new(
                 self.state.store.clone(),
                 config,
                 self.public_url.clone(),
                 self.state.engine_wakeup.clone(),
+                self.state.hub.clone(),
                 stop.clone(),
             );
             tokio::spawn(engine.run())

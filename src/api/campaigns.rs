@@ -356,6 +356,7 @@ async fn drive(
         )
         .await?;
     state.engine_wakeup.notify_one();
+    state.published(&updated);
     tracing::info!(campaign = campaign.id, from = %campaign.status, to = %next, "campaign status changed");
     Ok(Json(CampaignView::with_progress(state, &updated).await?))
 }

@@ -10,11 +10,13 @@ pub mod burki;
 pub mod campaigns;
 pub mod contacts;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod keys;
 pub mod runs;
 pub mod views;
+pub mod ws;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +46,37 @@ pub struct ApiConfig {
     pub max_import_bytes: usize,
     /// Region for workspaces created without one.
     pub default_region: Region,
+    pub streams: StreamConfig,
+}
+
+/// Limits and timings of the live streams.
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    /// At most one progress frame per campaign per this window.
+    pub coalesce: Duration,
+    /// WebSocket ping frames (seed 004 documents 30 s).
+    pub ping_interval: Duration,
+    /// Seed 004 sockets close after this long without campaign activity.
+    pub idle_timeout: Duration,
+    /// Simultaneous seed-004 sockets per API key.
+    pub max_sockets_per_key: usize,
+    /// Largest message a client may send.
+    pub max_client_message_bytes: usize,
+    /// A client that does not take a frame within this is disconnected.
+    pub send_timeout: Duration,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            coalesce: Duration::from_millis(250),
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(600),
+            max_sockets_per_key: 10,
+            max_client_message_bytes: 16 * 1024,
+            send_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Default for ApiConfig {
@@ -52,6 +85,7 @@ impl Default for ApiConfig {
             max_body_bytes: 10 * 1024 * 1024,
             max_import_bytes: 1024 * 1024 * 1024,
             default_region: Region::default(),
+            streams: StreamConfig::default(),
         }
     }
 }
@@ -65,6 +99,19 @@ pub struct AppState {
     pub engine_wakeup: Arc<tokio::sync::Notify>,
     /// How providers reach this node; callbacks are signed against it.
     pub public_url: Arc<str>,
+    /// Live event fan-out; told after every write that appends events.
+    pub hub: crate::streams::Hub,
+    /// Open WebSockets per API key, for the per-key limit.
+    pub sockets: Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>,
+    /// Cancelled when the node shuts down: streams close with 1001.
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl AppState {
+    /// Publishes a campaign's new events to live subscribers.
+    pub fn published(&self, campaign: &crate::store::Campaign) {
+        self.hub.notify(campaign.id, campaign.workspace_id);
+    }
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -80,6 +127,8 @@ pub fn app(state: AppState) -> Router {
         .merge(runs::router())
         .merge(burki::router())
         .merge(briq::router())
+        .merge(ws::router())
+        .merge(events::router())
         .route("/openapi.json", get(openapi_json))
         .fallback(|| async { ApiError::NotFound("route".into()) })
         .with_state(state)
@@ -128,6 +177,7 @@ impl MakeRequestId for MakeBriqRequestId {
         runs::create_run, runs::list_runs, runs::credits, runs::twilio_status,
         burki::executions,
         briq::status, briq::analytics, briq::run_detail, briq::snapshot,
+        events::post, events::stream,
     ),
     components(schemas(ErrorBody, error::ErrorDetail)),
     modifiers(&SecuritySchemes),
@@ -139,6 +189,7 @@ impl MakeRequestId for MakeBriqRequestId {
         (name = "seed-001", description = "Burki-compatible executions list"),
         (name = "seed-002", description = "Briq-compatible status, analytics and runs"),
         (name = "providers", description = "Provider callbacks"),
+        (name = "streams", description = "Campaign events: producer posts and SSE"),
     )
 )]
 pub struct ApiDoc;

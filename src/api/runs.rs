@@ -122,6 +122,7 @@ pub async fn create_run(
         )
         .await?;
     state.engine_wakeup.notify_one();
+    state.published(&updated);
     let view = CampaignView::with_progress(&state, &updated).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
@@ -234,7 +235,7 @@ pub async fn twilio_status(
         .unwrap_or("");
     if let Some(delivered) = twilio::receipt_of(status) {
         let error = field("ErrorCode").map(|code| format!("Twilio error {code}: {status}"));
-        state
+        let report = state
             .store
             .record_receipts(
                 &[Receipt {
@@ -249,6 +250,9 @@ pub async fn twilio_status(
                 crate::store::now_ms(),
             )
             .await?;
+        for (campaign, workspace) in report.campaigns {
+            state.hub.notify(campaign, workspace);
+        }
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::providers::ProviderContext;
 use crate::store::{now_ms, Store};
+use crate::streams::Hub;
 
 /// How a node's workers behave.
 #[derive(Debug, Clone)]
@@ -93,6 +94,8 @@ pub(crate) struct Shared {
     pub config: EngineConfig,
     pub providers: ProviderContext,
     pub shutdown: CancellationToken,
+    /// Told after every write that appends events.
+    pub hub: Hub,
     /// One limiter per sender id, shared by every run on this node.
     limiters: Mutex<HashMap<String, Arc<DefaultDirectRateLimiter>>>,
 }
@@ -122,15 +125,17 @@ impl Engine {
         config: EngineConfig,
         public_url: String,
         wakeup: Arc<Notify>,
+        hub: Hub,
         shutdown: CancellationToken,
     ) -> Self {
-        let (receipts, sender) = receipts::ReceiptQueue::new(store.clone());
+        let (receipts, sender) = receipts::ReceiptQueue::new(store.clone(), hub.clone());
         Self {
             shared: Arc::new(Shared {
                 store,
                 config,
                 providers: ProviderContext::new(sender, public_url),
                 shutdown,
+                hub,
                 limiters: Mutex::new(HashMap::new()),
             }),
             wakeup,

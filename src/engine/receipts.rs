@@ -13,12 +13,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::providers::ReceiptSender;
 use crate::store::{now_ms, Receipt, Store};
+use crate::streams::Hub;
 
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 const MAX_PER_WRITE: usize = 5000;
 
 pub struct ReceiptQueue {
     store: Arc<dyn Store>,
+    hub: Hub,
     incoming: mpsc::UnboundedReceiver<(Instant, Receipt)>,
 }
 
@@ -42,9 +44,16 @@ impl Ord for Due {
 }
 
 impl ReceiptQueue {
-    pub fn new(store: Arc<dyn Store>) -> (Self, ReceiptSender) {
+    pub fn new(store: Arc<dyn Store>, hub: Hub) -> (Self, ReceiptSender) {
         let (tx, incoming) = mpsc::unbounded_channel();
-        (Self { store, incoming }, tx)
+        (
+            Self {
+                store,
+                hub,
+                incoming,
+            },
+            tx,
+        )
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -86,13 +95,17 @@ impl ReceiptQueue {
                 return;
             }
             match self.store.record_receipts(&batch, now_ms()).await {
-                Ok(report) if report.unknown > 0 => {
-                    tracing::warn!(
-                        unknown = report.unknown,
-                        "receipts for unknown messages acknowledged"
-                    );
+                Ok(report) => {
+                    if report.unknown > 0 {
+                        tracing::warn!(
+                            unknown = report.unknown,
+                            "receipts for unknown messages acknowledged"
+                        );
+                    }
+                    for (campaign, workspace) in report.campaigns {
+                        self.hub.notify(campaign, workspace);
+                    }
                 }
-                Ok(_) => {}
                 Err(err) => {
                     tracing::error!(error = %err, lost = batch.len(), "writing receipts failed")
                 }

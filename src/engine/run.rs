@@ -52,10 +52,14 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
         .campaign_of_run(run.id)
         .await?
         .ok_or_else(|| anyhow::anyhow!("run {} has no campaign", run.id))?;
+    let notify = || shared.hub.notify(campaign.id, campaign.workspace_id);
+    // Claiming may have written off a dead worker's sends.
+    notify();
     if campaign.status == CampaignStatus::Cancelled {
         store
             .finish_run(run.id, &RunEnd::Cancelled, now_ms())
             .await?;
+        notify();
         return Ok(());
     }
 
@@ -82,6 +86,7 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
             store
                 .finish_run(run.id, &RunEnd::Failed(reason), now_ms())
                 .await?;
+            notify();
             return Ok(());
         }
     };
@@ -89,6 +94,7 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
     if run.status == crate::domain::RunStatus::Claimed {
         let cost = price(shared, &run, &snapshot, &template).await?;
         let started = store.start_run(run.id, cost, now_ms()).await?;
+        notify();
         if started.run.status.is_terminal() {
             tracing::warn!(run = run.id, error = ?started.run.error, "run could not start");
             return Ok(());
@@ -117,6 +123,10 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
             .take_slice(run.id, worker, now, lease_until, shared.config.slice)
             .await?;
         let t_take = t0.elapsed();
+        if !slice.executions.is_empty() {
+            // Opening a batch appends its event.
+            notify();
+        }
         match slice.control {
             Control::LeaseLost => {
                 tracing::warn!(run = run.id, "lease lost; another worker has the run");
@@ -131,6 +141,7 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
                 store
                     .finish_run(run.id, &RunEnd::Cancelled, now_ms())
                     .await?;
+                notify();
                 tracing::info!(run = run.id, "run cancelled");
                 return Ok(());
             }
@@ -145,6 +156,7 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
                     RunEnd::Completed
                 };
                 let done = store.finish_run(run.id, &end, now_ms()).await?;
+                notify();
                 tracing::info!(
                     run = run.id,
                     status = done.run.status.as_str(),
@@ -175,6 +187,7 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
         let outcomes: Vec<ExecutionOutcome> = results.into_iter().map(|(o, _)| o).collect();
         let t_send = t0.elapsed();
         store.record_outcomes(run.id, &outcomes, now_ms()).await?;
+        notify();
         tracing::debug!(take = ?t_take, send = ?(t_send - t_take), record = ?(t0.elapsed() - t_send), "slice");
         if let Some(reason) = misconfigured {
             tracing::error!(run = run.id, %reason, "provider refuses every send; failing the run");
@@ -185,6 +198,7 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
                     now_ms(),
                 )
                 .await?;
+            notify();
             return Ok(());
         }
     }

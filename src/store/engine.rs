@@ -274,13 +274,25 @@ pub trait EngineStore: Send + Sync {
         note: Option<&str>,
     ) -> StoreResult<Workspace>;
     async fn credit_ledger(&self, workspace_id: i64, limit: i64) -> StoreResult<Vec<LedgerEntry>>;
+
+    /// Appends events a producer posted for a campaign Herald does not run
+    /// itself, moving a draft to `running` on the first one and to `to` when
+    /// `finish` says the work ended. Returns the stored events.
+    async fn append_external_events(
+        &self,
+        campaign_id: i64,
+        events: &[(String, serde_json::Value)],
+        finish: Option<crate::domain::CampaignStatus>,
+    ) -> StoreResult<Vec<StoredEvent>>;
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ReceiptReport {
     pub applied: u64,
     pub unknown: u64,
     pub duplicate: u64,
+    /// `(campaign id, workspace id)` of every campaign whose counters moved.
+    pub campaigns: Vec<(i64, i64)>,
 }
 
 #[async_trait]
@@ -317,6 +329,10 @@ pub trait ReportStore: Send + Sync {
         after_seq: i64,
         limit: i64,
     ) -> StoreResult<Vec<StoredEvent>>;
-    /// Campaigns with a run in flight, for the dashboard and monitors.
+    /// The newest sequence number of a campaign's log (0 when empty).
+    async fn last_seq(&self, campaign_id: i64) -> StoreResult<i64>;
+    /// The oldest sequence number still in the log, if any.
+    async fn oldest_seq(&self, campaign_id: i64) -> StoreResult<Option<i64>>;
+    /// The campaign a run belongs to.
     async fn campaign_of_run(&self, run_id: i64) -> StoreResult<Option<Campaign>>;
 }

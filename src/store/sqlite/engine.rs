@@ -91,14 +91,60 @@ pub(super) async fn fetch_run(conn: &mut SqliteConnection, run_id: i64) -> Store
     run_from_row(&row)
 }
 
+/// The campaign as a subscriber needs it, read inside the transaction that
+/// appends an event, so the event carries the state it produced.
+async fn campaign_snapshot(
+    conn: &mut SqliteConnection,
+    campaign_id: i64,
+) -> StoreResult<serde_json::Value> {
+    let (status, started_at, completed_at, contact_count): (String, Option<i64>, Option<i64>, i64) =
+        sqlx::query_as(
+            "SELECT status, started_at, completed_at, contact_count FROM campaigns WHERE id = ?",
+        )
+        .bind(campaign_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    let run = sqlx::query(&format!(
+        "SELECT {RUN_COLUMNS} FROM runs WHERE campaign_id = ? ORDER BY id DESC LIMIT 1"
+    ))
+    .bind(campaign_id)
+    .fetch_optional(&mut *conn)
+    .await?
+    .as_ref()
+    .map(run_from_row)
+    .transpose()?;
+    Ok(json!({
+        "status": status,
+        "started_at": started_at,
+        "completed_at": completed_at,
+        "contact_count": contact_count,
+        "run": run.map(|run| json!({
+            "id": run.uuid,
+            "status": run.status.public(),
+            "counters": run.counters,
+            "total_batches": run.total_batches,
+            "completed_batches": run.completed_batches,
+            "error": run.error,
+        })),
+    }))
+}
+
 /// Appends one event to a campaign's log with the next gap-free sequence.
+/// Every event carries `campaign`: the campaign's status and latest run
+/// counters as of this event, so a stream never needs another read.
 pub(super) async fn append_event(
     conn: &mut SqliteConnection,
     campaign_id: i64,
     kind: &str,
-    data: serde_json::Value,
+    mut data: serde_json::Value,
     now: i64,
 ) -> StoreResult<StoredEvent> {
+    if let serde_json::Value::Object(fields) = &mut data {
+        fields.insert(
+            "campaign".into(),
+            campaign_snapshot(conn, campaign_id).await?,
+        );
+    }
     let seq: i64 = sqlx::query_scalar(
         "UPDATE campaigns SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
     )
@@ -227,13 +273,14 @@ async fn bulk_move(
     Ok(rows.len() as i64)
 }
 
-/// Closes batches with nothing left to do; returns how many closed.
+/// Closes batches with nothing left to do, appending a `batch_completed`
+/// event for each; returns how many closed.
 async fn close_finished_batches(
     conn: &mut SqliteConnection,
     run_id: i64,
     now: i64,
 ) -> StoreResult<i64> {
-    let closed = sqlx::query(
+    let closed_rows: Vec<(i64, String, i64, i64, i64, i64)> = sqlx::query_as(
         "UPDATE batches SET
             status = CASE WHEN sent = 0 AND (failed > 0 OR skipped > 0) THEN 'failed' ELSE 'completed' END,
             error_detail = CASE WHEN sent = 0 AND (failed > 0 OR skipped > 0)
@@ -243,20 +290,37 @@ async fn close_finished_batches(
                 ELSE NULL END,
             started_at = COALESCE(started_at, ?),
             completed_at = ?
-         WHERE run_id = ? AND status IN ('pending', 'running') AND pending = 0 AND processing = 0",
+         WHERE run_id = ? AND status IN ('pending', 'running') AND pending = 0 AND processing = 0
+         RETURNING batch_sequence, status, recipient_count, sent, failed, skipped",
     )
     .bind(now)
     .bind(now)
     .bind(run_id)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected() as i64;
+    .fetch_all(&mut *conn)
+    .await?;
+    let closed = closed_rows.len() as i64;
     if closed > 0 {
         sqlx::query("UPDATE runs SET completed_batches = completed_batches + ? WHERE id = ?")
             .bind(closed)
             .bind(run_id)
             .execute(&mut *conn)
             .await?;
+        let (campaign_id, run_uuid): (i64, String) =
+            sqlx::query_as("SELECT campaign_id, uuid FROM runs WHERE id = ?")
+                .bind(run_id)
+                .fetch_one(&mut *conn)
+                .await?;
+        for (sequence, status, recipients, sent, failed, skipped) in closed_rows {
+            append_event(
+                conn,
+                campaign_id,
+                "batch_completed",
+                json!({"run_id": run_uuid, "batch_sequence": sequence, "status": status,
+                       "recipient_count": recipients, "sent": sent, "failed": failed, "skipped": skipped}),
+                now,
+            )
+            .await?;
+        }
     }
     Ok(closed)
 }
@@ -592,8 +656,9 @@ impl EngineStore for SqliteStore {
                     d.pending -= 1;
                     d.processing += 1;
                 }
+                let mut started = Vec::new();
                 for sequence in deltas.keys() {
-                    sqlx::query(
+                    let opened = sqlx::query(
                         "UPDATE batches SET status = 'running', started_at = COALESCE(started_at, ?)
                          WHERE run_id = ? AND batch_sequence = ? AND status = 'pending'",
                     )
@@ -601,9 +666,40 @@ impl EngineStore for SqliteStore {
                     .bind(run_id)
                     .bind(sequence)
                     .execute(&mut *tx)
-                    .await?;
+                    .await?
+                    .rows_affected();
+                    if opened > 0 {
+                        started.push(*sequence);
+                    }
                 }
                 apply_deltas(&mut tx, run_id, &deltas).await?;
+                if !started.is_empty() {
+                    let (campaign_id, run_uuid, total_batches): (i64, String, i64) =
+                        sqlx::query_as(
+                            "SELECT campaign_id, uuid, total_batches FROM runs WHERE id = ?",
+                        )
+                        .bind(run_id)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    for sequence in started {
+                        let size: i64 = sqlx::query_scalar(
+                            "SELECT recipient_count FROM batches WHERE run_id = ? AND batch_sequence = ?",
+                        )
+                        .bind(run_id)
+                        .bind(sequence)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                        append_event(
+                            &mut tx,
+                            campaign_id,
+                            "batch_started",
+                            json!({"run_id": run_uuid, "batch_sequence": sequence,
+                                   "total_batches": total_batches, "recipient_count": size}),
+                            now,
+                        )
+                        .await?;
+                    }
+                }
             }
         }
         let counters = fetch_run(&mut tx, run_id).await?.counters;
@@ -882,18 +978,29 @@ impl EngineStore for SqliteStore {
             entry.0 += delivered;
             entry.1 += failed;
         }
+        let mut campaigns = Vec::new();
         for (run_id, (delivered, failed)) in per_run {
-            sqlx::query(
+            let (campaign_id, workspace_id): (i64, i64) = sqlx::query_as(
                 "UPDATE runs SET delivered = delivered + ?, failed_delivery = failed_delivery + ?,
                         updated_at = ?
-                 WHERE id = ?",
+                 WHERE id = ?
+                 RETURNING campaign_id, (SELECT workspace_id FROM campaigns c WHERE c.id = runs.campaign_id)",
             )
             .bind(delivered)
             .bind(failed)
             .bind(now)
             .bind(run_id)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+            append_event(
+                &mut tx,
+                campaign_id,
+                "progress",
+                json!({"receipts": delivered + failed}),
+                now,
+            )
+            .await?;
+            campaigns.push((campaign_id, workspace_id));
         }
         let applied = settled.len() as u64;
         let unknown: i64 = if applied < receipts.len() as u64 {
@@ -912,6 +1019,7 @@ impl EngineStore for SqliteStore {
             applied,
             unknown: unknown as u64,
             duplicate: (receipts.len() as u64).saturating_sub(applied + unknown as u64),
+            campaigns,
         })
     }
 
@@ -944,6 +1052,56 @@ impl EngineStore for SqliteStore {
         .await?;
         tx.commit().await?;
         self.workspace(workspace_id).await
+    }
+
+    async fn append_external_events(
+        &self,
+        campaign_id: i64,
+        events: &[(String, serde_json::Value)],
+        finish: Option<crate::domain::CampaignStatus>,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let now = now_ms();
+        let mut tx = self.writer.begin().await?;
+        sqlx::query(
+            "UPDATE campaigns SET status = 'running', started_at = COALESCE(started_at, ?), updated_at = ?
+             WHERE id = ? AND status IN ('draft', 'scheduled')",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(campaign_id)
+        .execute(&mut *tx)
+        .await?;
+        let mut stored = Vec::with_capacity(events.len());
+        for (kind, data) in events {
+            stored.push(append_event(&mut tx, campaign_id, kind, data.clone(), now).await?);
+        }
+        if let Some(end) = finish {
+            let changed = sqlx::query(
+                "UPDATE campaigns SET status = ?, completed_at = ?, updated_at = ?
+                 WHERE id = ? AND status IN ('running', 'paused')",
+            )
+            .bind(end.as_str())
+            .bind(now)
+            .bind(now)
+            .bind(campaign_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if changed > 0 {
+                stored.push(
+                    append_event(
+                        &mut tx,
+                        campaign_id,
+                        "campaign_status",
+                        json!({"status": end.as_str()}),
+                        now,
+                    )
+                    .await?,
+                );
+            }
+        }
+        tx.commit().await?;
+        Ok(stored)
     }
 
     async fn credit_ledger(&self, workspace_id: i64, limit: i64) -> StoreResult<Vec<LedgerEntry>> {

@@ -272,6 +272,25 @@ impl ReportStore for SqliteStore {
         .collect()
     }
 
+    async fn last_seq(&self, campaign_id: i64) -> StoreResult<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT last_seq FROM campaigns WHERE id = ?")
+                .bind(campaign_id)
+                .fetch_optional(&self.reader)
+                .await?
+                .unwrap_or(0),
+        )
+    }
+
+    async fn oldest_seq(&self, campaign_id: i64) -> StoreResult<Option<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT MIN(seq) FROM events WHERE campaign_id = ?")
+                .bind(campaign_id)
+                .fetch_one(&self.reader)
+                .await?,
+        )
+    }
+
     async fn campaign_of_run(&self, run_id: i64) -> StoreResult<Option<Campaign>> {
         sqlx::query(&format!(
             "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = (SELECT campaign_id FROM runs WHERE id = ?)"

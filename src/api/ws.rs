@@ -1,0 +1,905 @@
+//! The WebSocket surfaces of seeds 000, 003 and 004.
+//!
+//! | route | seed | subscribes to |
+//! |---|---|---|
+//! | `/ws/campaigns/{id}/progress` | 000 | one campaign, `progress_update` frames |
+//! | `/ws/campaigns/monitor` | 000 | campaigns chosen with `subscribe` / `unsubscribe` |
+//! | `/api/v1/ws/{client_id}` | 003 | every campaign of the key's workspace, as jobs |
+//! | `/v1/ws/campaigns/{id}`, `/api/v1/ws/campaigns/{id}` | 004 | one campaign, as iterations |
+//!
+//! Authentication is `?token=` (browsers cannot send headers): a bad token
+//! is closed at once with 1008; an unknown campaign, or another workspace's,
+//! with 4004; an internal failure with 4000; shutdown with 1001. Every
+//! server message carries `seq`, the campaign log position it reflects.
+//! `?since=N` replays the events after N from the log, then goes live; when
+//! the log no longer holds them the client gets `replay_unavailable` and a
+//! fresh snapshot. A client that does not take frames for `send_timeout` is
+//! closed with 4008.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::time::{sleep_until, Instant};
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::StreamMap;
+
+use super::extract::{authenticate, Auth};
+use super::{ApiError, AppState};
+use crate::store::{Campaign, CampaignRef, StoredEvent};
+use crate::streams::protocol::burki_data;
+use crate::streams::{coalesce, Format, HubEvent};
+
+pub const CLOSE_NORMAL: u16 = 1000;
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_AUTH: u16 = 1008;
+pub const CLOSE_INTERNAL: u16 = 4000;
+pub const CLOSE_NOT_FOUND: u16 = 4004;
+pub const CLOSE_TOO_SLOW: u16 = 4008;
+pub const CLOSE_TOO_MANY: u16 = 4029;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/ws/campaigns/monitor", get(monitor))
+        .route("/ws/campaigns/{id}/progress", get(progress))
+        .route("/api/v1/ws/{client_id}", get(jobs))
+        .route("/v1/ws/campaigns/{id}", get(iterations))
+        .route("/api/v1/ws/campaigns/{id}", get(iterations))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WsParams {
+    token: Option<String>,
+    /// Replay events after this sequence before going live.
+    since: Option<String>,
+}
+
+/// Small buffers keep an idle connection cheap; frames are short.
+fn upgrade(ws: WebSocketUpgrade, state: &AppState) -> WebSocketUpgrade {
+    let max = state.config.streams.max_client_message_bytes;
+    ws.read_buffer_size(4 * 1024)
+        .write_buffer_size(4 * 1024)
+        .max_message_size(max * 4)
+        .max_frame_size(max * 4)
+}
+
+fn unix_now() -> f64 {
+    chrono::Utc::now().timestamp_micros() as f64 / 1e6
+}
+
+/// Why a session ended.
+enum End {
+    Close(u16, &'static str),
+    /// The peer is gone or too slow to close politely.
+    Drop,
+}
+
+/// One connected socket and the campaigns it follows.
+struct Session {
+    socket: WebSocket,
+    state: AppState,
+    format: Format,
+    /// The newest seq sent per campaign, to skip repeats.
+    sent: HashMap<i64, i64>,
+    live: StreamMap<i64, BroadcastStream<Arc<HubEvent>>>,
+}
+
+impl Session {
+    fn new(socket: WebSocket, state: AppState, format: Format) -> Self {
+        Self {
+            socket,
+            state,
+            format,
+            sent: HashMap::new(),
+            live: StreamMap::new(),
+        }
+    }
+
+    async fn send_json(&mut self, value: &Value) -> Result<(), End> {
+        self.send_text(Utf8Bytes::from(value.to_string())).await
+    }
+
+    async fn send_text(&mut self, text: Utf8Bytes) -> Result<(), End> {
+        let timeout = self.state.config.streams.send_timeout;
+        match tokio::time::timeout(timeout, self.socket.send(Message::Text(text))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Drop),
+            Err(_) => Err(End::Close(CLOSE_TOO_SLOW, "client too slow to read")),
+        }
+    }
+
+    async fn close(mut self, code: u16, reason: &'static str) {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            self.socket.send(Message::Close(Some(frame))),
+        )
+        .await;
+    }
+
+    async fn error(&mut self, message: String) -> Result<(), End> {
+        self.send_json(&json!({"type": "error", "message": message, "timestamp": unix_now()}))
+            .await
+    }
+
+    /// Sends an event if it is newer than what this campaign last got.
+    async fn deliver(&mut self, event: &HubEvent) -> Result<bool, End> {
+        let last = self
+            .sent
+            .get(&event.event.campaign_id)
+            .copied()
+            .unwrap_or(0);
+        if event.seq() <= last {
+            return Ok(false);
+        }
+        self.sent.insert(event.event.campaign_id, event.seq());
+        match event.frame(self.format) {
+            Some(frame) => {
+                self.send_text(Utf8Bytes::from(frame.as_ref())).await?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Sends the log's events of a campaign after `after`, coalesced.
+    async fn replay(
+        &mut self,
+        campaign_id: i64,
+        after: i64,
+        until: Option<i64>,
+    ) -> Result<(), End> {
+        let mut from = after;
+        loop {
+            let events = self
+                .state
+                .store
+                .events_since(campaign_id, from, 1000)
+                .await
+                .map_err(|_| End::Close(CLOSE_INTERNAL, "internal error"))?;
+            let Some(last) = events.last() else {
+                return Ok(());
+            };
+            from = last.seq;
+            let full = events.len() == 1000;
+            let events: Vec<StoredEvent> = events
+                .into_iter()
+                .filter(|e| until.is_none_or(|u| e.seq <= u))
+                .collect();
+            let reached_until = until.is_some_and(|u| from >= u);
+            for event in coalesce(events) {
+                self.deliver(&HubEvent::new(event)).await?;
+            }
+            if !full || reached_until {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Subscribes to a campaign; replays from `since` or sends `initial`.
+    async fn follow(
+        &mut self,
+        campaign: &Campaign,
+        since: Option<i64>,
+        initial: Initial,
+    ) -> Result<(), End> {
+        let current = self
+            .state
+            .store
+            .last_seq(campaign.id)
+            .await
+            .map_err(|_| End::Close(CLOSE_INTERNAL, "internal error"))?;
+        let subscription = self
+            .state
+            .hub
+            .subscribe(campaign.id, campaign.workspace_id, current);
+        self.live
+            .insert(campaign.id, BroadcastStream::new(subscription.receiver));
+        let position = subscription.from_seq;
+        if let Some(since) = since {
+            let oldest = self
+                .state
+                .store
+                .oldest_seq(campaign.id)
+                .await
+                .map_err(|_| End::Close(CLOSE_INTERNAL, "internal error"))?;
+            let unavailable = since > position || oldest.is_some_and(|o| o > since + 1);
+            if !unavailable {
+                self.sent.insert(campaign.id, since);
+                self.replay(campaign.id, since, Some(position)).await?;
+                self.sent.insert(campaign.id, position.max(since));
+                return Ok(());
+            }
+            self.send_json(&json!({
+                "type": "replay_unavailable",
+                "campaign_id": campaign.id,
+                "requested_since": since,
+                "oldest_seq": oldest,
+                "seq": position,
+            }))
+            .await?;
+        }
+        self.sent.insert(campaign.id, position);
+        self.send_initial(campaign, position, initial).await
+    }
+
+    async fn send_initial(
+        &mut self,
+        campaign: &Campaign,
+        position: i64,
+        initial: Initial,
+    ) -> Result<(), End> {
+        if initial == Initial::None {
+            return Ok(());
+        }
+        let state = self.state.clone();
+        let snapshot = snapshot(&state, campaign, position).await?;
+        let mut data = burki_data(campaign.id, &snapshot);
+        let kind = match initial {
+            Initial::Progress => {
+                data["recent_activity"] = json!([]);
+                "initial_progress"
+            }
+            _ => "progress_update",
+        };
+        self.send_json(&json!({"type": kind, "data": data, "seq": position}))
+            .await
+    }
+
+    /// A fresh `progress_update` of one campaign, read from the store.
+    async fn fresh_update(&mut self, campaign_id: i64) -> Result<(), End> {
+        let campaign = self
+            .state
+            .store
+            .campaign(&CampaignRef::Id(campaign_id))
+            .await
+            .map_err(|_| End::Close(CLOSE_INTERNAL, "internal error"))?
+            .ok_or(End::Close(CLOSE_NOT_FOUND, "campaign not found"))?;
+        let position = self.sent.get(&campaign_id).copied().unwrap_or(0);
+        let current = self
+            .state
+            .store
+            .last_seq(campaign_id)
+            .await
+            .map_err(|_| End::Close(CLOSE_INTERNAL, "internal error"))?;
+        self.send_initial(&campaign, current.max(position), Initial::Update)
+            .await
+    }
+
+    /// After a lag, catches a campaign up from the log.
+    async fn catch_up(&mut self, campaign_id: i64) -> Result<(), End> {
+        let after = self.sent.get(&campaign_id).copied().unwrap_or(0);
+        self.replay(campaign_id, after, None).await
+    }
+}
+
+/// The campaign as of log position `position` (the event's own
+/// snapshot), or as stored now when the log is empty.
+async fn snapshot(state: &AppState, campaign: &Campaign, position: i64) -> Result<Value, End> {
+    let internal = |_: crate::store::StoreError| End::Close(CLOSE_INTERNAL, "internal error");
+    if position > 0 {
+        let events = state
+            .store
+            .events_since(campaign.id, position - 1, 1)
+            .await
+            .map_err(internal)?;
+        if let Some(event) = events.first() {
+            return Ok(event.data["campaign"].clone());
+        }
+    }
+    let run = state
+        .store
+        .latest_run(campaign.id)
+        .await
+        .map_err(internal)?;
+    Ok(json!({
+        "status": campaign.status.as_str(),
+        "started_at": campaign.started_at,
+        "completed_at": campaign.completed_at,
+        "contact_count": campaign.contact_count,
+        "run": run.map(|r| json!({"id": r.uuid, "status": r.status.public(), "counters": r.counters,
+                                  "total_batches": r.total_batches, "completed_batches": r.completed_batches})),
+    }))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Initial {
+    None,
+    Progress,
+    Update,
+}
+
+fn parse_since(raw: Option<&str>) -> Result<Option<i64>, String> {
+    match raw {
+        None => Ok(None),
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .map(Some)
+            .ok_or_else(|| format!("since must be a sequence number ≥ 0, got '{s}'")),
+    }
+}
+
+/// Authenticates and loads the path's campaign, or says how to close.
+async fn open(
+    state: &AppState,
+    token: Option<&str>,
+    id: &str,
+) -> Result<(Auth, Campaign), (u16, &'static str)> {
+    let auth = authenticate(state, token)
+        .await
+        .map_err(|_| (CLOSE_AUTH, "authentication failed"))?;
+    match auth.campaign(state, id).await {
+        Ok(campaign) => Ok((auth, campaign)),
+        Err(ApiError::NotFound(_) | ApiError::Forbidden(_)) => {
+            Err((CLOSE_NOT_FOUND, "campaign not found"))
+        }
+        Err(_) => Err((CLOSE_INTERNAL, "internal error")),
+    }
+}
+
+async fn close_now(mut socket: WebSocket, code: u16, reason: &'static str) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let _ = socket.send(Message::Close(Some(frame))).await;
+}
+
+/// Client messages of seed 000 (and the monitor's subscribe/unsubscribe).
+#[derive(Debug, Deserialize)]
+struct ClientMessage {
+    #[serde(rename = "type")]
+    kind: String,
+    hours: Option<Value>,
+    campaign_id: Option<Value>,
+    campaign_ids: Option<Vec<Value>>,
+}
+
+/// Reads one client frame: `Ok(None)` to ignore it, `Err` when the peer left.
+async fn client_message(
+    session: &mut Session,
+    message: Option<Result<Message, axum::Error>>,
+) -> Result<Option<ClientMessage>, End> {
+    let text = match message {
+        None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Err(End::Drop),
+        Some(Ok(Message::Text(text))) => text,
+        Some(Ok(Message::Binary(_))) => {
+            session
+                .error("binary frames are not supported; send JSON text".into())
+                .await?;
+            return Ok(None);
+        }
+        Some(Ok(_)) => return Ok(None),
+    };
+    if text.len() > session.state.config.streams.max_client_message_bytes {
+        session
+            .error(format!(
+                "message of {} bytes is over the limit of {}",
+                text.len(),
+                session.state.config.streams.max_client_message_bytes
+            ))
+            .await?;
+        return Ok(None);
+    }
+    match serde_json::from_str::<ClientMessage>(&text) {
+        Ok(message) => Ok(Some(message)),
+        Err(err) => {
+            session.error(format!("malformed message: {err}")).await?;
+            Ok(None)
+        }
+    }
+}
+
+/// Answers the client messages every seed-000 socket understands.
+async fn answer_common(
+    session: &mut Session,
+    message: &ClientMessage,
+    campaign_ids: &[i64],
+) -> Result<bool, End> {
+    match message.kind.as_str() {
+        "ping" => {
+            session
+                .send_json(&json!({"type": "pong", "timestamp": unix_now()}))
+                .await?;
+        }
+        "request_update" => {
+            for id in campaign_ids {
+                session.fresh_update(*id).await?;
+            }
+        }
+        "request_history" => {
+            let hours = match message.hours.as_ref().map(Value::as_i64) {
+                None => 24,
+                Some(Some(h)) if (1..=720).contains(&h) => h,
+                Some(_) => {
+                    session
+                        .error("hours must be an integer from 1 to 720".into())
+                        .await?;
+                    return Ok(true);
+                }
+            };
+            let since_minute = (chrono::Utc::now().timestamp() / 60) - hours * 60;
+            let mut data = Vec::new();
+            for id in campaign_ids {
+                let buckets = session
+                    .state
+                    .store
+                    .metrics_history(*id, since_minute)
+                    .await
+                    .map_err(|_| End::Close(CLOSE_INTERNAL, "internal error"))?;
+                for b in buckets {
+                    let attempts = b.completed + b.failed;
+                    data.push(json!({
+                        "timestamp": chrono::DateTime::from_timestamp(b.minute * 60, 0)
+                            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+                        "completed": b.completed,
+                        "failed": b.failed,
+                        "success_rate": if attempts > 0 { (b.completed as f64 * 10_000.0 / attempts as f64).round() / 100.0 } else { 0.0 },
+                    }));
+                }
+            }
+            session
+                .send_json(&json!({"type": "metrics_history", "data": data}))
+                .await?;
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// Waits for the next live event, if any stream is followed.
+async fn next_live(
+    live: &mut StreamMap<i64, BroadcastStream<Arc<HubEvent>>>,
+) -> Option<(i64, Result<Arc<HubEvent>, BroadcastStreamRecvError>)> {
+    if live.is_empty() {
+        std::future::pending::<()>().await;
+    }
+    live.next().await
+}
+
+// ---------------------------------------------------------------- seed 000
+
+pub async fn progress(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(params): Query<WsParams>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    upgrade(ws, &state).on_upgrade(move |socket| async move {
+        let (_auth, campaign) = match open(&state, params.token.as_deref(), &id).await {
+            Ok(opened) => opened,
+            Err((code, reason)) => return close_now(socket, code, reason).await,
+        };
+        let mut session = Session::new(socket, state, Format::Burki);
+        let end = run_progress(&mut session, &campaign, params.since.as_deref()).await;
+        finish(session, end).await;
+    })
+}
+
+async fn finish(session: Session, end: End) {
+    match end {
+        End::Close(code, reason) => session.close(code, reason).await,
+        End::Drop => {}
+    }
+}
+
+async fn run_progress(session: &mut Session, campaign: &Campaign, since: Option<&str>) -> End {
+    let result: Result<(), End> = async {
+        session
+            .send_json(&json!({"type": "connection_ack", "campaign_id": campaign.id, "timestamp": unix_now()}))
+            .await?;
+        let since = match parse_since(since) {
+            Ok(since) => since,
+            Err(message) => {
+                session.error(message).await?;
+                None
+            }
+        };
+        session.follow(campaign, since, Initial::Progress).await?;
+        let ids = [campaign.id];
+        let ping_every = session.state.config.streams.ping_interval;
+        let mut next_ping = Instant::now() + ping_every;
+        let shutdown = session.state.shutdown.clone();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Err(End::Close(CLOSE_GOING_AWAY, "server shutting down")),
+                incoming = session.socket.recv() => {
+                    if let Some(message) = client_message(session, incoming).await? {
+                        if !answer_common(session, &message, &ids).await? {
+                            session.error(format!("unknown message type '{}'", message.kind)).await?;
+                        }
+                    }
+                }
+                live = next_live(&mut session.live) => match live {
+                    Some((_, Ok(event))) => { session.deliver(&event).await?; }
+                    Some((id, Err(BroadcastStreamRecvError::Lagged(_)))) => session.catch_up(id).await?,
+                    None => {}
+                },
+                () = sleep_until(next_ping) => {
+                    next_ping = Instant::now() + ping_every;
+                    session.socket.send(Message::Ping(Default::default())).await.map_err(|_| End::Drop)?;
+                }
+            }
+        }
+    }
+    .await;
+    match result {
+        Ok(()) => End::Close(CLOSE_NORMAL, "bye"),
+        Err(end) => end,
+    }
+}
+
+pub async fn monitor(
+    State(state): State<AppState>,
+    Query(params): Query<WsParams>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    upgrade(ws, &state).on_upgrade(move |socket| async move {
+        let auth = match authenticate(&state, params.token.as_deref()).await {
+            Ok(auth) => auth,
+            Err(_) => return close_now(socket, CLOSE_AUTH, "authentication failed").await,
+        };
+        let mut session = Session::new(socket, state, Format::Burki);
+        let end = run_monitor(&mut session, &auth).await;
+        finish(session, end).await;
+    })
+}
+
+fn ids_of(message: &ClientMessage) -> Vec<String> {
+    let mut ids: Vec<String> = message
+        .campaign_ids
+        .iter()
+        .flatten()
+        .chain(message.campaign_id.iter())
+        .map(|v| match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .collect();
+    ids.dedup();
+    ids
+}
+
+async fn run_monitor(session: &mut Session, auth: &Auth) -> End {
+    let result: Result<(), End> = async {
+        session
+            .send_json(&json!({"type": "connection_ack", "campaign_id": null, "timestamp": unix_now()}))
+            .await?;
+        let (campaigns, _) = session
+            .state
+            .store
+            .list_campaigns(auth.workspace_id, None, 0, 100)
+            .await
+            .map_err(|_| End::Close(CLOSE_INTERNAL, "internal error"))?;
+        let overview: Vec<Value> = campaigns
+            .iter()
+            .map(|c| json!({"campaign_id": c.id, "uuid": c.uuid, "name": c.name, "status": c.status}))
+            .collect();
+        session
+            .send_json(&json!({"type": "campaigns_overview", "data": overview}))
+            .await?;
+        let mut followed: HashSet<i64> = HashSet::new();
+        let ping_every = session.state.config.streams.ping_interval;
+        let mut next_ping = Instant::now() + ping_every;
+        let shutdown = session.state.shutdown.clone();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Err(End::Close(CLOSE_GOING_AWAY, "server shutting down")),
+                incoming = session.socket.recv() => {
+                    let Some(message) = client_message(session, incoming).await? else { continue };
+                    match message.kind.as_str() {
+                        "subscribe" => {
+                            let ids = ids_of(&message);
+                            if ids.is_empty() {
+                                session.error("subscribe needs campaign_id or campaign_ids".into()).await?;
+                            }
+                            for id in ids {
+                                match auth.campaign(&session.state, &id).await {
+                                    Ok(campaign) if followed.insert(campaign.id) => {
+                                        session.follow(&campaign, None, Initial::Progress).await?;
+                                        session.send_json(&json!({"type": "subscribed", "campaign_id": campaign.id})).await?;
+                                    }
+                                    Ok(_) => {}
+                                    Err(_) => {
+                                        session.send_json(&json!({"type": "error", "campaign_id": id,
+                                            "code": CLOSE_NOT_FOUND, "message": format!("campaign '{id}' not found")})).await?;
+                                    }
+                                }
+                            }
+                        }
+                        "unsubscribe" => {
+                            for id in ids_of(&message) {
+                                if let Ok(id) = id.parse::<i64>() {
+                                    followed.remove(&id);
+                                    session.live.remove(&id);
+                                    session.sent.remove(&id);
+                                    session.send_json(&json!({"type": "unsubscribed", "campaign_id": id})).await?;
+                                }
+                            }
+                        }
+                        _ => {
+                            let ids: Vec<i64> = followed.iter().copied().collect();
+                            if !answer_common(session, &message, &ids).await? {
+                                session.error(format!("unknown message type '{}'", message.kind)).await?;
+                            }
+                        }
+                    }
+                }
+                live = next_live(&mut session.live) => match live {
+                    Some((_, Ok(event))) => { session.deliver(&event).await?; }
+                    Some((id, Err(BroadcastStreamRecvError::Lagged(_)))) => session.catch_up(id).await?,
+                    None => {}
+                },
+                () = sleep_until(next_ping) => {
+                    next_ping = Instant::now() + ping_every;
+                    session.socket.send(Message::Ping(Default::default())).await.map_err(|_| End::Drop)?;
+                }
+            }
+        }
+    }
+    .await;
+    match result {
+        Ok(()) => End::Close(CLOSE_NORMAL, "bye"),
+        Err(end) => end,
+    }
+}
+
+// ---------------------------------------------------------------- seed 003
+
+pub async fn jobs(
+    State(state): State<AppState>,
+    Path(client_id): Path<String>,
+    Query(params): Query<WsParams>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    upgrade(ws, &state).on_upgrade(move |socket| async move {
+        let auth = match authenticate(&state, params.token.as_deref()).await {
+            Ok(auth) => auth,
+            Err(_) => return close_now(socket, CLOSE_AUTH, "authentication failed").await,
+        };
+        let valid_id = !client_id.is_empty()
+            && client_id.len() <= 128
+            && client_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid_id {
+            return close_now(
+                socket,
+                CLOSE_AUTH,
+                "client_id must be 1-128 letters, digits, '-' or '_'",
+            )
+            .await;
+        }
+        let Some(_claim) = ClientIdClaim::take(&state, auth.workspace_id, &client_id) else {
+            return close_now(socket, CLOSE_AUTH, "client_id already connected").await;
+        };
+        let mut session = Session::new(socket, state, Format::Jobs);
+        let end = run_jobs(&mut session, &auth).await;
+        finish(session, end).await;
+    })
+}
+
+/// Holds a client id for the life of its socket (each must be distinct).
+struct ClientIdClaim {
+    state: AppState,
+    key: i64,
+}
+
+impl ClientIdClaim {
+    fn take(state: &AppState, workspace_id: i64, client_id: &str) -> Option<Self> {
+        // Client ids share the socket table under a hashed key; collisions
+        // between workspaces are harmless (the second waits its turn).
+        let key =
+            -(1 + (workspace_id.wrapping_mul(1_000_003) ^ fxhash(client_id)).abs() % i64::MAX / 2);
+        let mut sockets = state.sockets.lock().expect("socket table lock");
+        if sockets.get(&key).copied().unwrap_or(0) > 0 {
+            return None;
+        }
+        sockets.insert(key, 1);
+        Some(Self {
+            state: state.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for ClientIdClaim {
+    fn drop(&mut self) {
+        self.state
+            .sockets
+            .lock()
+            .expect("socket table lock")
+            .remove(&self.key);
+    }
+}
+
+fn fxhash(s: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h >> 1) as i64
+}
+
+async fn run_jobs(session: &mut Session, auth: &Auth) -> End {
+    let result: Result<(), End> = async {
+        let (campaigns, _) = session
+            .state
+            .store
+            .list_campaigns(auth.workspace_id, None, 0, 10_000)
+            .await
+            .map_err(|_| End::Close(CLOSE_INTERNAL, "internal error"))?;
+        let mut current = Vec::with_capacity(campaigns.len());
+        for c in &campaigns {
+            let seq = session
+                .state
+                .store
+                .last_seq(c.id)
+                .await
+                .map_err(|_| End::Close(CLOSE_INTERNAL, "internal error"))?;
+            session.sent.insert(c.id, seq);
+            current.push((c.id, seq));
+        }
+        let receiver = session.state.hub.subscribe_workspace(auth.workspace_id, &current);
+        let mut live = BroadcastStream::new(receiver);
+        let ping_every = session.state.config.streams.ping_interval;
+        let mut next_ping = Instant::now() + ping_every;
+        let shutdown = session.state.shutdown.clone();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Err(End::Close(CLOSE_GOING_AWAY, "server shutting down")),
+                incoming = session.socket.recv() => {
+                    if let Some(message) = client_message(session, incoming).await? {
+                        if message.kind == "ping" {
+                            session.send_json(&json!({"type": "pong", "timestamp": unix_now()})).await?;
+                        } else {
+                            session.error(format!("unknown message type '{}'", message.kind)).await?;
+                        }
+                    }
+                }
+                event = live.next() => match event {
+                    Some(Ok(event)) => { session.deliver(&event).await?; }
+                    Some(Err(BroadcastStreamRecvError::Lagged(_))) => {
+                        let ids: Vec<i64> = session.sent.keys().copied().collect();
+                        for id in ids {
+                            session.catch_up(id).await?;
+                        }
+                    }
+                    None => return Err(End::Close(CLOSE_INTERNAL, "stream ended")),
+                },
+                () = sleep_until(next_ping) => {
+                    next_ping = Instant::now() + ping_every;
+                    session.socket.send(Message::Ping(Default::default())).await.map_err(|_| End::Drop)?;
+                }
+            }
+        }
+    }
+    .await;
+    match result {
+        Ok(()) => End::Close(CLOSE_NORMAL, "bye"),
+        Err(end) => end,
+    }
+}
+
+// ---------------------------------------------------------------- seed 004
+
+/// Counts a key's open seed-004 sockets; the slot frees on drop.
+struct SocketSlot {
+    state: AppState,
+    key_id: i64,
+}
+
+impl SocketSlot {
+    fn take(state: &AppState, key_id: i64) -> Option<Self> {
+        let mut sockets = state.sockets.lock().expect("socket table lock");
+        let open = sockets.entry(key_id).or_insert(0);
+        if *open >= state.config.streams.max_sockets_per_key {
+            return None;
+        }
+        *open += 1;
+        Some(Self {
+            state: state.clone(),
+            key_id,
+        })
+    }
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        let mut sockets = self.state.sockets.lock().expect("socket table lock");
+        if let Some(open) = sockets.get_mut(&self.key_id) {
+            *open = open.saturating_sub(1);
+        }
+    }
+}
+
+pub async fn iterations(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(params): Query<WsParams>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    upgrade(ws, &state).on_upgrade(move |socket| async move {
+        let (auth, campaign) = match open(&state, params.token.as_deref(), &id).await {
+            Ok(opened) => opened,
+            Err((code, reason)) => return close_now(socket, code, reason).await,
+        };
+        let Some(_slot) = SocketSlot::take(&state, auth.key_id) else {
+            return close_now(
+                socket,
+                CLOSE_TOO_MANY,
+                "too many WebSocket connections for this API key",
+            )
+            .await;
+        };
+        let mut session = Session::new(socket, state, Format::Iterations);
+        let end = run_iterations(&mut session, &campaign, params.since.as_deref()).await;
+        finish(session, end).await;
+    })
+}
+
+async fn run_iterations(session: &mut Session, campaign: &Campaign, since: Option<&str>) -> End {
+    let result: Result<(), End> = async {
+        let since = match parse_since(since) {
+            Ok(since) => since,
+            Err(message) => {
+                session
+                    .send_json(&json!({"type": "error", "timestamp": chrono::Utc::now().to_rfc3339(),
+                                       "data": {"code": "INVALID_SINCE", "message": message}}))
+                    .await?;
+                None
+            }
+        };
+        session.follow(campaign, since, Initial::None).await?;
+        let streams = session.state.config.streams.clone();
+        let mut next_ping = Instant::now() + streams.ping_interval;
+        let mut idle_until = Instant::now() + streams.idle_timeout;
+        let shutdown = session.state.shutdown.clone();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Err(End::Close(CLOSE_GOING_AWAY, "server shutting down")),
+                incoming = session.socket.recv() => {
+                    if let Some(message) = client_message(session, incoming).await? {
+                        let reply = json!({"type": "error", "timestamp": chrono::Utc::now().to_rfc3339(),
+                            "data": {"code": "UNSUPPORTED_MESSAGE",
+                                     "message": format!("this stream takes no '{}' messages; it only sends", message.kind)}});
+                        session.send_json(&reply).await?;
+                    }
+                }
+                live = next_live(&mut session.live) => match live {
+                    Some((_, Ok(event))) => {
+                        idle_until = Instant::now() + streams.idle_timeout;
+                        session.deliver(&event).await?;
+                    }
+                    Some((id, Err(BroadcastStreamRecvError::Lagged(_)))) => session.catch_up(id).await?,
+                    None => {}
+                },
+                () = sleep_until(next_ping) => {
+                    next_ping = Instant::now() + streams.ping_interval;
+                    session.socket.send(Message::Ping(Default::default())).await.map_err(|_| End::Drop)?;
+                }
+                () = sleep_until(idle_until) => return Err(End::Close(CLOSE_NORMAL, "idle timeout: no campaign activity")),
+            }
+        }
+    }
+    .await;
+    match result {
+        Ok(()) => End::Close(CLOSE_NORMAL, "bye"),
+        Err(end) => end,
+    }
+}

@@ -1,0 +1,372 @@
+//! Live progress: one broadcast channel per campaign per node.
+//!
+//! Writers (the engine, the API) append events to the store's log and then
+//! [`Hub::notify`] the campaign. The hub's single task reads the new events
+//! from the log once — however many subscribers there are — coalesces
+//! progress (at most one frame per `coalesce` window per campaign; the
+//! newest counters win; nothing else is ever dropped) and broadcasts
+//! `Arc<HubEvent>`s. Subscribers never read the database for live events.
+//!
+//! Every protocol (seed 000, 003, 004, SSE) renders a [`HubEvent`] in its
+//! own format; the rendering is cached on the event, so a frame is
+//! serialised once for all clients of that protocol.
+
+pub mod protocol;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{Store, StoredEvent};
+
+/// Per-campaign channel capacity: a receiver further behind than this
+/// lags and catches up from the log instead.
+const CHANNEL_CAPACITY: usize = 256;
+/// Events read from the log per notification.
+const READ_LIMIT: i64 = 1000;
+
+/// Which wire format a frame is rendered in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Burki = 0,
+    Jobs = 1,
+    Iterations = 2,
+    Sse = 3,
+}
+
+/// One event of a campaign, with its renderings cached.
+#[derive(Debug)]
+pub struct HubEvent {
+    pub event: StoredEvent,
+    frames: [OnceLock<Option<Arc<str>>>; 4],
+}
+
+impl HubEvent {
+    pub fn new(event: StoredEvent) -> Self {
+        Self {
+            event,
+            frames: Default::default(),
+        }
+    }
+
+    pub fn seq(&self) -> i64 {
+        self.event.seq
+    }
+
+    /// The event in `format`, serialised once; `None` when that protocol
+    /// has no message for this kind of event.
+    pub fn frame(&self, format: Format) -> Option<Arc<str>> {
+        self.frames[format as usize]
+            .get_or_init(|| protocol::render(&self.event, format).map(|v| Arc::from(v.to_string())))
+            .clone()
+    }
+}
+
+/// Whether an event may be merged into a later one of the same kind.
+pub fn is_coalescable(kind: &str) -> bool {
+    kind == "progress"
+}
+
+/// Keeps, of every run of consecutive coalescable events, only the last.
+pub fn coalesce(events: Vec<StoredEvent>) -> Vec<StoredEvent> {
+    let mut out: Vec<StoredEvent> = Vec::with_capacity(events.len());
+    for event in events {
+        if let Some(last) = out.last() {
+            if is_coalescable(&last.kind) && is_coalescable(&event.kind) {
+                out.pop();
+            }
+        }
+        out.push(event);
+    }
+    out
+}
+
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    notify: mpsc::UnboundedSender<(i64, i64)>,
+}
+
+#[derive(Default)]
+struct State {
+    campaigns: HashMap<i64, Channel>,
+    /// Every event of a workspace's campaigns (seed 003 streams by client).
+    workspaces: HashMap<i64, broadcast::Sender<Arc<HubEvent>>>,
+}
+
+struct Channel {
+    workspace_id: i64,
+    sender: broadcast::Sender<Arc<HubEvent>>,
+    /// The last sequence read from the log for this campaign.
+    read_seq: i64,
+    /// Progress waiting for its coalescing window.
+    held: Option<StoredEvent>,
+    last_progress_at: Option<Instant>,
+}
+
+/// A live subscription: events with `seq` greater than `from_seq` arrive
+/// on `receiver`, in order (a held progress frame may repeat an older seq:
+/// skip anything not newer than what was sent). Events up to `from_seq`
+/// were broadcast before the subscription and are read from the log.
+pub struct Subscription {
+    pub receiver: broadcast::Receiver<Arc<HubEvent>>,
+    pub from_seq: i64,
+}
+
+impl State {
+    fn listened(&self, channel: &Channel) -> bool {
+        channel.sender.receiver_count() > 0
+            || self
+                .workspaces
+                .get(&channel.workspace_id)
+                .is_some_and(|w| w.receiver_count() > 0)
+    }
+
+    fn channel(&mut self, campaign_id: i64, workspace_id: i64, read_seq: i64) -> &mut Channel {
+        self.campaigns
+            .entry(campaign_id)
+            .or_insert_with(|| Channel {
+                workspace_id,
+                sender: broadcast::channel(CHANNEL_CAPACITY).0,
+                read_seq,
+                held: None,
+                last_progress_at: None,
+            })
+    }
+}
+
+impl Hub {
+    /// Starts the hub's task; it stops with `shutdown`.
+    pub fn start(store: Arc<dyn Store>, coalesce: Duration, shutdown: CancellationToken) -> Self {
+        let (notify, notified) = mpsc::unbounded_channel();
+        let hub = Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                notify,
+            }),
+        };
+        tokio::spawn(hub.clone().run(store, coalesce, notified, shutdown));
+        hub
+    }
+
+    /// Tells the hub that a campaign's log has new events.
+    pub fn notify(&self, campaign_id: i64, workspace_id: i64) {
+        let _ = self.inner.notify.send((campaign_id, workspace_id));
+    }
+
+    /// Subscribes to a campaign. `current_seq` is the log's newest sequence
+    /// as the caller just read it.
+    pub fn subscribe(&self, campaign_id: i64, workspace_id: i64, current_seq: i64) -> Subscription {
+        let mut state = self.inner.state.lock().expect("hub lock");
+        let unwatched = match state.campaigns.get(&campaign_id) {
+            Some(channel) => !state.listened(channel),
+            None => true,
+        };
+        let channel = state.channel(campaign_id, workspace_id, current_seq);
+        if unwatched {
+            // Nobody listened, so nothing was read: start from now.
+            channel.read_seq = current_seq;
+            channel.held = None;
+        }
+        Subscription {
+            receiver: channel.sender.subscribe(),
+            from_seq: channel.read_seq,
+        }
+    }
+
+    /// Subscribes to every campaign of a workspace. `current` holds each
+    /// existing campaign's newest sequence; campaigns created later are
+    /// streamed from their first event.
+    pub fn subscribe_workspace(
+        &self,
+        workspace_id: i64,
+        current: &[(i64, i64)],
+    ) -> broadcast::Receiver<Arc<HubEvent>> {
+        let mut state = self.inner.state.lock().expect("hub lock");
+        let receiver = state
+            .workspaces
+            .entry(workspace_id)
+            .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
+            .subscribe();
+        for &(campaign_id, seq) in current {
+            let fresh = !state.campaigns.contains_key(&campaign_id);
+            let idle = state
+                .campaigns
+                .get(&campaign_id)
+                .is_some_and(|c| c.sender.receiver_count() == 0);
+            let channel = state.channel(campaign_id, workspace_id, seq);
+            if fresh || idle {
+                channel.read_seq = channel.read_seq.max(seq);
+            }
+        }
+        receiver
+    }
+
+    async fn run(
+        self,
+        store: Arc<dyn Store>,
+        window: Duration,
+        mut notified: mpsc::UnboundedReceiver<(i64, i64)>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(window.max(Duration::from_millis(10)) / 2);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                note = notified.recv() => match note {
+                    Some((campaign, workspace)) => self.pull(&store, campaign, workspace, window).await,
+                    None => return,
+                },
+                _ = tick.tick() => self.flush_held(window),
+            }
+        }
+    }
+
+    /// Reads a campaign's new events and broadcasts them, if anyone listens.
+    async fn pull(
+        &self,
+        store: &Arc<dyn Store>,
+        campaign_id: i64,
+        workspace_id: i64,
+        window: Duration,
+    ) {
+        let from = {
+            let mut state = self.inner.state.lock().expect("hub lock");
+            let workspace_listens = state
+                .workspaces
+                .get(&workspace_id)
+                .is_some_and(|w| w.receiver_count() > 0);
+            match state.campaigns.get(&campaign_id) {
+                Some(channel) if state.listened(channel) => channel.read_seq,
+                Some(_) => return,
+                // Created after the workspace's listeners subscribed.
+                None if workspace_listens => state.channel(campaign_id, workspace_id, 0).read_seq,
+                None => return,
+            }
+        };
+        let mut after = from;
+        loop {
+            let events = match store.events_since(campaign_id, after, READ_LIMIT).await {
+                Ok(events) => events,
+                Err(err) => {
+                    tracing::warn!(campaign = campaign_id, error = %err, "reading events for streams failed");
+                    return;
+                }
+            };
+            let Some(last) = events.last() else { return };
+            after = last.seq;
+            let full = events.len() as i64 == READ_LIMIT;
+            let mut state = self.inner.state.lock().expect("hub lock");
+            let workspace = state.workspaces.get(&workspace_id).cloned();
+            let Some(channel) = state.campaigns.get_mut(&campaign_id) else {
+                return;
+            };
+            channel.read_seq = after;
+            for event in coalesce(events) {
+                channel.offer(event, window, workspace.as_ref());
+            }
+            if !full {
+                return;
+            }
+        }
+    }
+
+    /// Sends progress held back by the coalescing window once it has passed,
+    /// and forgets channels nobody listens to.
+    fn flush_held(&self, window: Duration) {
+        let mut state = self.inner.state.lock().expect("hub lock");
+        state.workspaces.retain(|_, w| w.receiver_count() > 0);
+        let workspaces = state.workspaces.clone();
+        for channel in state.campaigns.values_mut() {
+            let due = channel
+                .last_progress_at
+                .is_none_or(|at| at.elapsed() >= window);
+            if due {
+                if let Some(held) = channel.held.take() {
+                    channel.send_progress(held, workspaces.get(&channel.workspace_id));
+                }
+            }
+        }
+    }
+}
+
+impl Channel {
+    fn offer(
+        &mut self,
+        event: StoredEvent,
+        window: Duration,
+        workspace: Option<&broadcast::Sender<Arc<HubEvent>>>,
+    ) {
+        if is_coalescable(&event.kind) {
+            let recent = self
+                .last_progress_at
+                .is_some_and(|at| at.elapsed() < window);
+            if recent {
+                self.held = Some(event);
+            } else {
+                self.held = None;
+                self.send_progress(event, workspace);
+            }
+            return;
+        }
+        // Anything else goes now, after the progress it follows.
+        if let Some(held) = self.held.take() {
+            self.send_progress(held, workspace);
+        }
+        self.send(Arc::new(HubEvent::new(event)), workspace);
+    }
+
+    fn send_progress(
+        &mut self,
+        event: StoredEvent,
+        workspace: Option<&broadcast::Sender<Arc<HubEvent>>>,
+    ) {
+        self.last_progress_at = Some(Instant::now());
+        self.send(Arc::new(HubEvent::new(event)), workspace);
+    }
+
+    fn send(&self, event: Arc<HubEvent>, workspace: Option<&broadcast::Sender<Arc<HubEvent>>>) {
+        if let Some(workspace) = workspace {
+            let _ = workspace.send(event.clone());
+        }
+        let _ = self.sender.send(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: i64, kind: &str) -> StoredEvent {
+        StoredEvent {
+            campaign_id: 1,
+            seq,
+            kind: kind.into(),
+            data: serde_json::json!({}),
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn coalescing_keeps_the_last_progress_and_every_other_event() {
+        let events = vec![
+            event(1, "progress"),
+            event(2, "progress"),
+            event(3, "batch_completed"),
+            event(4, "progress"),
+            event(5, "progress"),
+            event(6, "progress"),
+            event(7, "run_completed"),
+        ];
+        let seqs: Vec<i64> = coalesce(events).iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [2, 3, 6, 7]);
+    }
+}
