@@ -666,26 +666,25 @@ pub async fn jobs(
     Query(params): Query<WsParams>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // Decided before the upgrade completes, so a client whose socket opened
+    // holds its client id.
+    let valid_id = !client_id.is_empty()
+        && client_id.len() <= 128
+        && client_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    let admitted = match authenticate(&state, params.token.as_deref()).await {
+        Err(_) => Err("authentication failed"),
+        Ok(_) if !valid_id => Err("client_id must be 1-128 letters, digits, '-' or '_'"),
+        Ok(auth) => match ClientIdClaim::take(&state, auth.workspace_id, &client_id) {
+            Some(claim) => Ok((auth, claim)),
+            None => Err("client_id already connected"),
+        },
+    };
     upgrade(ws, &state).on_upgrade(move |socket| async move {
-        let auth = match authenticate(&state, params.token.as_deref()).await {
-            Ok(auth) => auth,
-            Err(_) => return close_now(socket, CLOSE_AUTH, "authentication failed").await,
-        };
-        let valid_id = !client_id.is_empty()
-            && client_id.len() <= 128
-            && client_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if !valid_id {
-            return close_now(
-                socket,
-                CLOSE_AUTH,
-                "client_id must be 1-128 letters, digits, '-' or '_'",
-            )
-            .await;
-        }
-        let Some(_claim) = ClientIdClaim::take(&state, auth.workspace_id, &client_id) else {
-            return close_now(socket, CLOSE_AUTH, "client_id already connected").await;
+        let (auth, _claim) = match admitted {
+            Ok(admitted) => admitted,
+            Err(reason) => return close_now(socket, CLOSE_AUTH, reason).await,
         };
         let mut session = Session::new(socket, state, Format::Jobs);
         let end = run_jobs(&mut session, &auth).await;
@@ -834,18 +833,22 @@ pub async fn iterations(
     Query(params): Query<WsParams>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // Checked before the upgrade completes, so a client that sees its socket
+    // open holds its slot.
+    let opened = open(&state, params.token.as_deref(), &id).await;
+    let slot = match &opened {
+        Ok((auth, _)) => SocketSlot::take(&state, auth.key_id).ok_or((
+            CLOSE_TOO_MANY,
+            "too many WebSocket connections for this API key",
+        )),
+        Err(refusal) => Err(*refusal),
+    };
     upgrade(ws, &state).on_upgrade(move |socket| async move {
-        let (auth, campaign) = match open(&state, params.token.as_deref(), &id).await {
-            Ok(opened) => opened,
-            Err((code, reason)) => return close_now(socket, code, reason).await,
-        };
-        let Some(_slot) = SocketSlot::take(&state, auth.key_id) else {
-            return close_now(
-                socket,
-                CLOSE_TOO_MANY,
-                "too many WebSocket connections for this API key",
-            )
-            .await;
+        let (_slot, campaign) = match (slot, opened) {
+            (Ok(slot), Ok((_, campaign))) => (slot, campaign),
+            (Err((code, reason)), _) | (_, Err((code, reason))) => {
+                return close_now(socket, code, reason).await
+            }
         };
         let mut session = Session::new(socket, state, Format::Iterations);
         let end = run_iterations(&mut session, &campaign, params.since.as_deref()).await;

@@ -11,3 +11,4 @@ mod isolation;
 mod keys;
 mod providers;
 mod seeds;
+mod streams;
