@@ -10,5 +10,6 @@ mod helpers;
 mod isolation;
 mod keys;
 mod providers;
+mod python_clients;
 mod seeds;
 mod streams;
