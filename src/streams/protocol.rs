@@ -85,8 +85,11 @@ fn own_data(event: &StoredEvent) -> Map<String, Value> {
     data
 }
 
-fn with_seq(mut message: Value, seq: i64) -> Value {
-    message["seq"] = json!(seq);
+/// Every message carries its log position and when the event was
+/// committed (`ts`, Unix milliseconds), so a client can resume and measure.
+fn with_seq(mut message: Value, event: &StoredEvent) -> Value {
+    message["seq"] = json!(event.seq);
+    message["ts"] = json!(event.created_at);
     message
 }
 
@@ -105,7 +108,7 @@ pub fn render(event: &StoredEvent, format: Format) -> Option<Value> {
         Format::Jobs => jobs(event, snapshot)?,
         Format::Iterations => iterations(event, snapshot)?,
     };
-    Some(with_seq(message, event.seq))
+    Some(with_seq(message, event))
 }
 
 fn jobs(event: &StoredEvent, snapshot: &Value) -> Option<Value> {
@@ -233,7 +236,7 @@ mod tests {
         let job = render(&done, Format::Jobs).unwrap();
         assert_eq!(
             job,
-            json!({"type": "job_complete", "jobId": "r1", "status": "completed", "organized": 480, "failed": 20, "seq": 7})
+            json!({"type": "job_complete", "jobId": "r1", "status": "completed", "organized": 480, "failed": 20, "seq": 7, "ts": 1_707_984_000_000i64})
         );
         let it = render(&done, Format::Iterations).unwrap();
         assert_eq!(it["type"], "campaign_complete");
@@ -270,7 +273,7 @@ mod tests {
         let m = render(&j, Format::Jobs).unwrap();
         assert_eq!(
             m,
-            json!({"type": "job_progress", "jobId": "job_123", "progress": 65, "processedCount": 65, "totalCount": 100, "currentFile": "document.pdf", "seq": 7})
+            json!({"type": "job_progress", "jobId": "job_123", "progress": 65, "processedCount": 65, "totalCount": 100, "currentFile": "document.pdf", "seq": 7, "ts": 1_707_984_000_000i64})
         );
         assert_eq!(render(&j, Format::Sse).unwrap()["jobId"], "job_123");
     }
