@@ -74,6 +74,12 @@ pub struct ServeArgs {
     /// Simultaneous seed-004 WebSockets per API key.
     #[arg(long, env = "HERALD_WS_MAX_PER_KEY", default_value_t = 10)]
     pub ws_max_per_key: usize,
+    /// Keep events at least this many hours…
+    #[arg(long, env = "HERALD_EVENT_RETENTION_HOURS", default_value_t = 24)]
+    pub event_retention_hours: u64,
+    /// …and at least this many newest events per campaign.
+    #[arg(long, env = "HERALD_EVENT_RETENTION_COUNT", default_value_t = 100_000)]
+    pub event_retention_count: i64,
     /// Serve the API only; run workers elsewhere with `herald worker`.
     #[arg(long, env = "HERALD_NO_ENGINE", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_engine: bool,
@@ -196,6 +202,10 @@ impl ServeArgs {
                     coalesce: std::time::Duration::from_millis(self.coalesce_ms),
                     idle_timeout: std::time::Duration::from_secs(self.ws_idle_seconds),
                     max_sockets_per_key: self.ws_max_per_key,
+                    retention_age: std::time::Duration::from_secs(
+                        self.event_retention_hours * 3600,
+                    ),
+                    retention_events: self.event_retention_count,
                     ..Default::default()
                 },
             },

@@ -62,6 +62,11 @@ impl Application {
         let stop = CancellationToken::new();
         let hub =
             crate::streams::Hub::start(store.clone(), config.api.streams.coalesce, stop.clone());
+        tokio::spawn(crate::streams::purge_loop(
+            store.clone(),
+            config.api.streams.clone(),
+            stop.clone(),
+        ));
         Ok(Self {
             listener,
             state: AppState {

@@ -329,6 +329,10 @@ pub trait ReportStore: Send + Sync {
         after_seq: i64,
         limit: i64,
     ) -> StoreResult<Vec<StoredEvent>>;
+    /// Deletes, in chunks of at most `limit`, events that are both older
+    /// than `older_than` (Unix ms) and not among the newest `keep_last` of
+    /// their campaign. Returns how many went.
+    async fn purge_events(&self, older_than: i64, keep_last: i64, limit: i64) -> StoreResult<u64>;
     /// The newest sequence number of a campaign's log (0 when empty).
     async fn last_seq(&self, campaign_id: i64) -> StoreResult<i64>;
     /// The oldest sequence number still in the log, if any.

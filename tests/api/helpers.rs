@@ -18,7 +18,7 @@ pub struct TestApp {
     pub store: Arc<dyn Store>,
     pub database_url: String,
     _dir: TempDir,
-    _shutdown: oneshot::Sender<()>,
+    shutdown: Option<oneshot::Sender<()>>,
 }
 
 /// Engine settings that keep tests quick: short retries, leases and polls.
@@ -62,13 +62,20 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut ServerConfig)) -> TestAp
         store,
         database_url,
         _dir: dir,
-        _shutdown: shutdown,
+        shutdown: Some(shutdown),
     };
     test_app.key = test_app.new_key("alpha").await;
     test_app
 }
 
 impl TestApp {
+    /// Sends the server its shutdown signal (as SIGTERM would).
+    pub fn stop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+
     /// Creates a key (and the workspace, if new) straight in the store.
     pub async fn new_key(&self, workspace: &str) -> String {
         let ws = self.store.ensure_workspace(workspace).await.unwrap();

@@ -703,3 +703,112 @@ async fn sse_streams_events_and_resumes_from_last_event_id() {
     let unauthorized = app.client.get(app.url(&path)).send().await.unwrap();
     assert_eq!(unauthorized.status(), StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn purged_events_make_replay_say_so() {
+    let app = slow_engine_app(|c| {
+        c.api.streams.retention_age = Duration::ZERO;
+        c.api.streams.retention_events = 2;
+        c.api.streams.purge_interval = Duration::from_millis(100);
+    })
+    .await;
+    let c = external_campaign(&app).await;
+    let id = c["id"].as_i64().unwrap();
+    for i in 1..=6 {
+        app.post(
+            &format!("/v1/campaigns/{id}/events"),
+            &json!({"type": "iteration_start", "data": {"iteration": i}}),
+        )
+        .await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while app.store.oldest_seq(id).await.unwrap() != Some(5) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "purge did not run: oldest {:?} last {:?}",
+            app.store.oldest_seq(id).await,
+            app.store.last_seq(id).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut gone = Client::connect(
+        &app,
+        &format!("/v1/ws/campaigns/{id}?token={}&since=1", app.key),
+    )
+    .await;
+    let note = gone.next(5).await;
+    assert_eq!(note["type"], "replay_unavailable");
+    assert_eq!(note["oldest_seq"], 5);
+    let mut kept = Client::connect(
+        &app,
+        &format!("/v1/ws/campaigns/{id}?token={}&since=4", app.key),
+    )
+    .await;
+    assert_eq!(kept.next(5).await["data"]["iteration"], 5);
+    assert_eq!(kept.next(5).await["data"]["iteration"], 6);
+}
+
+#[tokio::test]
+async fn shutdown_tells_clients_going_away() {
+    let mut app = slow_engine_app(|_| {}).await;
+    let c = app.sms_campaign().await;
+    let mut ws = Client::connect(
+        &app,
+        &format!("/ws/campaigns/{}/progress?token={}", c["id"], app.key),
+    )
+    .await;
+    ws.next(5).await;
+    ws.next(5).await;
+    app.stop();
+    assert_eq!(ws.closed(5).await.0, 1001);
+}
+
+#[tokio::test]
+async fn abrupt_disconnects_and_truncated_frames_leave_the_server_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = slow_engine_app(|_| {}).await;
+    let c = slow_campaign(&app, 600).await;
+    let id = c["id"].as_i64().unwrap();
+    let path = format!("/ws/campaigns/{id}/progress?token={}", app.key);
+    // Sockets dropped without a close frame, while the campaign runs.
+    app.post_empty(&format!("/v1/campaigns/{id}/start")).await;
+    for _ in 0..50 {
+        let mut ws = Client::connect(&app, &path).await;
+        ws.next(5).await;
+        drop(ws);
+    }
+    // A client that sends half a frame and vanishes.
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    for _ in 0..10 {
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+        // A masked text frame announcing 4096 bytes, of which 5 arrive.
+        tcp.write_all(&[
+            0x81, 0xFE, 0x10, 0x00, 1, 2, 3, 4, b'{', b'"', b't', b'y', b'p',
+        ])
+        .await
+        .unwrap();
+        drop(tcp);
+    }
+    let mut survivor = Client::connect(&app, &path).await;
+    assert_eq!(survivor.next(5).await["type"], "connection_ack");
+    survivor
+        .until(60, |m| m["data"]["status"] == "completed")
+        .await;
+    assert_eq!(
+        app.client
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+}

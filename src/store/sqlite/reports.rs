@@ -272,6 +272,22 @@ impl ReportStore for SqliteStore {
         .collect()
     }
 
+    async fn purge_events(&self, older_than: i64, keep_last: i64, limit: i64) -> StoreResult<u64> {
+        // One short transaction per chunk, so the writer is never held long.
+        let deleted = sqlx::query(
+            "DELETE FROM events WHERE (campaign_id, seq) IN (
+                 SELECT e.campaign_id, e.seq FROM events e JOIN campaigns c ON c.id = e.campaign_id
+                 WHERE e.created_at < ? AND e.seq <= c.last_seq - ? LIMIT ?)",
+        )
+        .bind(older_than)
+        .bind(keep_last)
+        .bind(limit)
+        .execute(&self.writer)
+        .await?
+        .rows_affected();
+        Ok(deleted)
+    }
+
     async fn last_seq(&self, campaign_id: i64) -> StoreResult<i64> {
         Ok(
             sqlx::query_scalar("SELECT last_seq FROM campaigns WHERE id = ?")
