@@ -360,3 +360,29 @@ async fn a_scheduled_campaign_starts_on_time() {
     assert!((0..1000).contains(&lag), "picked up {lag} ms after due");
     app.wait_status(&c["id"], "completed", 30).await;
 }
+
+#[tokio::test]
+async fn the_per_sender_rate_limit_paces_sends() {
+    let app = crate::helpers::spawn_app_with(|c| {
+        if let Some(engine) = c.engine.as_mut() {
+            engine.sender_rate = std::num::NonZeroU32::new(20);
+        }
+    })
+    .await;
+    let c = app
+        .campaign_with_contacts(
+            json!({"channel": "sms", "template": "Hi {{name}}", "sender": "ACME"}),
+            60,
+        )
+        .await;
+    let started = std::time::Instant::now();
+    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+        .await;
+    app.wait_status(&c["id"], "completed", 30).await;
+    // A burst of 20, then 20 per second: the other 40 need two seconds.
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(1800),
+        "{:?}",
+        started.elapsed()
+    );
+}

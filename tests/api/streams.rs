@@ -812,3 +812,20 @@ async fn abrupt_disconnects_and_truncated_frames_leave_the_server_serving() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn seed_004_sends_ping_frames() {
+    let app = slow_engine_app(|c| c.api.streams.ping_interval = Duration::from_millis(200)).await;
+    let c = external_campaign(&app).await;
+    let mut ws = Client::connect(
+        &app,
+        &format!("/v1/ws/campaigns/{}?token={}", c["id"], app.key),
+    )
+    .await;
+    let frame = tokio::time::timeout(Duration::from_secs(2), ws.socket.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(frame, Message::Ping(_)), "{frame:?}");
+}
