@@ -198,3 +198,258 @@ async fn serve_prints_a_demo_key_once_and_stops_on_sigterm() {
         }
     }
 }
+
+async fn herald_async(app: &crate::helpers::TestApp, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(HERALD)
+        .args(args)
+        .env("HERALD_URL", &app.base)
+        .env("HERALD_KEY", &app.key)
+        .output()
+        .await
+        .expect("herald runs")
+}
+
+fn spawn_watch(base: &str, key: &str, campaign: &str, json: bool) -> tokio::process::Child {
+    let mut args = vec!["watch", campaign];
+    if json {
+        args.push("--json");
+    }
+    tokio::process::Command::new(HERALD)
+        .args(&args)
+        .env("HERALD_URL", base)
+        .env("HERALD_KEY", key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn exit_of(child: tokio::process::Child, secs: u64) -> (i32, String) {
+    let out = tokio::time::timeout(Duration::from_secs(secs), child.wait_with_output())
+        .await
+        .expect("watch exits in time")
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn watch_exits_by_outcome_and_prints_json_lines() {
+    let app = crate::helpers::spawn_app_with(|c| {
+        if let Some(engine) = c.engine.as_mut() {
+            engine.in_flight = 16;
+        }
+    })
+    .await;
+    let c = app
+        .campaign_with_contacts(
+            serde_json::json!({"channel": "sms", "template": "Hi {{name}}", "provider": {"kind": "simulated", "latency_ms": 5}}),
+            400,
+        )
+        .await;
+    let id = c["id"].to_string();
+    let watcher = spawn_watch(&app.base, &app.key, &id, true);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.post_empty(&format!("/v1/campaigns/{id}/start")).await;
+    let (code, stdout) = exit_of(watcher, 60).await;
+    assert_eq!(code, 0, "completed exits 0");
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["type"], "connection_ack");
+    assert_eq!(lines.last().unwrap()["data"]["status"], "completed");
+
+    // A cancelled campaign exits 2.
+    let slow = app
+        .campaign_with_contacts(
+            serde_json::json!({"channel": "sms", "template": "Hi {{name}}", "provider": {"kind": "simulated", "latency_ms": 50}}),
+            2000,
+        )
+        .await;
+    let slow_id = slow["id"].to_string();
+    app.post_empty(&format!("/v1/campaigns/{slow_id}/start"))
+        .await;
+    let watcher = spawn_watch(&app.base, &app.key, &slow_id, false);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.post_empty(&format!("/v1/campaigns/{slow_id}/cancel"))
+        .await;
+    assert_eq!(exit_of(watcher, 30).await.0, 2, "cancelled exits 2");
+
+    // Refusals exit 3.
+    assert_eq!(
+        exit_of(spawn_watch(&app.base, &app.key, "424242", false), 10)
+            .await
+            .0,
+        3
+    );
+    assert_eq!(
+        exit_of(spawn_watch(&app.base, "hk_wrong", &id, false), 10)
+            .await
+            .0,
+        3
+    );
+}
+
+#[tokio::test]
+async fn campaign_and_contacts_commands_work_and_refuse_bad_input() {
+    let app = crate::helpers::spawn_app_with(|c| c.engine = None).await;
+    let created = herald_async(
+        &app,
+        &[
+            "campaign",
+            "create",
+            "--name",
+            "From the CLI",
+            "--template",
+            "Hi {{name}}",
+        ],
+    )
+    .await;
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let campaign: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+    let id = campaign["id"].to_string();
+
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("contacts.csv");
+    std::fs::write(&csv, "phone,name\n+15551234567,Ann\nnope,Bob\n").unwrap();
+    let imported = herald_async(&app, &["contacts", "import", &id, csv.to_str().unwrap()]).await;
+    let report = String::from_utf8_lossy(&imported.stdout);
+    assert!(imported.status.success());
+    assert!(
+        report.contains("imported 1, duplicates 0, invalid 1"),
+        "{report}"
+    );
+    assert!(report.contains("line 3: phone:"), "{report}");
+
+    let listed = herald_async(&app, &["campaign", "list"]).await;
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("From the CLI"));
+    let started = herald_async(&app, &["campaign", "start", &id]).await;
+    assert!(started.status.success());
+    let shown: serde_json::Value =
+        serde_json::from_slice(&herald_async(&app, &["campaign", "show", &id]).await.stdout)
+            .unwrap();
+    assert_eq!(shown["status"], "running");
+    let paused = herald_async(&app, &["campaign", "pause", &id]).await;
+    assert!(paused.status.success());
+    let again = herald_async(&app, &["campaign", "pause", &id]).await;
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("409"),
+        "names the conflict"
+    );
+
+    for (args, needle) in [
+        (vec!["campaign", "show", "999"], "404"),
+        (
+            vec!["campaign", "create", "--name", "x", "--channel", "fax"],
+            "channel",
+        ),
+        (
+            vec!["campaign", "create", "--name", "x", "--provider", "{nope"],
+            "--provider",
+        ),
+        (
+            vec!["contacts", "import", id.as_str(), "/no/such/file.csv"],
+            "cannot open",
+        ),
+    ] {
+        let out = herald_async(&app, &args).await;
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let wrong_key = tokio::process::Command::new(HERALD)
+        .args(["campaign", "list"])
+        .env("HERALD_URL", &app.base)
+        .env("HERALD_KEY", "hk_wrong")
+        .output()
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&wrong_key.stderr).contains("401"));
+}
+
+#[tokio::test]
+async fn watch_reconnects_after_the_server_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("herald.db").display());
+    let key = String::from_utf8(herald(&url, &["keys", "create", "--workspace", "w"]).stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let start_server = || {
+        Command::new(HERALD)
+            .env("HERALD_DATABASE_URL", &url)
+            .env("HERALD_ADDR", format!("127.0.0.1:{port}"))
+            .env("HERALD_NO_DEMO", "1")
+            .env("HERALD_IN_FLIGHT", "8")
+            .env("HERALD_LEASE_SECONDS", "2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut server = start_server();
+    wait_healthy(&base).await;
+    let client = reqwest::Client::new();
+    let campaign: serde_json::Value = client
+        .post(format!("{base}/v1/campaigns"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"name": "r", "channel": "sms", "template": "Hi {{name}}", "provider": {"kind": "simulated", "latency_ms": 10}}))
+        .send().await.unwrap().json().await.unwrap();
+    let id = campaign["id"].to_string();
+    let mut csv = String::from("phone,name\n");
+    for i in 0..1500 {
+        csv.push_str(&format!("+1555{i:07},P{i}\n"));
+    }
+    client
+        .post(format!("{base}/v1/campaigns/{id}/contacts:import"))
+        .bearer_auth(&key)
+        .header("content-type", "text/csv")
+        .body(csv)
+        .send()
+        .await
+        .unwrap();
+    client
+        .post(format!("{base}/v1/campaigns/{id}/start"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    let watcher = spawn_watch(&base, &key, &id, true);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    server.kill().unwrap();
+    server.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut server = start_server();
+    let (code, stdout) = exit_of(watcher, 90).await;
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert_eq!(code, 0, "{stdout}");
+    let acks = stdout
+        .lines()
+        .filter(|l| l.contains("connection_ack"))
+        .count();
+    assert!(acks >= 2, "it reconnected: {acks} connections");
+    let seqs: Vec<i64> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|m| m["seq"].as_i64())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] <= w[1]),
+        "resumed after what it saw: {seqs:?}"
+    );
+}

@@ -4,6 +4,9 @@
 //! does). The other commands work on the database directly, so an operator
 //! can create the first key before anything is running.
 
+mod remote;
+mod watch;
+
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -141,12 +144,63 @@ pub enum Command {
     /// Create, list and revoke API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Drive campaigns on a running server (create, list, show, start, pause, resume, cancel).
+    Campaign(CampaignArgs),
+    /// Import contacts into a campaign on a running server.
+    Contacts(ContactsArgs),
+    /// Follow a campaign live: a progress bar with rate and ETA; exits 0 when it
+    /// completes, 1 when it fails, 2 when it is cancelled, 3 when refused.
+    Watch {
+        /// Campaign id (or uuid).
+        campaign: String,
+        /// Print every server message as one JSON line instead of the bar.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Serve with a 100,000-contact demo campaign running on the simulated
+    /// provider; prints its id and a key to watch it with.
+    Demo {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// Contacts in the demo campaign.
+        #[arg(long, default_value_t = 100_000)]
+        contacts: u64,
+    },
     /// Manage a workspace's credit balance.
     #[command(subcommand)]
     Credits(CreditsCommand),
     /// Run a benchmark and print its figures.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct CampaignArgs {
+    #[command(flatten)]
+    remote: remote::Remote,
+    #[command(subcommand)]
+    command: remote::CampaignCommand,
+}
+
+#[derive(Debug, Args)]
+pub struct ContactsArgs {
+    #[command(flatten)]
+    remote: remote::Remote,
+    #[command(subcommand)]
+    command: ContactsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContactsCommand {
+    /// Upload a CSV (header row with `phone`, optional `name`, other columns become
+    /// variables), with a progress bar; prints the counts and every bad row.
+    Import {
+        /// Campaign id (or uuid).
+        campaign: String,
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -219,16 +273,34 @@ impl ServeArgs {
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.global.log_format);
+    let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {
-        None => serve(cli.serve.into_config(cli.global.database_url)).await,
-        Some(Command::Serve(args)) => serve(args.into_config(cli.global.database_url)).await,
-        Some(Command::Keys(cmd)) => keys(&cli.global.database_url, cmd).await,
-        Some(Command::Worker(args)) => worker(&cli.global.database_url, args).await,
-        Some(Command::Credits(cmd)) => credits(&cli.global.database_url, cmd).await,
-        Some(Command::Bench(cmd)) => crate::bench::run(cmd).await,
+        None => done(serve(cli.serve.into_config(cli.global.database_url), None).await),
+        Some(Command::Serve(args)) => {
+            done(serve(args.into_config(cli.global.database_url), None).await)
+        }
+        Some(Command::Demo {
+            serve: args,
+            contacts,
+        }) => done(serve(args.into_config(cli.global.database_url), Some(contacts)).await),
+        Some(Command::Keys(cmd)) => done(keys(&cli.global.database_url, cmd).await),
+        Some(Command::Worker(args)) => done(worker(&cli.global.database_url, args).await),
+        Some(Command::Credits(cmd)) => done(credits(&cli.global.database_url, cmd).await),
+        Some(Command::Bench(cmd)) => done(crate::bench::run(cmd).await),
+        Some(Command::Campaign(args)) => done(remote::campaign(args.remote, args.command).await),
+        Some(Command::Contacts(args)) => match args.command {
+            ContactsCommand::Import { campaign, file } => {
+                done(remote::import(args.remote, campaign, file).await)
+            }
+        },
+        Some(Command::Watch {
+            campaign,
+            json,
+            remote,
+        }) => watch::watch(remote, campaign, json).await,
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("herald: {err:#}");
             ExitCode::FAILURE
@@ -236,7 +308,7 @@ pub async fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: ServerConfig) -> anyhow::Result<()> {
+async fn serve(config: ServerConfig, demo_contacts: Option<u64>) -> anyhow::Result<()> {
     let app = Application::build(config).await?;
     let addr = app.local_addr();
     tracing::info!(%addr, "Herald is listening");
@@ -246,9 +318,65 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
             "Try it:\n\n    curl -H 'Authorization: Bearer {key}' http://{addr}/v1/campaigns\n"
         );
     }
-    app.run_until_stopped(shutdown_signal()).await?;
+    if let Some(contacts) = demo_contacts {
+        let store = app.store();
+        let workspace = store.ensure_workspace("demo").await?;
+        let (_, key) =
+            crate::api::keys::issue_key(store.as_ref(), workspace.id, Some("demo")).await?;
+        let base = format!("http://{addr}");
+        let serving = tokio::spawn(app.run_until_stopped(shutdown_signal()));
+        let id = start_demo_campaign(base.clone(), key.clone(), contacts).await?;
+        println!("\nDemo campaign {id} is running ({contacts} contacts, simulated provider).");
+        println!("Watch it:\n\n    herald watch {id} --url {base} --key {key}\n");
+        println!("or: websocat 'ws://{addr}/ws/campaigns/{id}/progress?token={key}'\n");
+        serving.await??;
+    } else {
+        app.run_until_stopped(shutdown_signal()).await?;
+    }
     tracing::info!("Herald stopped");
     Ok(())
+}
+
+/// Creates and starts the demo campaign through the public API.
+async fn start_demo_campaign(base: String, key: String, contacts: u64) -> anyhow::Result<i64> {
+    let client = reqwest::Client::new();
+    let campaign: serde_json::Value = client
+        .post(format!("{base}/v1/campaigns"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({
+            "name": "Demo: appointment reminders", "channel": "sms", "sender": "HERALD",
+            "template": "Hi {{name}}, see you on day {{day}}.",
+            "provider": {"kind": "simulated", "latency_ms": 40, "receipt_delay_ms": 3000}
+        }))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = campaign["id"].as_i64().unwrap_or_default();
+    let mut csv = String::from("phone,name,day\n");
+    for i in 0..contacts {
+        csv.push_str(&format!(
+            "+1202{:07},Person {i},{}\n",
+            i % 10_000_000,
+            i % 28 + 1
+        ));
+    }
+    client
+        .post(format!("{base}/v1/campaigns/{id}/contacts:import"))
+        .bearer_auth(&key)
+        .header("content-type", "text/csv")
+        .body(csv)
+        .send()
+        .await?
+        .error_for_status()?;
+    client
+        .post(format!("{base}/v1/campaigns/{id}/start"))
+        .bearer_auth(&key)
+        .send()
+        .await?
+        .error_for_status()?;
+    Ok(id)
 }
 
 async fn worker(database_url: &str, args: EngineArgs) -> anyhow::Result<()> {
