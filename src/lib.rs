@@ -26,3 +26,4 @@ pub mod startup;
 pub mod store;
 pub mod streams;
 pub mod telemetry;
+pub mod web;

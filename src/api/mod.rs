@@ -138,6 +138,7 @@ pub fn app(state: AppState) -> Router {
         .merge(briq::router())
         .merge(ws::router())
         .merge(events::router())
+        .merge(crate::web::router())
         .route("/openapi.json", get(openapi_json))
         .fallback(|| async { ApiError::NotFound("route".into()) })
         .with_state(state)

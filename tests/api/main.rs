@@ -5,6 +5,7 @@ mod campaigns;
 mod cli;
 mod contacts;
 mod crash;
+mod dashboard;
 mod engine;
 mod helpers;
 mod isolation;
