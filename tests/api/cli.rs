@@ -453,3 +453,50 @@ async fn watch_reconnects_after_the_server_restarts() {
         "resumed after what it saw: {seqs:?}"
     );
 }
+
+#[tokio::test]
+async fn demo_serves_a_running_campaign_and_says_how_to_watch_it() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut demo = tokio::process::Command::new(HERALD)
+        .args(["demo", "--contacts", "2000"])
+        .env(
+            "HERALD_DATABASE_URL",
+            format!("sqlite://{}", dir.path().join("demo.db").display()),
+        )
+        .env("HERALD_ADDR", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(demo.stdout.take().unwrap()).lines();
+    let mut watch_line = None;
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await
+    {
+        if line.trim_start().starts_with("herald watch ") {
+            watch_line = Some(line.trim().to_owned());
+            break;
+        }
+    }
+    let watch_line = watch_line.expect("the demo prints how to watch");
+    let words: Vec<&str> = watch_line.split_whitespace().collect();
+    let (id, key) = (words[2], words[words.len() - 1]);
+    let campaign: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/v1/campaigns/{id}"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(campaign["contact_count"], 2000);
+    assert!(
+        ["running", "completed"].contains(&campaign["status"].as_str().unwrap()),
+        "{campaign}"
+    );
+    demo.kill().await.unwrap();
+}
