@@ -102,29 +102,13 @@ fn write_result(scenario: &str, value: serde_json::Value) -> anyhow::Result<()> 
 }
 
 async fn engine(recipients: u64, latency_ms: u64, in_flight: usize) -> anyhow::Result<()> {
-    let dir = tempfile_dir()?;
     let engine = crate::engine::EngineConfig {
         in_flight,
         slice: 1000,
         ..Default::default()
     };
-    let app = Application::build(ServerConfig {
-        addr: "127.0.0.1:0".into(),
-        database_url: format!("sqlite://{}/bench.db", dir.display()),
-        api: ApiConfig::default(),
-        demo: false,
-        engine: Some(engine),
-        public_url: None,
-    })
-    .await?;
-    let base = format!("http://{}", app.local_addr());
-    let store = app.store();
-    let workspace = store.ensure_workspace("bench").await?;
-    let (_, key) = crate::api::keys::issue_key(store.as_ref(), workspace.id, None).await?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until_stopped(async {
-        let _ = stopped.await;
-    }));
+    let bench = BenchServer::start(Some(engine)).await?;
+    let (base, key) = (bench.base.clone(), bench.key.clone());
     let client = reqwest::Client::new();
     let campaign: serde_json::Value = client
         .post(format!("{base}/v1/campaigns"))
@@ -200,10 +184,7 @@ async fn engine(recipients: u64, latency_ms: u64, in_flight: usize) -> anyhow::R
                "seconds": elapsed.as_secs_f64(), "recipients_per_second": rate,
                "peak_rss_bytes": peak_rss}),
     )?;
-    let _ = stop.send(());
-    server.await??;
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    bench.stop().await
 }
 
 /// RSS of another process, in bytes.
@@ -374,25 +355,8 @@ async fn fanout(subscribers: usize, recipients: u64) -> anyhow::Result<()> {
 }
 
 async fn import(rows: u64) -> anyhow::Result<()> {
-    let dir = tempfile_dir()?;
-    let app = Application::build(ServerConfig {
-        addr: "127.0.0.1:0".into(),
-        database_url: format!("sqlite://{}/bench.db", dir.display()),
-        api: ApiConfig::default(),
-        demo: false,
-        engine: None,
-        public_url: None,
-    })
-    .await?;
-    let base = format!("http://{}", app.local_addr());
-    let store = app.store();
-    let workspace = store.ensure_workspace("bench").await?;
-    let (_, key) = crate::api::keys::issue_key(store.as_ref(), workspace.id, None).await?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until_stopped(async {
-        let _ = stopped.await;
-    }));
-
+    let bench = BenchServer::start(None).await?;
+    let (base, key) = (bench.base.clone(), bench.key.clone());
     let client = reqwest::Client::new();
     let campaign: serde_json::Value = client
         .post(format!("{base}/v1/campaigns"))
@@ -450,10 +414,53 @@ async fn import(rows: u64) -> anyhow::Result<()> {
             "rows_per_second": rate, "peak_rss_bytes": peak,
         }),
     )?;
-    let _ = stop.send(());
-    server.await??;
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    bench.stop().await
+}
+
+/// A Herald served in this process on a temporary database, with a key.
+struct BenchServer {
+    base: String,
+    key: String,
+    dir: std::path::PathBuf,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl BenchServer {
+    async fn start(engine: Option<crate::engine::EngineConfig>) -> anyhow::Result<Self> {
+        let dir = tempfile_dir()?;
+        let app = Application::build(ServerConfig {
+            addr: "127.0.0.1:0".into(),
+            database_url: format!("sqlite://{}/bench.db", dir.display()),
+            api: ApiConfig::default(),
+            demo: false,
+            engine,
+            public_url: None,
+        })
+        .await?;
+        let base = format!("http://{}", app.local_addr());
+        let store = app.store();
+        let workspace = store.ensure_workspace("bench").await?;
+        let (_, key) = crate::api::keys::issue_key(store.as_ref(), workspace.id, None).await?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            base,
+            key,
+            dir,
+            stop,
+            server,
+        })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.server.await??;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(())
+    }
 }
 
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {

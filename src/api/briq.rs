@@ -74,6 +74,14 @@ impl IntoResponse for BriqError {
     }
 }
 
+/// Wraps a handler's result in the envelope, success or not.
+fn envelope(request_id: String, answer: Result<Value, ApiError>) -> Result<Response, BriqError> {
+    match answer {
+        Ok(data) => Ok(ok(request_id, data)),
+        Err(error) => Err(BriqError { error, request_id }),
+    }
+}
+
 fn ok(request_id: String, data: Value) -> Response {
     (
         StatusCode::OK,
@@ -170,10 +178,7 @@ pub async fn status(
         }))
     }
     .await;
-    match answer {
-        Ok(data) => Ok(ok(request_id, data)),
-        Err(error) => Err(BriqError { error, request_id }),
-    }
+    envelope(request_id, answer)
 }
 
 #[utoipa::path(get, path = "/v1/campaign/{campaign_id}/analytics", tag = "seed-002",
@@ -228,10 +233,7 @@ pub async fn analytics(
         }))
     }
     .await;
-    match answer {
-        Ok(data) => Ok(ok(request_id, data)),
-        Err(error) => Err(BriqError { error, request_id }),
-    }
+    envelope(request_id, answer)
 }
 
 fn run_json(run: &RunRecord) -> Value {
@@ -356,10 +358,7 @@ pub async fn run_detail(
         }))
     }
     .await;
-    match answer {
-        Ok(data) => Ok(ok(request_id, data)),
-        Err(error) => Err(BriqError { error, request_id }),
-    }
+    envelope(request_id, answer)
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -432,8 +431,5 @@ pub async fn snapshot(
         Ok(data)
     }
     .await;
-    match answer {
-        Ok(data) => Ok(ok(request_id, data)),
-        Err(error) => Err(BriqError { error, request_id }),
-    }
+    envelope(request_id, answer)
 }

@@ -323,8 +323,9 @@ async fn ensure_sendable(state: &AppState, campaign: &Campaign) -> Result<(), Ap
     Ok(())
 }
 
-/// Applies `action` with a compare-and-set on the status the campaign had.
-async fn drive(
+/// Applies `action` with a compare-and-set on the status the campaign had,
+/// with its effect on runs, and tells the engine and live subscribers.
+pub(super) async fn drive(
     state: &AppState,
     campaign: &Campaign,
     action: Action,

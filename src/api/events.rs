@@ -24,7 +24,7 @@ use super::extract::{ApiJson, Auth};
 use super::{ApiError, AppState};
 use crate::domain::{CampaignStatus, Channel};
 use crate::store::StoredEvent;
-use crate::streams::protocol::{burki_data, EXTERNAL_KINDS};
+use crate::streams::protocol::{burki_data, snapshot_of, EXTERNAL_KINDS};
 use crate::streams::{coalesce, Format, HubEvent};
 
 /// Largest `data` of one posted event, serialised.
@@ -313,12 +313,7 @@ pub async fn stream(
                 }
             }
             let run = store.latest_run(campaign.id).await.ok().flatten();
-            let snapshot = json!({
-                "status": campaign.status.as_str(), "started_at": campaign.started_at,
-                "completed_at": campaign.completed_at, "contact_count": campaign.contact_count,
-                "run": run.map(|r| json!({"id": r.uuid, "status": r.status.public(), "counters": r.counters,
-                                          "total_batches": r.total_batches, "completed_batches": r.completed_batches})),
-            });
+            let snapshot = snapshot_of(&campaign, run.as_ref());
             let event = Event::default()
                 .id(position.to_string())
                 .event("snapshot")

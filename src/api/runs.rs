@@ -13,7 +13,7 @@ use super::views::{rfc3339, rfc3339_opt, CampaignView};
 use super::{ApiError, AppState};
 use crate::domain::{Action, CampaignStatus, ProviderSettings, Recipients};
 use crate::providers::twilio;
-use crate::store::{Counters, Receipt, RunEffect, RunRecord, Transition};
+use crate::store::{Counters, Receipt, RunRecord};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -100,31 +100,8 @@ pub async fn create_run(
         }
         _ => Action::Rerun,
     };
-    let next = campaign.status.apply(action)?;
-    let run = match action {
-        Action::Start => RunEffect::Schedule {
-            at: crate::store::now_ms(),
-        },
-        _ => RunEffect::NewRun {
-            recipients: body.recipients,
-        },
-    };
-    let updated = state
-        .store
-        .transition_campaign(
-            campaign.id,
-            &Transition {
-                from: campaign.status,
-                to: next,
-                start_at: None,
-                run,
-            },
-        )
-        .await?;
-    state.engine_wakeup.notify_one();
-    state.published(&updated);
-    let view = CampaignView::with_progress(&state, &updated).await?;
-    Ok((StatusCode::CREATED, Json(view)))
+    let view = super::campaigns::drive(&state, &campaign, action, None, body.recipients).await?;
+    Ok((StatusCode::CREATED, view))
 }
 
 #[utoipa::path(get, path = "/v1/campaigns/{id}/runs", tag = "campaigns",

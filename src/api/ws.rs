@@ -36,7 +36,7 @@ use tokio_stream::StreamMap;
 use super::extract::{authenticate, Auth};
 use super::{ApiError, AppState};
 use crate::store::{Campaign, CampaignRef, StoredEvent};
-use crate::streams::protocol::burki_data;
+use crate::streams::protocol::{burki_data, snapshot_of};
 use crate::streams::{coalesce, Format, HubEvent};
 
 pub const CLOSE_NORMAL: u16 = 1000;
@@ -304,14 +304,7 @@ async fn snapshot(state: &AppState, campaign: &Campaign, position: i64) -> Resul
         .latest_run(campaign.id)
         .await
         .map_err(internal)?;
-    Ok(json!({
-        "status": campaign.status.as_str(),
-        "started_at": campaign.started_at,
-        "completed_at": campaign.completed_at,
-        "contact_count": campaign.contact_count,
-        "run": run.map(|r| json!({"id": r.uuid, "status": r.status.public(), "counters": r.counters,
-                                  "total_batches": r.total_batches, "completed_batches": r.completed_batches})),
-    }))
+    Ok(snapshot_of(campaign, run.as_ref()))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

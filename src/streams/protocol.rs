@@ -78,6 +78,23 @@ pub fn burki_data(campaign_id: i64, snapshot: &Value) -> Value {
     })
 }
 
+/// A campaign snapshot, shaped as the one `append_event` stores with each
+/// event, built from the stored campaign and its latest run.
+pub fn snapshot_of(
+    campaign: &crate::store::Campaign,
+    run: Option<&crate::store::RunRecord>,
+) -> Value {
+    json!({
+        "status": campaign.status.as_str(),
+        "started_at": campaign.started_at,
+        "completed_at": campaign.completed_at,
+        "contact_count": campaign.contact_count,
+        "run": run.map(|r| json!({"id": r.uuid, "status": r.status.public(), "counters": r.counters,
+                                  "total_batches": r.total_batches, "completed_batches": r.completed_batches,
+                                  "error": r.error})),
+    })
+}
+
 /// The event's data without the snapshot Herald attaches.
 fn own_data(event: &StoredEvent) -> Map<String, Value> {
     let mut data = event.data.as_object().cloned().unwrap_or_default();

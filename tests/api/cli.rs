@@ -500,3 +500,44 @@ async fn demo_serves_a_running_campaign_and_says_how_to_watch_it() {
     );
     demo.kill().await.unwrap();
 }
+
+/// The benchmarks run end to end at tiny sizes and write their figures.
+#[test]
+fn benchmarks_run_at_small_sizes_and_write_results() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["bench", "import", "--rows", "500"],
+        vec![
+            "bench",
+            "engine",
+            "--recipients",
+            "500",
+            "--in-flight",
+            "64",
+        ],
+    ] {
+        let out = Command::new(HERALD)
+            .args(&args)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("rate:"));
+    }
+    let import: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("bench/results/import.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(import["rows"], 500);
+    assert!(import["rows_per_second"].as_f64().unwrap() > 0.0);
+    let engine: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("bench/results/engine.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(engine["recipients"], 500);
+}

@@ -325,6 +325,34 @@ async fn close_finished_batches(
     Ok(closed)
 }
 
+/// Records one change of a workspace's balance; `after` is the new balance.
+#[allow(clippy::too_many_arguments)]
+async fn ledger_entry(
+    conn: &mut SqliteConnection,
+    workspace_id: i64,
+    run_id: Option<i64>,
+    kind: &str,
+    amount: i64,
+    after: i64,
+    note: &str,
+    now: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO credit_ledger (workspace_id, run_id, kind, amount, balance_after, note, created_at)
+         VALUES (?, ?, ?, ?, ?, NULLIF(?, ''), ?)",
+    )
+    .bind(workspace_id)
+    .bind(run_id)
+    .bind(kind)
+    .bind(amount)
+    .bind(after)
+    .bind(note)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 fn pending_from_row(row: &SqliteRow) -> StoreResult<PendingExecution> {
     Ok(PendingExecution {
         id: row.try_get("id")?,
@@ -533,16 +561,16 @@ impl EngineStore for SqliteStore {
                 .bind(workspace_id)
                 .fetch_one(&mut *tx)
                 .await?;
-                sqlx::query(
-                    "INSERT INTO credit_ledger (workspace_id, run_id, kind, amount, balance_after, note, created_at)
-                     VALUES (?, ?, 'reserve', ?, ?, 'reserved when the run was claimed', ?)",
+                ledger_entry(
+                    &mut tx,
+                    workspace_id,
+                    Some(run_id),
+                    "reserve",
+                    -cost_units,
+                    after,
+                    "reserved when the run was claimed",
+                    now,
                 )
-                .bind(workspace_id)
-                .bind(run_id)
-                .bind(-cost_units)
-                .bind(after)
-                .bind(now)
-                .execute(&mut *tx)
                 .await?;
             }
         }
@@ -865,17 +893,17 @@ impl EngineStore for SqliteStore {
             .bind(before.campaign_id)
             .fetch_one(&mut *tx)
             .await?;
-            sqlx::query(
-                "INSERT INTO credit_ledger (workspace_id, run_id, kind, amount, balance_after, note, created_at)
-                 VALUES (?, ?, 'refund', ?, ?, ?, ?)",
+            let note = format!("unsent part of a {status} run");
+            ledger_entry(
+                &mut tx,
+                workspace_id,
+                Some(run_id),
+                "refund",
+                refund,
+                after,
+                &note,
+                now,
             )
-            .bind(workspace_id)
-            .bind(run_id)
-            .bind(refund)
-            .bind(after)
-            .bind(format!("unsent part of a {status} run"))
-            .bind(now)
-            .execute(&mut *tx)
             .await?;
         }
         sqlx::query(
@@ -1039,16 +1067,16 @@ impl EngineStore for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?
         .ok_or(StoreError::NotFound)?;
-        sqlx::query(
-            "INSERT INTO credit_ledger (workspace_id, kind, amount, balance_after, note, created_at)
-             VALUES (?, 'topup', ?, ?, ?, ?)",
+        ledger_entry(
+            &mut tx,
+            workspace_id,
+            None,
+            "topup",
+            amount,
+            after,
+            note.unwrap_or(""),
+            now_ms(),
         )
-        .bind(workspace_id)
-        .bind(amount)
-        .bind(after)
-        .bind(note)
-        .bind(now_ms())
-        .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         self.workspace(workspace_id).await
