@@ -168,6 +168,13 @@ pub enum Command {
         #[arg(long, default_value_t = 100_000)]
         contacts: u64,
     },
+    /// Copy the database to FILE while Herald keeps running (consistent snapshot).
+    Backup {
+        /// Where to write the copy; must not exist.
+        file: std::path::PathBuf,
+    },
+    /// Apply pending migrations and exit (the server also does this at start).
+    Migrate,
     /// Manage a workspace's credit balance.
     #[command(subcommand)]
     Credits(CreditsCommand),
@@ -284,6 +291,12 @@ pub async fn main() -> ExitCode {
             contacts,
         }) => done(serve(args.into_config(cli.global.database_url), Some(contacts)).await),
         Some(Command::Keys(cmd)) => done(keys(&cli.global.database_url, cmd).await),
+        Some(Command::Backup { file }) => done(backup(&cli.global.database_url, &file).await),
+        Some(Command::Migrate) => done(
+            crate::store::connect(&cli.global.database_url)
+                .await
+                .map(|_| println!("database is up to date")),
+        ),
         Some(Command::Worker(args)) => done(worker(&cli.global.database_url, args).await),
         Some(Command::Credits(cmd)) => done(credits(&cli.global.database_url, cmd).await),
         Some(Command::Bench(cmd)) => done(crate::bench::run(cmd).await),
@@ -377,6 +390,21 @@ async fn start_demo_campaign(base: String, key: String, contacts: u64) -> anyhow
         .await?
         .error_for_status()?;
     Ok(id)
+}
+
+async fn backup(database_url: &str, file: &std::path::Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !file.exists(),
+        "{} already exists; choose a new file",
+        file.display()
+    );
+    let store = crate::store::connect(database_url).await?;
+    let path = file
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("the backup path must be UTF-8"))?;
+    store.backup(path).await?;
+    println!("backed up to {}", file.display());
+    Ok(())
 }
 
 async fn worker(database_url: &str, args: EngineArgs) -> anyhow::Result<()> {

@@ -209,6 +209,10 @@ pub trait Store: EngineStore + ReportStore + Send + Sync + 'static {
     /// Succeeds when the database answers.
     async fn ping(&self) -> StoreResult<()>;
 
+    /// Writes a consistent copy of the whole database to `path` while it
+    /// keeps serving (SQLite: `VACUUM INTO`).
+    async fn backup(&self, path: &str) -> StoreResult<()>;
+
     // --- workspaces and keys -------------------------------------------------
 
     /// Returns the named workspace, creating it when it does not exist.

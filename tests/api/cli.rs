@@ -541,3 +541,93 @@ fn benchmarks_run_at_small_sizes_and_write_results() {
     .unwrap();
     assert_eq!(engine["recipients"], 500);
 }
+
+#[tokio::test]
+async fn backup_during_a_run_is_consistent_and_migrate_refuses_a_newer_database() {
+    let app = crate::helpers::spawn_app_with(|c| {
+        if let Some(engine) = c.engine.as_mut() {
+            engine.in_flight = 8;
+            engine.slice = 32;
+        }
+    })
+    .await;
+    let c = app
+        .campaign_with_contacts(
+            serde_json::json!({"channel": "sms", "template": "Hi {{name}}", "provider": {"kind": "simulated", "latency_ms": 10}}),
+            1500,
+        )
+        .await;
+    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+        .await;
+    app.wait_campaign(&c["id"], 30, |c| {
+        c["progress"]["sent"].as_i64().unwrap_or(0) > 100
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.db");
+    let out = herald(&app.database_url, &["backup", copy.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = herald(&app.database_url, &["backup", copy.to_str().unwrap()]);
+    assert!(
+        !again.status.success(),
+        "an existing file is never overwritten"
+    );
+
+    // The copy opens, and its counters equal its rows: a consistent snapshot.
+    let copy_url = format!("sqlite://{}", copy.display());
+    let store = herald::store::connect(&copy_url).await.unwrap();
+    let run = store
+        .latest_run(c["id"].as_i64().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let counted = |status| {
+        let store = store.clone();
+        let id = c["id"].as_i64().unwrap();
+        async move { store.count_executions(id, Some(status)).await.unwrap() }
+    };
+    use herald::domain::ExecutionStatus::*;
+    assert_eq!(run.counters.sent, counted(Completed).await);
+    assert_eq!(run.counters.pending, counted(Pending).await);
+    assert_eq!(run.counters.processing, counted(InProgress).await);
+    assert!(
+        run.counters.sent > 100 && run.counters.sent < 1500,
+        "taken mid-run: {}",
+        run.counters.sent
+    );
+
+    // A database migrated by a newer Herald is refused with a clear error.
+    let sqlite = record_future_migration(&copy_url).await;
+    assert!(sqlite.is_ok());
+    let refused = herald(&copy_url, &["migrate"]);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("migration") && message.contains("9999"),
+        "{message}"
+    );
+    let ok = herald(&app.database_url, &["migrate"]);
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("up to date"));
+}
+
+/// Records a migration this binary does not know, as a newer Herald would.
+async fn record_future_migration(url: &str) -> Result<(), String> {
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); \
+             c.execute(\"INSERT INTO _sqlx_migrations (version, description, installed_on, success, checksum, execution_time) VALUES (9999, 'from the future', CURRENT_TIMESTAMP, 1, x'00', 0)\"); c.commit()",
+            url.trim_start_matches("sqlite://"),
+        ])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}

@@ -156,6 +156,16 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
+    async fn backup(&self, path: &str) -> StoreResult<()> {
+        // A read transaction sees one snapshot, so the copy is consistent
+        // even while runs write; the writer is never blocked.
+        sqlx::query("VACUUM INTO ?")
+            .bind(path)
+            .execute(&self.reader)
+            .await?;
+        Ok(())
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
