@@ -59,6 +59,7 @@ impl Application {
             .public_url
             .clone()
             .unwrap_or_else(|| format!("http://{}", listener.local_addr().expect("bound")));
+        crate::telemetry::metrics();
         let stop = CancellationToken::new();
         let hub =
             crate::streams::Hub::start(store.clone(), config.api.streams.coalesce, stop.clone());

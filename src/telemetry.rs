@@ -1,5 +1,9 @@
-//! Logging: human-readable by default, JSON with `--log-format json`.
-//! Level comes from `RUST_LOG` (default `info`).
+//! Logging (human-readable by default, JSON with `--log-format json`, level
+//! from `RUST_LOG`) and Prometheus metrics.
+//!
+//! Metric names follow Prometheus conventions (`herald_…_total`,
+//! `_seconds`); labels are bounded sets (channel, provider kind, outcome,
+//! route template, protocol), never ids.
 
 use tracing_subscriber::{fmt, EnvFilter};
 
@@ -17,4 +21,23 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets(&[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ])
+            .expect("valid buckets")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (tests build many apps
+        // in one process); then this handle just renders an empty page.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
 }

@@ -140,8 +140,10 @@ pub fn app(state: AppState) -> Router {
         .merge(events::router())
         .merge(crate::web::router())
         .route("/openapi.json", get(openapi_json))
+        .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::NotFound("route".into()) })
         .with_state(state)
+        .layer(axum::middleware::from_fn(track_request))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
@@ -218,6 +220,37 @@ impl Modify for SecuritySchemes {
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
         );
     }
+}
+
+/// Prometheus text exposition of this process's metrics.
+async fn metrics_text() -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        crate::telemetry::metrics().render(),
+    )
+}
+
+/// Counts requests by method, route template and status, and times them.
+async fn track_request(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("herald_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("herald_http_request_duration_seconds", "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
 }
 
 async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {

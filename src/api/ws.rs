@@ -95,6 +95,8 @@ struct Session {
 
 impl Session {
     fn new(socket: WebSocket, state: AppState, format: Format) -> Self {
+        metrics::gauge!("herald_stream_connections", "protocol" => protocol_name(format))
+            .increment(1.0);
         Self {
             socket,
             state,
@@ -109,6 +111,8 @@ impl Session {
     }
 
     async fn send_text(&mut self, text: Utf8Bytes) -> Result<(), End> {
+        metrics::counter!("herald_stream_messages_total", "protocol" => protocol_name(self.format))
+            .increment(1);
         let timeout = self.state.config.streams.send_timeout;
         match tokio::time::timeout(timeout, self.socket.send(Message::Text(text))).await {
             Ok(Ok(())) => Ok(()),
@@ -305,6 +309,22 @@ async fn snapshot(state: &AppState, campaign: &Campaign, position: i64) -> Resul
         .await
         .map_err(internal)?;
     Ok(snapshot_of(campaign, run.as_ref()))
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        metrics::gauge!("herald_stream_connections", "protocol" => protocol_name(self.format))
+            .decrement(1.0);
+    }
+}
+
+fn protocol_name(format: Format) -> &'static str {
+    match format {
+        Format::Burki => "seed000",
+        Format::Jobs => "seed003",
+        Format::Iterations => "seed004",
+        Format::Sse => "sse",
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

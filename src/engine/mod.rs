@@ -171,6 +171,14 @@ impl Engine {
                     .await
                 {
                     Ok(Some(claimed)) => {
+                        metrics::counter!("herald_runs_claimed_total").increment(1);
+                        let lag = (now_ms() - claimed.scheduled_at).max(0) as f64 / 1000.0;
+                        if claimed
+                            .claimed_at
+                            .is_some_and(|at| at >= claimed.scheduled_at)
+                        {
+                            metrics::histogram!("herald_claim_lag_seconds").record(lag);
+                        }
                         tracing::info!(
                             run = claimed.id,
                             campaign = claimed.campaign_id,

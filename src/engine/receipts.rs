@@ -96,6 +96,12 @@ impl ReceiptQueue {
             }
             match self.store.record_receipts(&batch, now_ms()).await {
                 Ok(report) => {
+                    metrics::counter!("herald_receipts_total", "result" => "applied")
+                        .increment(report.applied);
+                    metrics::counter!("herald_receipts_total", "result" => "unknown")
+                        .increment(report.unknown);
+                    metrics::counter!("herald_receipts_total", "result" => "duplicate")
+                        .increment(report.duplicate);
                     if report.unknown > 0 {
                         tracing::warn!(
                             unknown = report.unknown,

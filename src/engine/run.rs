@@ -156,6 +156,8 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
                     RunEnd::Completed
                 };
                 let done = store.finish_run(run.id, &end, now_ms()).await?;
+                metrics::counter!("herald_runs_finished_total", "status" => done.run.status.as_str())
+                    .increment(1);
                 notify();
                 tracing::info!(
                     run = run.id,
@@ -246,6 +248,23 @@ impl Sending<'_> {
     /// Sends one execution and classifies the result; the second value is
     /// set when the provider says it is misconfigured.
     async fn send(&self, execution: PendingExecution) -> (ExecutionOutcome, Option<String>) {
+        let (outcome, misconfigured) = self.send_once(execution).await;
+        let result = if outcome.status == ExecutionStatus::Pending {
+            metrics::counter!("herald_retries_total", "provider" => self.snapshot.provider.kind())
+                .increment(1);
+            "retry"
+        } else {
+            outcome.status.as_str()
+        };
+        metrics::counter!("herald_sends_total",
+            "channel" => self.snapshot.channel.as_str(),
+            "provider" => self.snapshot.provider.kind(),
+            "outcome" => result)
+        .increment(1);
+        (outcome, misconfigured)
+    }
+
+    async fn send_once(&self, execution: PendingExecution) -> (ExecutionOutcome, Option<String>) {
         let mut outcome = ExecutionOutcome {
             id: execution.id,
             batch_sequence: execution.batch_sequence,
@@ -284,7 +303,11 @@ impl Sending<'_> {
             execution_id: execution.id,
             attempt: execution.attempt,
         };
+        let sent_at = std::time::Instant::now();
         let result = self.provider.send(&message).await;
+        let provider = self.snapshot.provider.kind();
+        metrics::histogram!("herald_provider_latency_seconds", "provider" => provider)
+            .record(sent_at.elapsed().as_secs_f64());
         let max_attempts = i64::from(self.snapshot.max_attempts);
         match result {
             SendResult::Delivered {

@@ -296,6 +296,7 @@ impl Hub {
             let Some(last) = events.last() else { return };
             after = last.seq;
             let full = events.len() as i64 == READ_LIMIT;
+            metrics::counter!("herald_events_streamed_total").increment(events.len() as u64);
             let mut state = self.inner.state.lock().expect("hub lock");
             let workspace = state.workspaces.get(&workspace_id).cloned();
             let Some(channel) = state.campaigns.get_mut(&campaign_id) else {
@@ -342,6 +343,9 @@ impl Channel {
                 .last_progress_at
                 .is_some_and(|at| at.elapsed() < window);
             if recent {
+                if self.held.is_some() {
+                    metrics::counter!("herald_stream_frames_coalesced_total").increment(1);
+                }
                 self.held = Some(event);
             } else {
                 self.held = None;

@@ -10,6 +10,7 @@ mod engine;
 mod helpers;
 mod isolation;
 mod keys;
+mod metrics;
 mod providers;
 mod python_clients;
 mod seeds;

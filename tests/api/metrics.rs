@@ -1,0 +1,187 @@
+//! `/metrics` scraped from a real server process during and after a run;
+//! the Prometheus text is parsed and its counters checked against the run.
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const HERALD: &str = env!("CARGO_BIN_EXE_herald");
+
+/// Parses Prometheus text format: `name{labels} value` → value, keyed by
+/// the name and the label set as written.
+fn parse(text: &str) -> HashMap<String, f64> {
+    let mut samples = HashMap::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("a sample is 'series value'");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        samples.insert(series.to_owned(), value);
+    }
+    samples
+}
+
+/// Sums the samples of `name` whose labels include every `labels` pair.
+fn sum(samples: &HashMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|(series, _)| {
+            series.split('{').next() == Some(name)
+                && labels
+                    .iter()
+                    .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_count_what_a_run_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("m.db").display());
+    let key_out = Command::new(HERALD)
+        .args(["keys", "create", "--workspace", "m"])
+        .env("HERALD_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    let key = String::from_utf8(key_out.stdout).unwrap().trim().to_owned();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new(HERALD)
+        .env("HERALD_DATABASE_URL", &url)
+        .env("HERALD_ADDR", format!("127.0.0.1:{port}"))
+        .env("HERALD_NO_DEMO", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.get(format!("{base}/healthz")).send().await.is_err() {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let campaign: Value = client
+        .post(format!("{base}/v1/campaigns"))
+        .bearer_auth(&key)
+        .json(&json!({"name": "m", "channel": "voice", "template": "Hi {{name}}", "sender": "+15550001234", "max_attempts": 2,
+                      "provider": {"kind": "simulated", "outcomes": {"completed": 0.6, "busy": 0.4}}}))
+        .send().await.unwrap().json().await.unwrap();
+    let id = campaign["id"].clone();
+    let mut csv = String::from("phone,name\n");
+    for i in 0..400 {
+        csv.push_str(&format!("+1555{i:07},P{i}\n"));
+    }
+    client
+        .post(format!("{base}/v1/campaigns/{id}/contacts:import"))
+        .bearer_auth(&key)
+        .header("content-type", "text/csv")
+        .body(csv)
+        .send()
+        .await
+        .unwrap();
+    client
+        .post(format!("{base}/v1/campaigns/{id}/start"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    let done = loop {
+        let c: Value = client
+            .get(format!("{base}/v1/campaigns/{id}"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if c["status"] == "completed" {
+            break c;
+        }
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(60),
+            "run did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let response = client.get(format!("{base}/metrics")).send().await.unwrap();
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let samples = parse(&response.text().await.unwrap());
+    server.kill().unwrap();
+    server.wait().unwrap();
+
+    let sent = done["progress"]["sent"].as_f64().unwrap();
+    let failed = done["progress"]["failed"].as_f64().unwrap();
+    let voice = [("channel", "voice"), ("provider", "simulated")];
+    assert_eq!(
+        sum(
+            &samples,
+            "herald_sends_total",
+            &[voice[0], voice[1], ("outcome", "completed")]
+        ),
+        sent
+    );
+    assert_eq!(
+        sum(
+            &samples,
+            "herald_sends_total",
+            &[voice[0], ("outcome", "busy")]
+        ),
+        failed
+    );
+    let retries = sum(&samples, "herald_retries_total", &[]);
+    assert_eq!(
+        sum(&samples, "herald_sends_total", &[("outcome", "retry")]),
+        retries
+    );
+    assert!(retries > 0.0, "busy was retried once each");
+    assert_eq!(
+        sum(
+            &samples,
+            "herald_runs_finished_total",
+            &[("status", "completed")]
+        ),
+        1.0
+    );
+    assert_eq!(sum(&samples, "herald_runs_claimed_total", &[]), 1.0);
+    assert!(sum(&samples, "herald_provider_latency_seconds_count", &[]) >= sent + failed);
+    assert!(
+        sum(
+            &samples,
+            "herald_http_requests_total",
+            &[("route", "/v1/campaigns/{id}"), ("status", "200")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        sum(
+            &samples,
+            "herald_http_requests_total",
+            &[("route", "/v1/campaigns/{id}/start")]
+        ),
+        1.0
+    );
+    assert!(
+        sum(
+            &samples,
+            "herald_http_request_duration_seconds_count",
+            &[("route", "/v1/campaigns")]
+        ) >= 1.0
+    );
+    // No unbounded labels: no campaign id or key appears in any series.
+    assert!(samples
+        .keys()
+        .all(|series| !series.contains(&key) && !series.contains("campaign_id")));
+}
