@@ -60,6 +60,7 @@ impl Application {
             .clone()
             .unwrap_or_else(|| format!("http://{}", listener.local_addr().expect("bound")));
         crate::telemetry::metrics();
+        let limiter = api::key_limiter(config.api.rate_limit_per_key);
         let stop = CancellationToken::new();
         let hub =
             crate::streams::Hub::start(store.clone(), config.api.streams.coalesce, stop.clone());
@@ -78,6 +79,7 @@ impl Application {
                 hub,
                 sockets: Default::default(),
                 shutdown: stop.clone(),
+                limiter,
             },
             demo_key,
             engine: config.engine,

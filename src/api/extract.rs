@@ -67,7 +67,16 @@ impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        authenticate(state, presented_key(parts).as_deref()).await
+        let auth = authenticate(state, presented_key(parts).as_deref()).await?;
+        if let Some(limiter) = &state.limiter {
+            if let Err(not_until) = limiter.check_key(&auth.key_id) {
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                    &governor::clock::DefaultClock::default(),
+                ));
+                return Err(ApiError::TooManyRequests(wait.as_secs_f64().ceil() as u64));
+            }
+        }
+        Ok(auth)
     }
 }
 

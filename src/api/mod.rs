@@ -47,6 +47,10 @@ pub struct ApiConfig {
     /// Region for workspaces created without one.
     pub default_region: Region,
     pub streams: StreamConfig,
+    /// REST requests per second per API key (bursts of twice that); 0 = off.
+    pub rate_limit_per_key: u32,
+    /// Origins allowed to call the API from a browser; empty = CORS off.
+    pub cors_origins: Vec<String>,
 }
 
 /// Limits and timings of the live streams.
@@ -95,6 +99,8 @@ impl Default for ApiConfig {
             max_import_bytes: 1024 * 1024 * 1024,
             default_region: Region::default(),
             streams: StreamConfig::default(),
+            rate_limit_per_key: 1000,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -114,6 +120,19 @@ pub struct AppState {
     pub sockets: Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>,
     /// Cancelled when the node shuts down: streams close with 1001.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Per-key request budget for the REST API.
+    pub limiter: Option<Arc<KeyedLimiter>>,
+}
+
+pub type KeyedLimiter = governor::DefaultKeyedRateLimiter<i64>;
+
+/// Builds the per-key limiter from the configured rate.
+pub fn key_limiter(per_second: u32) -> Option<Arc<KeyedLimiter>> {
+    let rate = std::num::NonZeroU32::new(per_second)?;
+    let burst = rate.saturating_mul(std::num::NonZeroU32::new(2).expect("2 > 0"));
+    Some(Arc::new(governor::RateLimiter::keyed(
+        governor::Quota::per_second(rate).allow_burst(burst),
+    )))
 }
 
 impl AppState {
@@ -128,6 +147,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The whole HTTP application, without a listener, so tests can drive it.
 pub fn app(state: AppState) -> Router {
     let max_body = state.config.max_body_bytes;
+    let cors = cors_layer(&state.config.cors_origins);
     Router::new()
         .merge(health::router())
         .merge(campaigns::router())
@@ -157,10 +177,34 @@ pub fn app(state: AppState) -> Router {
             }),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeBriqRequestId))
+        .layer(cors)
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(600),
         ))
+}
+
+/// CORS is off unless origins are configured; then browsers on those
+/// origins may call the API with a key header.
+fn cors_layer(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use axum::http::{header, HeaderValue, Method};
+    let allowed: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o.trim()).ok())
+        .collect();
+    if allowed.is_empty() {
+        return tower_http::cors::CorsLayer::new();
+    }
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(allowed)
+        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("x-api-key"),
+            HeaderName::from_static("last-event-id"),
+        ])
+        .max_age(Duration::from_secs(600))
 }
 
 /// Request ids look like Briq's (`req_…`), since seed 002 echoes them.

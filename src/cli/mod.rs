@@ -77,6 +77,13 @@ pub struct ServeArgs {
     /// Simultaneous seed-004 WebSockets per API key.
     #[arg(long, env = "HERALD_WS_MAX_PER_KEY", default_value_t = 10)]
     pub ws_max_per_key: usize,
+    /// REST requests per second per API key (bursts of twice that; 0 = no limit).
+    /// Over it: 429 with Retry-After.
+    #[arg(long, env = "HERALD_RATE_LIMIT", default_value_t = 1000)]
+    pub rate_limit: u32,
+    /// Browser origins allowed to call the API (comma-separated); CORS is off when empty.
+    #[arg(long, env = "HERALD_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
     /// Keep events at least this many hours…
     #[arg(long, env = "HERALD_EVENT_RETENTION_HOURS", default_value_t = 24)]
     pub event_retention_hours: u64,
@@ -269,6 +276,14 @@ impl ServeArgs {
                     retention_events: self.event_retention_count,
                     ..Default::default()
                 },
+                rate_limit_per_key: self.rate_limit,
+                cors_origins: self
+                    .cors_origins
+                    .iter()
+                    .flat_map(|o| o.split(','))
+                    .map(|o| o.trim().to_owned())
+                    .filter(|o| !o.is_empty())
+                    .collect(),
             },
             demo: !self.no_demo,
             engine: (!self.no_engine).then(|| self.engine.into_config()),

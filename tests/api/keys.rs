@@ -148,3 +148,66 @@ async fn the_workspace_is_readable() {
     assert_eq!(ws["default_region"], "US");
     assert!(ws["credit_balance"].is_null());
 }
+
+#[tokio::test]
+async fn a_key_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
+    let app = crate::helpers::spawn_app_with(|c| c.api.rate_limit_per_key = 5).await;
+    let mut limited = None;
+    for _ in 0..30 {
+        let response = app.get("/v1/campaigns").await;
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some(response);
+            break;
+        }
+    }
+    let response = limited.expect("the burst of 10 runs out");
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 1);
+    assert_eq!(
+        error_of(response, StatusCode::TOO_MANY_REQUESTS).await["code"],
+        "rate_limited"
+    );
+    let other = app.new_key("beta").await;
+    let fine = app
+        .request_as(&other, Method::GET, "/v1/campaigns")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fine.status(), StatusCode::OK, "each key has its own budget");
+}
+
+#[tokio::test]
+async fn cors_is_off_by_default_and_allows_only_configured_origins() {
+    let preflight = |app: &crate::helpers::TestApp, origin: &str| {
+        app.client
+            .request(Method::OPTIONS, app.url("/v1/campaigns"))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .header(
+                "Access-Control-Request-Headers",
+                "authorization,content-type",
+            )
+            .send()
+    };
+    let closed = spawn_app().await;
+    let response = preflight(&closed, "https://app.example").await.unwrap();
+    assert!(response
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
+
+    let open =
+        crate::helpers::spawn_app_with(|c| c.api.cors_origins = vec!["https://app.example".into()])
+            .await;
+    let allowed = preflight(&open, "https://app.example").await.unwrap();
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let other = preflight(&open, "https://evil.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+}
