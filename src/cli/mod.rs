@@ -4,6 +4,7 @@
 //! does). The other commands work on the database directly, so an operator
 //! can create the first key before anything is running.
 
+mod config_file;
 mod remote;
 mod watch;
 
@@ -38,6 +39,10 @@ pub struct Cli {
 
 #[derive(Debug, Args, Clone)]
 pub struct GlobalArgs {
+    /// Configuration file (TOML); default ./herald.toml when it exists.
+    /// Precedence: defaults < file < HERALD_* environment < flags.
+    #[arg(long, env = "HERALD_CONFIG", global = true)]
+    pub config: Option<std::path::PathBuf>,
     /// Database URL: sqlite://PATH (created if missing).
     #[arg(
         long,
@@ -182,12 +187,25 @@ pub enum Command {
     },
     /// Apply pending migrations and exit (the server also does this at start).
     Migrate,
+    /// Check the configuration: reads herald.toml (or --config), the
+    /// environment and flags, and prints the effective settings, secrets redacted.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Manage a workspace's credit balance.
     #[command(subcommand)]
     Credits(CreditsCommand),
     /// Run a benchmark and print its figures.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate and print the effective configuration.
+    Check {
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -292,6 +310,96 @@ impl ServeArgs {
     }
 }
 
+/// Reads the configuration file into the environment; runs before the
+/// async runtime starts. A bad file stops here, naming the key.
+pub fn prepare() -> Result<(), ExitCode> {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(path) = config_file::locate(&args) else {
+        return Ok(());
+    };
+    match config_file::read(&path) {
+        Ok(pairs) => {
+            config_file::apply(pairs);
+            Ok(())
+        }
+        Err(message) => {
+            eprintln!("herald: {message}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// Hides a database URL's password.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:********{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn config_check(global: &GlobalArgs, serve: &ServeArgs) {
+    let e = &serve.engine;
+    let rows: Vec<(&str, String)> = vec![
+        (
+            "config",
+            config_file::locate(&std::env::args().collect::<Vec<_>>())
+                .or_else(|| global.config.clone())
+                .map_or_else(|| "(none)".into(), |p| p.display().to_string()),
+        ),
+        ("database_url", redact_url(&global.database_url)),
+        (
+            "log_format",
+            format!("{:?}", global.log_format).to_lowercase(),
+        ),
+        ("addr", serve.addr.clone()),
+        ("max_body_bytes", serve.max_body_bytes.to_string()),
+        ("max_import_bytes", serve.max_import_bytes.to_string()),
+        ("default_region", serve.default_region.code().to_owned()),
+        ("no_demo", serve.no_demo.to_string()),
+        ("no_engine", serve.no_engine.to_string()),
+        (
+            "public_url",
+            serve
+                .public_url
+                .clone()
+                .unwrap_or_else(|| "(http://ADDR)".into()),
+        ),
+        ("coalesce_ms", serve.coalesce_ms.to_string()),
+        ("ws_idle_seconds", serve.ws_idle_seconds.to_string()),
+        ("ws_max_per_key", serve.ws_max_per_key.to_string()),
+        ("rate_limit", serve.rate_limit.to_string()),
+        ("cors_origins", serve.cors_origins.join(",")),
+        (
+            "event_retention_hours",
+            serve.event_retention_hours.to_string(),
+        ),
+        (
+            "event_retention_count",
+            serve.event_retention_count.to_string(),
+        ),
+        ("in_flight", e.in_flight.to_string()),
+        ("max_runs", e.max_runs.to_string()),
+        ("lease_seconds", e.lease_seconds.to_string()),
+        ("retry_base_ms", e.retry_base_ms.to_string()),
+        (
+            "slice",
+            e.slice
+                .map_or_else(|| "(4 × in_flight, ≤ 1000)".into(), |s| s.to_string()),
+        ),
+        ("sender_rate", e.sender_rate.to_string()),
+    ];
+    println!("configuration is valid");
+    for (key, value) in rows {
+        println!("{key:<22} = {value}");
+    }
+}
+
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.global.log_format);
@@ -307,6 +415,10 @@ pub async fn main() -> ExitCode {
         }) => done(serve(args.into_config(cli.global.database_url), Some(contacts)).await),
         Some(Command::Keys(cmd)) => done(keys(&cli.global.database_url, cmd).await),
         Some(Command::Backup { file }) => done(backup(&cli.global.database_url, &file).await),
+        Some(Command::Config(ConfigCommand::Check { serve })) => {
+            config_check(&cli.global, &serve);
+            Ok(ExitCode::SUCCESS)
+        }
         Some(Command::Migrate) => done(
             crate::store::connect(&cli.global.database_url)
                 .await

@@ -631,3 +631,108 @@ async fn record_future_migration(url: &str) -> Result<(), String> {
         Err(String::from_utf8_lossy(&output.stderr).into_owned())
     }
 }
+
+#[test]
+fn configuration_layers_are_file_then_environment_then_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("herald.toml"),
+        "addr = \"127.0.0.1:9001\"\nin_flight = 64\nrate-limit = 50\n",
+    )
+    .unwrap();
+    let check = |env: &[(&str, &str)], args: &[&str]| {
+        let mut command = Command::new(HERALD);
+        command
+            .current_dir(dir.path())
+            .arg("config")
+            .arg("check")
+            .args(args);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let out = command.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let value = |text: &str, key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{key} ")))
+            .map(|l| l.split(" = ").nth(1).unwrap().trim().to_owned())
+            .unwrap()
+    };
+    let from_file = check(&[], &[]);
+    assert_eq!(value(&from_file, "addr"), "127.0.0.1:9001");
+    assert_eq!(value(&from_file, "in_flight"), "64");
+    assert_eq!(value(&from_file, "rate_limit"), "50");
+    assert!(value(&from_file, "config").ends_with("herald.toml"));
+    let from_env = check(&[("HERALD_IN_FLIGHT", "99")], &[]);
+    assert_eq!(
+        value(&from_env, "in_flight"),
+        "99",
+        "environment beats the file"
+    );
+    let from_flag = check(&[("HERALD_IN_FLIGHT", "99")], &["--in-flight", "7"]);
+    assert_eq!(
+        value(&from_flag, "in_flight"),
+        "7",
+        "flags beat the environment"
+    );
+    let redacted = check(
+        &[("HERALD_DATABASE_URL", "postgres://u:hunter2@db/herald")],
+        &[],
+    );
+    assert!(!redacted.contains("hunter2"), "secrets are redacted");
+
+    for (file, needle) in [
+        ("adress = 1\n", "unknown key 'adress'"),
+        ("in_flight = \"many\"\n", "many"),
+        ("addr = \n", "not valid TOML"),
+    ] {
+        std::fs::write(dir.path().join("bad.toml"), file).unwrap();
+        let out = Command::new(HERALD)
+            .current_dir(dir.path())
+            .args(["--config", "bad.toml", "config", "check"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{file}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The README's configuration table and the binary's flags cannot drift.
+#[test]
+fn the_readme_configuration_table_matches_the_flags() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let help =
+        String::from_utf8(Command::new(HERALD).arg("--help").output().unwrap().stdout).unwrap();
+    let documented: std::collections::BTreeSet<String> = readme
+        .lines()
+        .filter(|l| l.starts_with("| `--"))
+        .filter_map(|l| l.split('`').nth(3).map(str::to_owned))
+        .collect();
+    let offered: std::collections::BTreeSet<String> = help
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("HERALD_") && w.len() > "HERALD_".len())
+        .map(str::to_owned)
+        .collect();
+    assert!(!documented.is_empty());
+    let undocumented: Vec<_> = offered.difference(&documented).collect();
+    let stale: Vec<_> = documented.difference(&offered).collect();
+    assert!(
+        undocumented.is_empty(),
+        "flags missing from the README table: {undocumented:?}"
+    );
+    assert!(
+        stale.is_empty(),
+        "README rows for flags that do not exist: {stale:?}"
+    );
+}
