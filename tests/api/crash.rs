@@ -219,3 +219,151 @@ fn lost_but_sent(executions: &[Value], counts: &HashMap<String, u32>) -> i64 {
         })
         .count() as i64
 }
+
+/// SIGTERM mid-run: subscribers are told 1001, the process exits 0, the run
+/// is released, and a restart finishes it with no recipient sent twice.
+#[tokio::test]
+async fn sigterm_drains_and_a_restart_finishes_the_run() {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = format!("sqlite://{}", dir.path().join("drain.db").display());
+    let key = String::from_utf8(
+        Command::new(HERALD)
+            .args(["keys", "create", "--workspace", "drain"])
+            .env("HERALD_DATABASE_URL", &database_url)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
+    let fake = MockServer::start().await;
+    let provider = CountingProvider::default();
+    Mock::given(method("POST"))
+        .respond_with(provider.clone())
+        .mount(&fake)
+        .await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut herald = start_herald(&database_url, port);
+    wait_until("the server", 20, async || {
+        client.get(format!("{base}/healthz")).send().await.is_ok()
+    })
+    .await;
+    let campaign: Value = client
+        .post(format!("{base}/v1/campaigns"))
+        .bearer_auth(&key)
+        .json(&json!({"name": "drain", "channel": "sms", "template": "Hi {{name}}",
+                      "provider": {"kind": "webhook", "url": format!("{}/send", fake.uri()), "secret": "0123456789abcdef0123"}}))
+        .send().await.unwrap().json().await.unwrap();
+    let id = campaign["id"].clone();
+    let mut csv = String::from("phone,name\n");
+    for i in 0..1200 {
+        csv.push_str(&format!("+1555{i:07},P{i}\n"));
+    }
+    client
+        .post(format!("{base}/v1/campaigns/{id}/contacts:import"))
+        .bearer_auth(&key)
+        .header("content-type", "text/csv")
+        .body(csv)
+        .send()
+        .await
+        .unwrap();
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!(
+        "ws://127.0.0.1:{port}/ws/campaigns/{id}/progress?token={key}"
+    ))
+    .await
+    .unwrap();
+    client
+        .post(format!("{base}/v1/campaigns/{id}/start"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    let sent = async |client: &reqwest::Client| -> i64 {
+        let c: Value = client
+            .get(format!("{base}/v1/campaigns/{id}"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        c["progress"]["sent"].as_i64().unwrap_or(0)
+    };
+    wait_until("some sends", 30, async || sent(&client).await > 200).await;
+
+    let term = Command::new("kill")
+        .args(["-TERM", &herald.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let mut close_code = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Ok(Some(frame)) = tokio::time::timeout_at(deadline, socket.next()).await {
+        if let Ok(tokio_tungstenite::tungstenite::Message::Close(Some(frame))) = frame {
+            close_code = Some(u16::from(frame.code));
+            break;
+        }
+    }
+    assert_eq!(
+        close_code,
+        Some(1001),
+        "subscribers are told the server is going away"
+    );
+    let exited = Instant::now();
+    let status = loop {
+        if let Some(status) = herald.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            exited.elapsed() < Duration::from_secs(15),
+            "the node drains in time"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "a drained node exits 0: {status}");
+    let at_stop: u32 = provider.by_recipient.lock().unwrap().values().sum();
+    assert!(at_stop < 1200, "stopped mid-run");
+
+    let mut herald = start_herald(&database_url, port);
+    wait_until("the run to finish after restart", 60, async || {
+        let c: Value = match client
+            .get(format!("{base}/v1/campaigns/{id}"))
+            .bearer_auth(&key)
+            .send()
+            .await
+        {
+            Ok(r) => r.json().await.unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        };
+        c["status"] == "completed"
+    })
+    .await;
+    let done: Value = client
+        .get(format!("{base}/v1/campaigns/{id}"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    herald.kill().unwrap();
+    herald.wait().unwrap();
+    let counts = provider.by_recipient.lock().unwrap().clone();
+    assert!(counts.values().all(|n| *n == 1), "no recipient sent twice");
+    assert_eq!(
+        counts.len(),
+        1200,
+        "a drain loses nothing: every recipient was sent once"
+    );
+    assert_eq!(done["progress"]["sent"], 1200);
+}
