@@ -36,7 +36,8 @@ pub fn router() -> Router<AppState> {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Envelope {
     pub success: bool,
-    #[schema(value_type = Object)]
+    /// The answer; null when `success` is false.
+    #[schema(value_type = Option<Object>)]
     pub data: Value,
     #[schema(value_type = Option<Vec<Object>>)]
     pub errors: Option<Value>,

@@ -48,12 +48,16 @@ impl IntoResponse for BurkiError {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct ExecutionParams {
     /// 1-based page (default 1).
+    #[param(value_type = Option<i64>, minimum = 1)]
     page: Option<String>,
     /// Results per page (default 50, max 1000; more is a 422).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 1000)]
     per_page: Option<String>,
     /// Only executions in this status.
+    #[param(value_type = Option<ExecutionStatus>)]
     status: Option<String>,
     /// Keyset cursor: `next_cursor` from the previous page.
+    #[param(value_type = Option<i64>, minimum = 1)]
     cursor: Option<String>,
 }
 
@@ -154,7 +158,7 @@ fn execution_view(e: ExecutionRecord, snapshot: Option<&RunSnapshot>) -> Executi
         (status = 404, description = "Campaign not found", body = super::ErrorBody),
         (status = 422, description = "Bad page, per_page, status or cursor", body = super::ErrorBody),
     ),
-    security(("bearer" = [])))]
+    security(("bearer" = []), ("api_key" = [])))]
 pub async fn executions(
     State(state): State<AppState>,
     auth: Result<Auth, ApiError>,

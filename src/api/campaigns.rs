@@ -33,6 +33,8 @@ pub fn router() -> Router<AppState> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCampaign {
+    /// 1 to 200 characters, not only spaces.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     name: String,
     channel: Channel,
     /// Message with `{{variables}}`; required before an SMS or voice campaign starts.
@@ -49,6 +51,7 @@ pub struct CreateCampaign {
 #[derive(Debug, Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateCampaign {
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     name: Option<String>,
     channel: Option<Channel>,
     template: Option<String>,
@@ -67,10 +70,13 @@ pub struct ScheduleCampaign {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct ListParams {
     /// 1-based page number (default 1).
+    #[param(value_type = Option<i64>, minimum = 1)]
     page: Option<String>,
     /// Items per page (default 50, at most 1000).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 1000)]
     per_page: Option<String>,
     /// Only campaigns in this status.
+    #[param(value_type = Option<CampaignStatus>)]
     status: Option<String>,
 }
 

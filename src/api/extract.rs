@@ -163,8 +163,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 #[derive(Debug, Deserialize, Default, utoipa::IntoParams)]
 pub struct PageParams {
     /// 1-based page number (default 1).
+    #[param(value_type = Option<i64>, minimum = 1)]
     pub page: Option<String>,
     /// Items per page (default 50, at most 1000).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 1000)]
     pub per_page: Option<String>,
 }
 

@@ -32,6 +32,7 @@ pub struct CreateKey {
 #[serde(deny_unknown_fields)]
 pub struct UpdateWorkspace {
     /// ISO 3166 region used to read numbers without a country code, e.g. `GB`.
+    #[schema(pattern = "^[A-Za-z]{2}$")]
     default_region: String,
 }
 
@@ -67,7 +68,7 @@ fn check_label(label: Option<&str>) -> Result<Option<String>, ApiError> {
 }
 
 #[utoipa::path(post, path = "/v1/keys", tag = "keys",
-    request_body = CreateKey,
+    request_body(content = Option<CreateKey>, description = "Optional; an empty body makes an unlabelled key"),
     responses(
         (status = 201, description = "The new key; `key` is shown only this once", body = CreatedApiKey),
         (status = 400, description = "Malformed JSON", body = super::ErrorBody),

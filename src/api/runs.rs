@@ -164,6 +164,8 @@ pub async fn credits(State(state): State<AppState>, auth: Auth) -> Result<Json<C
     responses(
         (status = 204, description = "Applied, or acknowledged (unknown or intermediate status)"),
         (status = 403, description = "X-Twilio-Signature does not match"),
+        (status = 415, description = "Not a form post"),
+        (status = 422, description = "No MessageSid or CallSid", body = super::ErrorBody),
     ))]
 pub async fn twilio_status(
     State(state): State<AppState>,
