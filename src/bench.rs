@@ -31,6 +31,9 @@ pub enum BenchCommand {
         /// Sends in flight at once.
         #[arg(long, default_value_t = 1000)]
         in_flight: usize,
+        /// Delay of the simulated delivery receipts, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        receipt_delay_ms: u64,
     },
     /// Open N seed-000 WebSocket subscribers on one running campaign (the
     /// server runs as a child process) and print commit→receipt latency
@@ -52,7 +55,8 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             recipients,
             latency_ms,
             in_flight,
-        } => engine(recipients, latency_ms, in_flight).await,
+            receipt_delay_ms,
+        } => engine(recipients, latency_ms, in_flight, receipt_delay_ms).await,
         BenchCommand::Fanout {
             subscribers,
             recipients,
@@ -101,7 +105,12 @@ fn write_result(scenario: &str, value: serde_json::Value) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn engine(recipients: u64, latency_ms: u64, in_flight: usize) -> anyhow::Result<()> {
+async fn engine(
+    recipients: u64,
+    latency_ms: u64,
+    in_flight: usize,
+    receipt_delay_ms: u64,
+) -> anyhow::Result<()> {
     let engine = crate::engine::EngineConfig {
         in_flight,
         slice: 1000,
@@ -114,7 +123,7 @@ async fn engine(recipients: u64, latency_ms: u64, in_flight: usize) -> anyhow::R
         .post(format!("{base}/v1/campaigns"))
         .bearer_auth(&key)
         .json(&json!({"name": "bench", "channel": "sms", "template": "Hi {{name}}, day {{day}}",
-                      "provider": {"kind": "simulated", "latency_ms": latency_ms, "receipt_delay_ms": 1000}}))
+                      "provider": {"kind": "simulated", "latency_ms": latency_ms, "receipt_delay_ms": receipt_delay_ms}}))
         .send()
         .await?
         .error_for_status()?

@@ -110,8 +110,15 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
         template: &template,
         provider,
     };
+    // The outcomes of the last slice, written together with the next
+    // slice's claim: one transaction per slice on the hot path.
+    let mut unrecorded: Option<Vec<ExecutionOutcome>> = None;
     loop {
         if shared.shutdown.is_cancelled() {
+            if let Some(outcomes) = unrecorded.take() {
+                store.record_outcomes(run.id, &outcomes, now_ms()).await?;
+                notify();
+            }
             store.release_run(run.id, worker).await?;
             tracing::info!(run = run.id, "run released for shutdown");
             return Ok(());
@@ -119,10 +126,28 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
         let now = now_ms();
         let lease_until = now + shared.config.lease.as_millis() as i64;
         let t0 = std::time::Instant::now();
-        let slice = store
-            .take_slice(run.id, worker, now, lease_until, shared.config.slice)
-            .await?;
-        let t_take = t0.elapsed();
+        let slice = match unrecorded.take() {
+            Some(outcomes) => {
+                let (_, slice) = store
+                    .record_and_take(
+                        run.id,
+                        &outcomes,
+                        worker,
+                        now,
+                        lease_until,
+                        shared.config.slice,
+                    )
+                    .await?;
+                notify();
+                slice
+            }
+            None => {
+                store
+                    .take_slice(run.id, worker, now, lease_until, shared.config.slice)
+                    .await?
+            }
+        };
+        let t_write = t0.elapsed();
         if !slice.executions.is_empty() {
             // Opening a batch appends its event.
             notify();
@@ -187,11 +212,10 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
                 .await;
         let misconfigured = results.iter().find_map(|(_, m)| m.clone());
         let outcomes: Vec<ExecutionOutcome> = results.into_iter().map(|(o, _)| o).collect();
-        let t_send = t0.elapsed();
-        store.record_outcomes(run.id, &outcomes, now_ms()).await?;
-        notify();
-        tracing::debug!(take = ?t_take, send = ?(t_send - t_take), record = ?(t0.elapsed() - t_send), "slice");
+        tracing::debug!(write = ?t_write, send = ?(t0.elapsed() - t_write), "slice");
         if let Some(reason) = misconfigured {
+            store.record_outcomes(run.id, &outcomes, now_ms()).await?;
+            notify();
             tracing::error!(run = run.id, %reason, "provider refuses every send; failing the run");
             store
                 .finish_run(
@@ -203,6 +227,7 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
             notify();
             return Ok(());
         }
+        unrecorded = Some(outcomes);
     }
 }
 

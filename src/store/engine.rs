@@ -259,6 +259,18 @@ pub trait EngineStore: Send + Sync {
         outcomes: &[ExecutionOutcome],
         now: i64,
     ) -> StoreResult<RunUpdate>;
+    /// `record_outcomes` then `take_slice`, in one transaction: the hot loop's
+    /// only write per slice.
+    #[allow(clippy::too_many_arguments)]
+    async fn record_and_take(
+        &self,
+        run_id: i64,
+        outcomes: &[ExecutionOutcome],
+        worker: &str,
+        now: i64,
+        lease_until: i64,
+        limit: i64,
+    ) -> StoreResult<(RunUpdate, Slice)>;
     /// Ends a run: unsent executions become skipped, credits are refunded,
     /// the campaign takes the matching status.
     async fn finish_run(&self, run_id: i64, end: &RunEnd, now: i64) -> StoreResult<RunUpdate>;

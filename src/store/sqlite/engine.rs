@@ -364,6 +364,237 @@ fn pending_from_row(row: &SqliteRow) -> StoreResult<PendingExecution> {
     })
 }
 
+/// Renews the lease and marks up to `limit` due executions in progress,
+/// inside the caller's transaction.
+async fn take_slice_in(
+    conn: &mut SqliteConnection,
+    run_id: i64,
+    worker: &str,
+    now: i64,
+    lease_until: i64,
+    limit: i64,
+) -> StoreResult<Slice> {
+    let (owner, campaign_status): (Option<String>, String) = sqlx::query_as(
+        "SELECT r.lease_owner, c.status FROM runs r JOIN campaigns c ON c.id = r.campaign_id
+         WHERE r.id = ?",
+    )
+    .bind(run_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let control = match (owner.as_deref() == Some(worker), campaign_status.as_str()) {
+        (false, _) => Control::LeaseLost,
+        (true, "paused") => Control::Paused,
+        (true, "cancelled") => Control::Cancelled,
+        _ => Control::Continue,
+    };
+    let mut executions = Vec::new();
+    let mut next_retry_at = None;
+    if control == Control::Continue {
+        sqlx::query("UPDATE runs SET lease_expires_at = ? WHERE id = ?")
+            .bind(lease_until)
+            .bind(run_id)
+            .execute(&mut *conn)
+            .await?;
+        executions = sqlx::query(
+            "SELECT id, batch_sequence, phone, name, variables, attempts + 1 AS attempts
+             FROM executions
+             WHERE run_id = ? AND status = 'pending'
+               AND (next_attempt_at IS NULL OR next_attempt_at <= ?)
+             ORDER BY batch_sequence, id LIMIT ?",
+        )
+        .bind(run_id)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(pending_from_row)
+        .collect::<StoreResult<Vec<_>>>()?;
+        if executions.is_empty() {
+            next_retry_at = sqlx::query_scalar(
+                "SELECT MIN(next_attempt_at) FROM executions WHERE run_id = ? AND status = 'pending'",
+            )
+            .bind(run_id)
+            .fetch_one(&mut *conn)
+            .await?;
+        } else {
+            let ids: Vec<i64> = executions.iter().map(|e| e.id).collect();
+            sqlx::query(
+                "UPDATE executions SET status = 'in_progress', attempts = attempts + 1,
+                        next_attempt_at = NULL, updated_at = ?
+                 WHERE id IN (SELECT value FROM json_each(?))",
+            )
+            .bind(now)
+            .bind(serde_json::to_string(&ids).expect("ids serialise"))
+            .execute(&mut *conn)
+            .await?;
+            let mut deltas: BTreeMap<i64, Delta> = BTreeMap::new();
+            for e in &executions {
+                let d = deltas.entry(e.batch_sequence).or_default();
+                d.pending -= 1;
+                d.processing += 1;
+            }
+            let mut started = Vec::new();
+            for sequence in deltas.keys() {
+                let opened = sqlx::query(
+                    "UPDATE batches SET status = 'running', started_at = COALESCE(started_at, ?)
+                     WHERE run_id = ? AND batch_sequence = ? AND status = 'pending'",
+                )
+                .bind(now)
+                .bind(run_id)
+                .bind(sequence)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                if opened > 0 {
+                    started.push(*sequence);
+                }
+            }
+            apply_deltas(&mut *conn, run_id, &deltas).await?;
+            if !started.is_empty() {
+                let (campaign_id, run_uuid, total_batches): (i64, String, i64) = sqlx::query_as(
+                    "SELECT campaign_id, uuid, total_batches FROM runs WHERE id = ?",
+                )
+                .bind(run_id)
+                .fetch_one(&mut *conn)
+                .await?;
+                for sequence in started {
+                    let size: i64 = sqlx::query_scalar(
+                        "SELECT recipient_count FROM batches WHERE run_id = ? AND batch_sequence = ?",
+                    )
+                    .bind(run_id)
+                    .bind(sequence)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                    append_event(
+                        &mut *conn,
+                        campaign_id,
+                        "batch_started",
+                        json!({"run_id": run_uuid, "batch_sequence": sequence,
+                               "total_batches": total_batches, "recipient_count": size}),
+                        now,
+                    )
+                    .await?;
+                }
+            }
+        }
+    }
+    let counters = fetch_run(&mut *conn, run_id).await?.counters;
+    Ok(Slice {
+        control,
+        executions,
+        next_retry_at,
+        counters,
+    })
+}
+
+/// Records send outcomes, counters, batch completion, metrics and an event,
+/// inside the caller's transaction.
+async fn record_outcomes_in(
+    conn: &mut SqliteConnection,
+    run_id: i64,
+    outcomes: &[ExecutionOutcome],
+    now: i64,
+) -> StoreResult<RunUpdate> {
+    let payload: Vec<serde_json::Value> = outcomes
+        .iter()
+        .map(|o| {
+            json!([
+                o.id,
+                o.status.as_str(),
+                o.message_status,
+                o.provider_id,
+                o.duration_seconds,
+                o.error_details,
+                o.retry_reason,
+                o.next_attempt_at
+            ])
+        })
+        .collect();
+    // Only executions still in progress are updated: one a new worker
+    // already wrote off must not be counted twice.
+    let updated: Vec<i64> = sqlx::query_scalar(
+        "UPDATE executions SET status = o.status, message_status = o.message_status,
+                provider_message_id = COALESCE(o.provider_id, executions.provider_message_id),
+                duration_seconds = o.duration, error_details = o.error,
+                retry_reason = o.retry, next_attempt_at = o.next_at,
+                executed_at = ?, updated_at = ?
+         FROM (SELECT value ->> 0 AS id, value ->> 1 AS status, value ->> 2 AS message_status,
+                      value ->> 3 AS provider_id, value ->> 4 AS duration, value ->> 5 AS error,
+                      value ->> 6 AS retry, value ->> 7 AS next_at
+               FROM json_each(?)) AS o
+         WHERE executions.id = o.id AND executions.status = 'in_progress'
+         RETURNING executions.id",
+    )
+    .bind(now)
+    .bind(now)
+    .bind(serde_json::Value::Array(payload).to_string())
+    .fetch_all(&mut *conn)
+    .await?;
+    let updated: std::collections::HashSet<i64> = updated.into_iter().collect();
+
+    let mut deltas: BTreeMap<i64, Delta> = BTreeMap::new();
+    let (mut successes, mut failures, mut charged) = (0i64, 0i64, 0i64);
+    for o in outcomes.iter().filter(|o| updated.contains(&o.id)) {
+        let d = deltas.entry(o.batch_sequence).or_default();
+        d.processing -= 1;
+        if o.status == ExecutionStatus::Pending {
+            d.pending += 1;
+        } else if o.status.is_success() {
+            d.sent += 1;
+            successes += 1;
+            charged += o.charged_units;
+        } else {
+            d.failed += 1;
+            failures += 1;
+        }
+    }
+    apply_deltas(&mut *conn, run_id, &deltas).await?;
+    sqlx::query(
+        "UPDATE runs SET charged_credits = charged_credits + ?,
+                first_sent_at = CASE WHEN ? > 0 THEN COALESCE(first_sent_at, ?) ELSE first_sent_at END,
+                last_sent_at = CASE WHEN ? > 0 THEN ? ELSE last_sent_at END,
+                updated_at = ?
+         WHERE id = ?",
+    )
+    .bind(charged)
+    .bind(successes)
+    .bind(now)
+    .bind(successes)
+    .bind(now)
+    .bind(now)
+    .bind(run_id)
+    .execute(&mut *conn)
+    .await?;
+    close_finished_batches(&mut *conn, run_id, now).await?;
+    let run = fetch_run(&mut *conn, run_id).await?;
+    if successes + failures > 0 {
+        sqlx::query(
+            "INSERT INTO metrics_minutes (campaign_id, minute, completed, failed) VALUES (?, ?, ?, ?)
+             ON CONFLICT (campaign_id, minute) DO UPDATE SET
+                completed = completed + excluded.completed, failed = failed + excluded.failed",
+        )
+        .bind(run.campaign_id)
+        .bind(now / 60_000)
+        .bind(successes)
+        .bind(failures)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let event = append_event(
+        &mut *conn,
+        run.campaign_id,
+        "progress",
+        run_event_data(&run),
+        now,
+    )
+    .await?;
+    Ok(RunUpdate {
+        run,
+        events: vec![event],
+    })
+}
+
 #[async_trait]
 impl EngineStore for SqliteStore {
     async fn claim_run(
@@ -624,120 +855,9 @@ impl EngineStore for SqliteStore {
         limit: i64,
     ) -> StoreResult<Slice> {
         let mut tx = self.writer.begin().await?;
-        let (owner, campaign_status): (Option<String>, String) = sqlx::query_as(
-            "SELECT r.lease_owner, c.status FROM runs r JOIN campaigns c ON c.id = r.campaign_id
-             WHERE r.id = ?",
-        )
-        .bind(run_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        let control = match (owner.as_deref() == Some(worker), campaign_status.as_str()) {
-            (false, _) => Control::LeaseLost,
-            (true, "paused") => Control::Paused,
-            (true, "cancelled") => Control::Cancelled,
-            _ => Control::Continue,
-        };
-        let mut executions = Vec::new();
-        let mut next_retry_at = None;
-        if control == Control::Continue {
-            sqlx::query("UPDATE runs SET lease_expires_at = ? WHERE id = ?")
-                .bind(lease_until)
-                .bind(run_id)
-                .execute(&mut *tx)
-                .await?;
-            executions = sqlx::query(
-                "SELECT id, batch_sequence, phone, name, variables, attempts + 1 AS attempts
-                 FROM executions
-                 WHERE run_id = ? AND status = 'pending'
-                   AND (next_attempt_at IS NULL OR next_attempt_at <= ?)
-                 ORDER BY batch_sequence, id LIMIT ?",
-            )
-            .bind(run_id)
-            .bind(now)
-            .bind(limit)
-            .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(pending_from_row)
-            .collect::<StoreResult<Vec<_>>>()?;
-            if executions.is_empty() {
-                next_retry_at = sqlx::query_scalar(
-                    "SELECT MIN(next_attempt_at) FROM executions WHERE run_id = ? AND status = 'pending'",
-                )
-                .bind(run_id)
-                .fetch_one(&mut *tx)
-                .await?;
-            } else {
-                let ids: Vec<i64> = executions.iter().map(|e| e.id).collect();
-                sqlx::query(
-                    "UPDATE executions SET status = 'in_progress', attempts = attempts + 1,
-                            next_attempt_at = NULL, updated_at = ?
-                     WHERE id IN (SELECT value FROM json_each(?))",
-                )
-                .bind(now)
-                .bind(serde_json::to_string(&ids).expect("ids serialise"))
-                .execute(&mut *tx)
-                .await?;
-                let mut deltas: BTreeMap<i64, Delta> = BTreeMap::new();
-                for e in &executions {
-                    let d = deltas.entry(e.batch_sequence).or_default();
-                    d.pending -= 1;
-                    d.processing += 1;
-                }
-                let mut started = Vec::new();
-                for sequence in deltas.keys() {
-                    let opened = sqlx::query(
-                        "UPDATE batches SET status = 'running', started_at = COALESCE(started_at, ?)
-                         WHERE run_id = ? AND batch_sequence = ? AND status = 'pending'",
-                    )
-                    .bind(now)
-                    .bind(run_id)
-                    .bind(sequence)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                    if opened > 0 {
-                        started.push(*sequence);
-                    }
-                }
-                apply_deltas(&mut tx, run_id, &deltas).await?;
-                if !started.is_empty() {
-                    let (campaign_id, run_uuid, total_batches): (i64, String, i64) =
-                        sqlx::query_as(
-                            "SELECT campaign_id, uuid, total_batches FROM runs WHERE id = ?",
-                        )
-                        .bind(run_id)
-                        .fetch_one(&mut *tx)
-                        .await?;
-                    for sequence in started {
-                        let size: i64 = sqlx::query_scalar(
-                            "SELECT recipient_count FROM batches WHERE run_id = ? AND batch_sequence = ?",
-                        )
-                        .bind(run_id)
-                        .bind(sequence)
-                        .fetch_one(&mut *tx)
-                        .await?;
-                        append_event(
-                            &mut tx,
-                            campaign_id,
-                            "batch_started",
-                            json!({"run_id": run_uuid, "batch_sequence": sequence,
-                                   "total_batches": total_batches, "recipient_count": size}),
-                            now,
-                        )
-                        .await?;
-                    }
-                }
-            }
-        }
-        let counters = fetch_run(&mut tx, run_id).await?.counters;
+        let slice = take_slice_in(&mut tx, run_id, worker, now, lease_until, limit).await?;
         tx.commit().await?;
-        Ok(Slice {
-            control,
-            executions,
-            next_retry_at,
-            counters,
-        })
+        Ok(slice)
     }
 
     async fn record_outcomes(
@@ -747,104 +867,25 @@ impl EngineStore for SqliteStore {
         now: i64,
     ) -> StoreResult<RunUpdate> {
         let mut tx = self.writer.begin().await?;
-        let payload: Vec<serde_json::Value> = outcomes
-            .iter()
-            .map(|o| {
-                json!([
-                    o.id,
-                    o.status.as_str(),
-                    o.message_status,
-                    o.provider_id,
-                    o.duration_seconds,
-                    o.error_details,
-                    o.retry_reason,
-                    o.next_attempt_at
-                ])
-            })
-            .collect();
-        // Only executions still in progress are updated: one a new worker
-        // already wrote off must not be counted twice.
-        let updated: Vec<i64> = sqlx::query_scalar(
-            "UPDATE executions SET status = o.status, message_status = o.message_status,
-                    provider_message_id = COALESCE(o.provider_id, executions.provider_message_id),
-                    duration_seconds = o.duration, error_details = o.error,
-                    retry_reason = o.retry, next_attempt_at = o.next_at,
-                    executed_at = ?, updated_at = ?
-             FROM (SELECT value ->> 0 AS id, value ->> 1 AS status, value ->> 2 AS message_status,
-                          value ->> 3 AS provider_id, value ->> 4 AS duration, value ->> 5 AS error,
-                          value ->> 6 AS retry, value ->> 7 AS next_at
-                   FROM json_each(?)) AS o
-             WHERE executions.id = o.id AND executions.status = 'in_progress'
-             RETURNING executions.id",
-        )
-        .bind(now)
-        .bind(now)
-        .bind(serde_json::Value::Array(payload).to_string())
-        .fetch_all(&mut *tx)
-        .await?;
-        let updated: std::collections::HashSet<i64> = updated.into_iter().collect();
-
-        let mut deltas: BTreeMap<i64, Delta> = BTreeMap::new();
-        let (mut successes, mut failures, mut charged) = (0i64, 0i64, 0i64);
-        for o in outcomes.iter().filter(|o| updated.contains(&o.id)) {
-            let d = deltas.entry(o.batch_sequence).or_default();
-            d.processing -= 1;
-            if o.status == ExecutionStatus::Pending {
-                d.pending += 1;
-            } else if o.status.is_success() {
-                d.sent += 1;
-                successes += 1;
-                charged += o.charged_units;
-            } else {
-                d.failed += 1;
-                failures += 1;
-            }
-        }
-        apply_deltas(&mut tx, run_id, &deltas).await?;
-        sqlx::query(
-            "UPDATE runs SET charged_credits = charged_credits + ?,
-                    first_sent_at = CASE WHEN ? > 0 THEN COALESCE(first_sent_at, ?) ELSE first_sent_at END,
-                    last_sent_at = CASE WHEN ? > 0 THEN ? ELSE last_sent_at END,
-                    updated_at = ?
-             WHERE id = ?",
-        )
-        .bind(charged)
-        .bind(successes)
-        .bind(now)
-        .bind(successes)
-        .bind(now)
-        .bind(now)
-        .bind(run_id)
-        .execute(&mut *tx)
-        .await?;
-        close_finished_batches(&mut tx, run_id, now).await?;
-        let run = fetch_run(&mut tx, run_id).await?;
-        if successes + failures > 0 {
-            sqlx::query(
-                "INSERT INTO metrics_minutes (campaign_id, minute, completed, failed) VALUES (?, ?, ?, ?)
-                 ON CONFLICT (campaign_id, minute) DO UPDATE SET
-                    completed = completed + excluded.completed, failed = failed + excluded.failed",
-            )
-            .bind(run.campaign_id)
-            .bind(now / 60_000)
-            .bind(successes)
-            .bind(failures)
-            .execute(&mut *tx)
-            .await?;
-        }
-        let event = append_event(
-            &mut tx,
-            run.campaign_id,
-            "progress",
-            run_event_data(&run),
-            now,
-        )
-        .await?;
+        let update = record_outcomes_in(&mut tx, run_id, outcomes, now).await?;
         tx.commit().await?;
-        Ok(RunUpdate {
-            run,
-            events: vec![event],
-        })
+        Ok(update)
+    }
+
+    async fn record_and_take(
+        &self,
+        run_id: i64,
+        outcomes: &[ExecutionOutcome],
+        worker: &str,
+        now: i64,
+        lease_until: i64,
+        limit: i64,
+    ) -> StoreResult<(RunUpdate, Slice)> {
+        let mut tx = self.writer.begin().await?;
+        let update = record_outcomes_in(&mut tx, run_id, outcomes, now).await?;
+        let slice = take_slice_in(&mut tx, run_id, worker, now, lease_until, limit).await?;
+        tx.commit().await?;
+        Ok((update, slice))
     }
 
     async fn finish_run(&self, run_id: i64, end: &RunEnd, now: i64) -> StoreResult<RunUpdate> {
