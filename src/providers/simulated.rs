@@ -121,9 +121,14 @@ impl Provider for Simulated {
             } else {
                 "SM"
             };
+            // Ordered by execution and attempt: consecutive sends land next to
+            // each other in the provider-id index, so a million-message run
+            // does not scatter its index writes over every page.
             Some(format!(
-                "{prefix}sim{:016x}",
-                (self.unit(&message.id, 3) * u64::MAX as f64) as u64
+                "{prefix}sim{:012}{:02}{:04x}",
+                message.execution_id,
+                message.attempt.min(99),
+                self.seed & 0xffff
             ))
         };
         match self.pick(&message.id) {
