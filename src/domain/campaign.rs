@@ -345,8 +345,9 @@ impl ProviderSettings {
             }
             ProviderSettings::Webhook { url, secret } => {
                 check_http_url(url).map_err(|e| ("url", e))?;
-                if secret.len() < 16 {
-                    return Err(("secret", "secret must be at least 16 characters".into()));
+                // Any shared secret signs; a short one is the user's choice.
+                if secret.is_empty() || secret.len() > 1024 {
+                    return Err(("secret", "secret must be 1 to 1024 characters".into()));
                 }
                 Ok(())
             }
@@ -458,6 +459,10 @@ mod tests {
         let bad: ProviderSettings =
             serde_json::from_str(r#"{"kind":"simulated","outcomes":{"exploded":1.0}}"#).unwrap();
         assert_eq!(bad.check().unwrap_err().0, "outcomes");
+        let empty_secret: ProviderSettings =
+            serde_json::from_str(r#"{"kind":"webhook","url":"http://127.0.0.1:9/h","secret":""}"#)
+                .unwrap();
+        assert_eq!(empty_secret.check().unwrap_err().0, "secret");
         let bad_url: ProviderSettings = serde_json::from_str(
             r#"{"kind":"webhook","url":"ftp://x","secret":"0123456789abcdef"}"#,
         )
