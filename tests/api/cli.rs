@@ -123,26 +123,7 @@ fn help_explains_the_configuration() {
     assert!(keys_help.contains("--workspace"));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn wait_healthy(base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(r) = reqwest::get(format!("{base}/healthz")).await {
-            if r.status() == StatusCode::OK {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("server did not become healthy");
-}
+use crate::helpers::{free_port, wait_healthy};
 
 /// First start prints a working demo key; SIGTERM stops the server cleanly;
 /// a second start on the same database prints no key.
@@ -389,18 +370,7 @@ async fn watch_reconnects_after_the_server_restarts() {
         .to_owned();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let start_server = || {
-        Command::new(HERALD)
-            .env("HERALD_DATABASE_URL", &url)
-            .env("HERALD_ADDR", format!("127.0.0.1:{port}"))
-            .env("HERALD_NO_DEMO", "1")
-            .env("HERALD_IN_FLIGHT", "8")
-            .env("HERALD_LEASE_SECONDS", "2")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let start_server = || crate::helpers::start_server_process(&url, port);
     let mut server = start_server();
     wait_healthy(&base).await;
     let client = reqwest::Client::new();

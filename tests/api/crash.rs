@@ -4,7 +4,7 @@
 //! counts what it receives.
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,17 +38,7 @@ impl Respond for CountingProvider {
 }
 
 fn start_herald(database_url: &str, port: u16) -> Child {
-    Command::new(HERALD)
-        .env("HERALD_DATABASE_URL", database_url)
-        .env("HERALD_ADDR", format!("127.0.0.1:{port}"))
-        .env("HERALD_NO_DEMO", "1")
-        .env("HERALD_IN_FLIGHT", "8")
-        .env("HERALD_LEASE_SECONDS", "2")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("herald starts")
+    crate::helpers::start_server_process(database_url, port)
 }
 
 async fn wait_until(what: &str, secs: u64, mut check: impl AsyncFnMut() -> bool) {

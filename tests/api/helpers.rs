@@ -250,3 +250,46 @@ pub fn count_by_status(executions: &[Value]) -> std::collections::BTreeMap<Strin
     }
     counts
 }
+
+/// The `herald` binary Cargo built for these tests.
+pub const HERALD: &str = env!("CARGO_BIN_EXE_herald");
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `herald` serving `database_url` on `port` as a separate process
+/// (small in-flight and a 2 s lease, so takeovers are quick), for tests
+/// that kill, signal or restart it.
+pub fn start_server_process(database_url: &str, port: u16) -> std::process::Child {
+    std::process::Command::new(HERALD)
+        .env("HERALD_DATABASE_URL", database_url)
+        .env("HERALD_ADDR", format!("127.0.0.1:{port}"))
+        .env("HERALD_NO_DEMO", "1")
+        .env("HERALD_IN_FLIGHT", "8")
+        .env("HERALD_LEASE_SECONDS", "2")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("herald starts")
+}
+
+/// Waits until `base` answers `/healthz`.
+pub async fn wait_healthy(base: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if let Ok(r) = reqwest::get(format!("{base}/healthz")).await {
+            if r.status() == StatusCode::OK {
+                return;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("server did not become healthy");
+}

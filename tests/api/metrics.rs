@@ -2,7 +2,7 @@
 //! the Prometheus text is parsed and its counters checked against the run.
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -55,14 +55,7 @@ async fn metrics_count_what_a_run_did() {
         .local_addr()
         .unwrap()
         .port();
-    let mut server = Command::new(HERALD)
-        .env("HERALD_DATABASE_URL", &url)
-        .env("HERALD_ADDR", format!("127.0.0.1:{port}"))
-        .env("HERALD_NO_DEMO", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server = crate::helpers::start_server_process(&url, port);
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
