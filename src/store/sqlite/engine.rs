@@ -26,9 +26,7 @@ pub(super) const RUN_COLUMNS: &str = "id, uuid, campaign_id, status, recipients,
 
 fn counters_from_row(row: &SqliteRow) -> StoreResult<Counters> {
     Ok(Counters {
-        total: row
-            .try_get("total")
-            .or_else(|_| row.try_get("recipient_count"))?,
+        total: row.try_get("total")?,
         pending: row.try_get("pending")?,
         processing: row.try_get("processing")?,
         sent: row.try_get("sent")?,
