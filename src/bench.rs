@@ -441,6 +441,7 @@ impl BenchServer {
         let app = Application::build(ServerConfig {
             addr: "127.0.0.1:0".into(),
             database_url: format!("sqlite://{}/bench.db", dir.display()),
+            store: crate::store::StoreOptions::default(),
             api: ApiConfig::default(),
             demo: false,
             engine,

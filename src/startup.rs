@@ -14,13 +14,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiConfig, AppState};
 use crate::engine::{Engine, EngineConfig};
-use crate::store::{self, Store};
+use crate::store::{self, Store, StoreOptions};
 
 /// Everything `herald serve` needs to start.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub addr: String,
     pub database_url: String,
+    /// Pool size, statement timeout, migrations at start.
+    pub store: StoreOptions,
     pub api: ApiConfig,
     /// Create a demo workspace and print its key when the database is new.
     pub demo: bool,
@@ -44,7 +46,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: ServerConfig) -> anyhow::Result<Self> {
-        let store = store::connect(&config.database_url)
+        let store = store::connect(&config.database_url, &config.store)
             .await
             .with_context(|| "opening the database")?;
         let demo_key = if config.demo {

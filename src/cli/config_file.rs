@@ -16,6 +16,12 @@ use std::path::Path;
 pub const KEYS: &[(&str, &str)] = &[
     ("addr", "HERALD_ADDR"),
     ("database_url", "HERALD_DATABASE_URL"),
+    ("database_pool_size", "HERALD_DATABASE_POOL_SIZE"),
+    (
+        "database_statement_timeout_ms",
+        "HERALD_DATABASE_STATEMENT_TIMEOUT_MS",
+    ),
+    ("no_migrate", "HERALD_NO_MIGRATE"),
     ("log_format", "HERALD_LOG_FORMAT"),
     ("max_body_bytes", "HERALD_MAX_BODY_BYTES"),
     ("max_import_bytes", "HERALD_MAX_IMPORT_BYTES"),

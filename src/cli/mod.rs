@@ -16,6 +16,7 @@ use crate::api::ApiConfig;
 use crate::domain::Region;
 use crate::engine::EngineConfig;
 use crate::startup::{shutdown_signal, Application, ServerConfig};
+use crate::store::StoreOptions;
 use crate::telemetry::{self, LogFormat};
 
 #[derive(Debug, Parser)]
@@ -43,7 +44,8 @@ pub struct GlobalArgs {
     /// Precedence: defaults < file < HERALD_* environment < flags.
     #[arg(long, env = "HERALD_CONFIG", global = true)]
     pub config: Option<std::path::PathBuf>,
-    /// Database URL: sqlite://PATH (created if missing).
+    /// Database URL: sqlite://PATH (created if missing) or
+    /// postgres://USER:PASSWORD@HOST:PORT/DB (several nodes may share it).
     #[arg(
         long,
         env = "HERALD_DATABASE_URL",
@@ -51,6 +53,19 @@ pub struct GlobalArgs {
         global = true
     )]
     pub database_url: String,
+    /// Postgres connections per node (SQLite uses one writer and eight readers).
+    #[arg(long, env = "HERALD_DATABASE_POOL_SIZE", default_value_t = 16, global = true,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub database_pool_size: u32,
+    /// Postgres statement timeout in milliseconds: a longer statement is cancelled.
+    #[arg(long, env = "HERALD_DATABASE_STATEMENT_TIMEOUT_MS", default_value_t = 30_000, global = true,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub database_statement_timeout_ms: u64,
+    /// Do not apply migrations at start; refuse a database that needs them
+    /// (apply them with `herald migrate`).
+    #[arg(long, env = "HERALD_NO_MIGRATE", global = true,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_migrate: bool,
     /// Log format on stderr; the level comes from RUST_LOG (default info).
     #[arg(long, env = "HERALD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -275,11 +290,26 @@ pub enum KeysCommand {
     },
 }
 
+impl GlobalArgs {
+    fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            migrate: !self.no_migrate,
+            pool_size: self.database_pool_size,
+            statement_timeout: std::time::Duration::from_millis(self.database_statement_timeout_ms),
+        }
+    }
+
+    async fn connect(&self) -> anyhow::Result<std::sync::Arc<dyn crate::store::Store>> {
+        crate::store::connect(&self.database_url, &self.store_options()).await
+    }
+}
+
 impl ServeArgs {
-    fn into_config(self, database_url: String) -> ServerConfig {
+    fn into_config(self, global: &GlobalArgs) -> ServerConfig {
         ServerConfig {
             addr: self.addr,
-            database_url,
+            database_url: global.database_url.clone(),
+            store: global.store_options(),
             api: ApiConfig {
                 max_body_bytes: self.max_body_bytes,
                 max_import_bytes: self.max_import_bytes,
@@ -353,6 +383,12 @@ fn config_check(global: &GlobalArgs, serve: &ServeArgs) {
                 .map_or_else(|| "(none)".into(), |p| p.display().to_string()),
         ),
         ("database_url", redact_url(&global.database_url)),
+        ("database_pool_size", global.database_pool_size.to_string()),
+        (
+            "database_statement_timeout_ms",
+            global.database_statement_timeout_ms.to_string(),
+        ),
+        ("no_migrate", global.no_migrate.to_string()),
         (
             "log_format",
             format!("{:?}", global.log_format).to_lowercase(),
@@ -405,27 +441,31 @@ pub async fn main() -> ExitCode {
     telemetry::init(cli.global.log_format);
     let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {
-        None => done(serve(cli.serve.into_config(cli.global.database_url), None).await),
-        Some(Command::Serve(args)) => {
-            done(serve(args.into_config(cli.global.database_url), None).await)
-        }
+        None => done(serve(cli.serve.into_config(&cli.global), None).await),
+        Some(Command::Serve(args)) => done(serve(args.into_config(&cli.global), None).await),
         Some(Command::Demo {
             serve: args,
             contacts,
-        }) => done(serve(args.into_config(cli.global.database_url), Some(contacts)).await),
-        Some(Command::Keys(cmd)) => done(keys(&cli.global.database_url, cmd).await),
-        Some(Command::Backup { file }) => done(backup(&cli.global.database_url, &file).await),
+        }) => done(serve(args.into_config(&cli.global), Some(contacts)).await),
+        Some(Command::Keys(cmd)) => done(keys(&cli.global, cmd).await),
+        Some(Command::Backup { file }) => done(backup(&cli.global, &file).await),
         Some(Command::Config(ConfigCommand::Check { serve })) => {
             config_check(&cli.global, &serve);
             Ok(ExitCode::SUCCESS)
         }
-        Some(Command::Migrate) => done(
-            crate::store::connect(&cli.global.database_url)
-                .await
-                .map(|_| println!("database is up to date")),
-        ),
-        Some(Command::Worker(args)) => done(worker(&cli.global.database_url, args).await),
-        Some(Command::Credits(cmd)) => done(credits(&cli.global.database_url, cmd).await),
+        Some(Command::Migrate) => {
+            let options = StoreOptions {
+                migrate: true,
+                ..cli.global.store_options()
+            };
+            done(
+                crate::store::connect(&cli.global.database_url, &options)
+                    .await
+                    .map(|_| println!("database is up to date")),
+            )
+        }
+        Some(Command::Worker(args)) => done(worker(&cli.global, args).await),
+        Some(Command::Credits(cmd)) => done(credits(&cli.global, cmd).await),
         Some(Command::Bench(cmd)) => done(crate::bench::run(cmd).await),
         Some(Command::Campaign(args)) => done(remote::campaign(args.remote, args.command).await),
         Some(Command::Contacts(args)) => match args.command {
@@ -519,13 +559,13 @@ async fn start_demo_campaign(base: String, key: String, contacts: u64) -> anyhow
     Ok(id)
 }
 
-async fn backup(database_url: &str, file: &std::path::Path) -> anyhow::Result<()> {
+async fn backup(global: &GlobalArgs, file: &std::path::Path) -> anyhow::Result<()> {
     anyhow::ensure!(
         !file.exists(),
         "{} already exists; choose a new file",
         file.display()
     );
-    let store = crate::store::connect(database_url).await?;
+    let store = global.connect().await?;
     let path = file
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("the backup path must be UTF-8"))?;
@@ -534,8 +574,8 @@ async fn backup(database_url: &str, file: &std::path::Path) -> anyhow::Result<()
     Ok(())
 }
 
-async fn worker(database_url: &str, args: EngineArgs) -> anyhow::Result<()> {
-    let store = crate::store::connect(database_url).await?;
+async fn worker(global: &GlobalArgs, args: EngineArgs) -> anyhow::Result<()> {
+    let store = global.connect().await?;
     let stop = tokio_util::sync::CancellationToken::new();
     // A worker has no subscribers of its own; its events reach them
     // through the log.
@@ -559,8 +599,8 @@ async fn worker(database_url: &str, args: EngineArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn credits(database_url: &str, cmd: CreditsCommand) -> anyhow::Result<()> {
-    let store = crate::store::connect(database_url).await?;
+async fn credits(global: &GlobalArgs, cmd: CreditsCommand) -> anyhow::Result<()> {
+    let store = global.connect().await?;
     match cmd {
         CreditsCommand::Add {
             workspace,
@@ -578,8 +618,8 @@ async fn credits(database_url: &str, cmd: CreditsCommand) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn keys(database_url: &str, cmd: KeysCommand) -> anyhow::Result<()> {
-    let store = crate::store::connect(database_url).await?;
+async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Result<()> {
+    let store = global.connect().await?;
     match cmd {
         KeysCommand::Create { workspace, label } => {
             let name = workspace.trim();

@@ -152,12 +152,24 @@ impl Engine {
             receipts,
         } = self;
         let receipts = tokio::spawn(receipts.run(shared.shutdown.clone()));
-        let mut runs: JoinSet<()> = JoinSet::new();
+        let mut runs: JoinSet<i64> = JoinSet::new();
+        // Runs this worker has a task for: it joins each run once.
+        let mut busy: std::collections::BTreeSet<i64> = Default::default();
+        let mut tasks: std::collections::HashMap<tokio::task::Id, i64> = Default::default();
         tracing::info!(worker = %shared.config.worker_id, "engine started");
         loop {
-            while let Some(done) = runs.try_join_next() {
-                if let Err(err) = done {
-                    tracing::error!(error = %err, "a run task panicked");
+            while let Some(done) = runs.try_join_next_with_id() {
+                match done {
+                    Ok((task, run_id)) => {
+                        busy.remove(&run_id);
+                        tasks.remove(&task);
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "a run task panicked");
+                        if let Some(run_id) = tasks.remove(&err.id()) {
+                            busy.remove(&run_id);
+                        }
+                    }
                 }
             }
             if shared.shutdown.is_cancelled() {
@@ -167,7 +179,12 @@ impl Engine {
                 let lease = shared.config.lease.as_millis() as i64;
                 match shared
                     .store
-                    .claim_run(&shared.config.worker_id, now_ms(), lease)
+                    .claim_run(
+                        &shared.config.worker_id,
+                        now_ms(),
+                        lease,
+                        &busy.iter().copied().collect::<Vec<_>>(),
+                    )
                     .await
                 {
                     Ok(Some(claimed)) => {
@@ -184,7 +201,9 @@ impl Engine {
                             campaign = claimed.campaign_id,
                             "run claimed"
                         );
-                        runs.spawn(run::drive(shared.clone(), claimed));
+                        busy.insert(claimed.id);
+                        let task = runs.spawn(run::drive(shared.clone(), claimed.clone())).id();
+                        tasks.insert(task, claimed.id);
                         continue;
                     }
                     Ok(None) => {}
@@ -195,7 +214,15 @@ impl Engine {
                 () = shared.shutdown.cancelled() => break,
                 () = wakeup.notified() => {}
                 () = tokio::time::sleep(shared.config.poll) => {}
-                Some(_) = runs.join_next(), if !runs.is_empty() => {}
+                Some(done) = runs.join_next_with_id(), if !runs.is_empty() => {
+                    let task = match &done {
+                        Ok((task, _)) => *task,
+                        Err(err) => err.id(),
+                    };
+                    if let Some(run_id) = tasks.remove(&task) {
+                        busy.remove(&run_id);
+                    }
+                }
             }
         }
         while let Some(done) = runs.join_next().await {

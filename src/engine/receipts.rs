@@ -17,6 +17,11 @@ use crate::streams::Hub;
 
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 const MAX_PER_WRITE: usize = 5000;
+/// A receipt can overtake the write that records its send (the engine
+/// records a slice once all of it is sent): one naming no known message
+/// is tried again this often, this many times, before it is dropped.
+const UNKNOWN_RETRY: Duration = Duration::from_millis(250);
+const UNKNOWN_TRIES: u8 = 120;
 
 pub struct ReceiptQueue {
     store: Arc<dyn Store>,
@@ -24,7 +29,9 @@ pub struct ReceiptQueue {
     incoming: mpsc::UnboundedReceiver<(Instant, Receipt)>,
 }
 
-struct Due(Instant, u64, Receipt);
+/// A receipt due at a time; the `u64` keeps arrival order among equal
+/// times, the `u8` counts tries.
+struct Due(Instant, u64, Receipt, u8);
 
 impl PartialEq for Due {
     fn eq(&self, other: &Self) -> bool {
@@ -66,27 +73,27 @@ impl ReceiptQueue {
                 received = self.incoming.recv() => match received {
                     Some((due, receipt)) => {
                         order += 1;
-                        heap.push(Reverse(Due(due, order, receipt)));
+                        heap.push(Reverse(Due(due, order, receipt, 0)));
                     }
                     None => break,
                 },
-                _ = tick.tick() => self.flush(&mut heap).await,
+                _ = tick.tick() => self.flush(&mut heap, &mut order).await,
             }
         }
         // Receipts already due are written; later ones die with the node,
         // as a real carrier's would be redelivered.
-        self.flush(&mut heap).await;
+        self.flush(&mut heap, &mut order).await;
     }
 
-    async fn flush(&self, heap: &mut BinaryHeap<Reverse<Due>>) {
+    async fn flush(&self, heap: &mut BinaryHeap<Reverse<Due>>, order: &mut u64) {
         let now = Instant::now();
         loop {
             let mut batch = Vec::new();
             while batch.len() < MAX_PER_WRITE {
                 match heap.peek() {
-                    Some(Reverse(Due(due, _, _))) if *due <= now => {
-                        let Reverse(Due(_, _, receipt)) = heap.pop().expect("peeked");
-                        batch.push(receipt);
+                    Some(Reverse(Due(due, ..))) if *due <= now => {
+                        let Reverse(Due(_, _, receipt, tries)) = heap.pop().expect("peeked");
+                        batch.push((receipt, tries));
                     }
                     _ => break,
                 }
@@ -94,17 +101,37 @@ impl ReceiptQueue {
             if batch.is_empty() {
                 return;
             }
-            match self.store.record_receipts(&batch, now_ms()).await {
+            let receipts: Vec<Receipt> = batch.iter().map(|(r, _)| r.clone()).collect();
+            match self.store.record_receipts(&receipts, now_ms()).await {
                 Ok(report) => {
+                    let unknown: std::collections::HashSet<&str> =
+                        report.unknown_ids.iter().map(String::as_str).collect();
+                    let mut given_up = 0u64;
+                    for (receipt, tries) in &batch {
+                        if !unknown.contains(receipt.provider_id.as_str()) {
+                            continue;
+                        }
+                        if *tries + 1 >= UNKNOWN_TRIES {
+                            given_up += 1;
+                            continue;
+                        }
+                        *order += 1;
+                        heap.push(Reverse(Due(
+                            now + UNKNOWN_RETRY,
+                            *order,
+                            receipt.clone(),
+                            tries + 1,
+                        )));
+                    }
                     metrics::counter!("herald_receipts_total", "result" => "applied")
                         .increment(report.applied);
                     metrics::counter!("herald_receipts_total", "result" => "unknown")
-                        .increment(report.unknown);
+                        .increment(given_up);
                     metrics::counter!("herald_receipts_total", "result" => "duplicate")
                         .increment(report.duplicate);
-                    if report.unknown > 0 {
+                    if given_up > 0 {
                         tracing::warn!(
-                            unknown = report.unknown,
+                            unknown = given_up,
                             "receipts for unknown messages acknowledged"
                         );
                     }

@@ -17,12 +17,15 @@ use crate::store::{
 /// Rows read per pricing query.
 const PRICE_PAGE: i64 = 5000;
 
-pub(super) async fn drive(shared: Arc<Shared>, run: RunRecord) {
+/// Works a run until it ends or nothing of it is left for this worker;
+/// returns the run's id so the engine knows it is free to claim again.
+pub(super) async fn drive(shared: Arc<Shared>, run: RunRecord) -> i64 {
     let run_id = run.id;
     if let Err(err) = drive_inner(&shared, run).await {
-        // The lease will expire and a worker (maybe this one) retries.
+        // The leases will expire and a worker (maybe this one) retries.
         tracing::error!(run = run_id, error = %err, "run task failed; it will be retried");
     }
+    run_id
 }
 
 /// The value a template variable takes for an execution.
@@ -153,10 +156,6 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
             notify();
         }
         match slice.control {
-            Control::LeaseLost => {
-                tracing::warn!(run = run.id, "lease lost; another worker has the run");
-                return Ok(());
-            }
             Control::Paused => {
                 store.release_run(run.id, worker).await?;
                 tracing::info!(run = run.id, "campaign paused; run released");
@@ -193,10 +192,17 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            // Only retries are left, and none is due yet.
-            let wait = slice
-                .next_retry_at
-                .map_or(1000, |at| (at - now_ms()).clamp(10, 1000));
+            // Nothing of the run is ours or free: other workers hold the
+            // rest. Should one die, its batches come free and are claimed.
+            let Some(next_retry_at) = slice.next_retry_at else {
+                tracing::info!(
+                    run = run.id,
+                    "no batch left to take; other workers finish the run"
+                );
+                return Ok(());
+            };
+            // Only retries are left in our batches, and none is due yet.
+            let wait = (next_retry_at - now_ms()).clamp(10, 1000);
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
                 () = shared.shutdown.cancelled() => {}

@@ -108,15 +108,15 @@ pub enum Control {
     Paused,
     /// The campaign was cancelled: finalise the run as cancelled.
     Cancelled,
-    /// Another worker holds the run now.
-    LeaseLost,
 }
 
 #[derive(Debug, Clone)]
 pub struct Slice {
     pub control: Control,
     pub executions: Vec<PendingExecution>,
-    /// Earliest retry still waiting, when nothing is due now.
+    /// Earliest retry still waiting in this worker's batches, when nothing
+    /// is due now. `None` with no executions: this worker holds no work of
+    /// the run and none is free to take (other workers are finishing it).
     pub next_retry_at: Option<i64>,
     pub counters: Counters,
 }
@@ -218,14 +218,18 @@ pub struct ExecutionQuery {
 
 #[async_trait]
 pub trait EngineStore: Send + Sync {
-    /// Claims one due run for `worker`: a scheduled run that is due, or a
-    /// started run whose lease expired (its in-flight sends are marked failed
-    /// with an unknown outcome: they are never sent again).
+    /// Finds a run for `worker` to work on, other than the `busy` ones it
+    /// already works: a scheduled run that is due (or one claimed by a
+    /// worker whose lease expired), which it leases to freeze and start; or
+    /// a running run with a batch free to take (never leased, or its lease
+    /// expired), or one left to finalise. Several workers share a running
+    /// run: each leases batches in [`EngineStore::take_slice`].
     async fn claim_run(
         &self,
         worker: &str,
         now: i64,
         lease_ms: i64,
+        busy: &[i64],
     ) -> StoreResult<Option<RunRecord>>;
     /// Earliest time a scheduled run becomes due, if any.
     async fn next_due_at(&self) -> StoreResult<Option<i64>>;
@@ -241,9 +245,14 @@ pub trait EngineStore: Send + Sync {
     /// Reserves `cost_units` credits and marks the run running; when the
     /// workspace cannot cover it, fails the run with the reason.
     async fn start_run(&self, run_id: i64, cost_units: i64, now: i64) -> StoreResult<RunUpdate>;
-    /// Lets go of a run (on pause or shutdown) so any worker may claim it later.
+    /// Lets go of a run and the batches `worker` leased (on pause or
+    /// shutdown) so any worker may take them.
     async fn release_run(&self, run_id: i64, worker: &str) -> StoreResult<()>;
-    /// Renews the lease and marks up to `limit` due executions in progress.
+    /// Renews `worker`'s batch leases, leases free batches when it holds
+    /// fewer than `limit` pending recipients (taking over an expired lease
+    /// writes off the sends that were in flight: outcome unknown, never
+    /// resent), and marks up to `limit` due executions of its batches in
+    /// progress.
     async fn take_slice(
         &self,
         run_id: i64,
@@ -303,6 +312,10 @@ pub struct ReceiptReport {
     pub applied: u64,
     pub unknown: u64,
     pub duplicate: u64,
+    /// Provider ids of receipts that settled no message and name none
+    /// already settled: the send is not recorded (yet: a receipt can
+    /// overtake the write that records its send), so they may be retried.
+    pub unknown_ids: Vec<String>,
     /// `(campaign id, workspace id)` of every campaign whose counters moved.
     pub campaigns: Vec<(i64, i64)>,
 }

@@ -1,14 +1,16 @@
 //! The storage boundary.
 //!
 //! Handlers and the engine talk to a [`Store`]; only its implementations
-//! know SQL. [`sqlite::SqliteStore`] is the embedded default; a Postgres
-//! implementation plugs in behind the same trait, so no handler changes when
-//! the backend does.
+//! know SQL. [`sqlite::SqliteStore`] is the embedded default and
+//! [`postgres::PgStore`] serves several nodes on one database; both are the
+//! same source (`store/sql/`) compiled against each backend's dialect, so no
+//! handler or engine code knows which one it runs on.
 //!
 //! Every method that changes data runs in one transaction: a method either
 //! happens whole or not at all.
 
 pub mod engine;
+pub mod postgres;
 pub mod sqlite;
 
 pub use engine::*;
@@ -45,18 +47,81 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The backend cannot do this; the message says what to do instead.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
-/// Opens the store a URL names: `sqlite://path` (the default) today.
-pub async fn connect(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+/// How to open a store; the Postgres settings are ignored by SQLite.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Apply pending migrations when connecting (else `herald migrate` must have).
+    pub migrate: bool,
+    /// Postgres connections per node.
+    pub pool_size: u32,
+    /// Postgres `statement_timeout`: a statement running longer is cancelled.
+    pub statement_timeout: std::time::Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            migrate: true,
+            pool_size: 16,
+            statement_timeout: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
+/// What another node's writes mean for this node's stream hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Events were appended to this campaign's log.
+    Appended { campaign_id: i64, workspace_id: i64 },
+    /// Announcements may have been lost: re-read every watched campaign.
+    Resync,
+}
+
+pub type ChangeFeed = mpsc::Receiver<Change>;
+
+/// Opens the store a URL names: `sqlite://PATH` or `postgres://…`.
+pub async fn connect(url: &str, options: &StoreOptions) -> anyhow::Result<Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
-        Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
+        Ok(Arc::new(sqlite::SqliteStore::connect(url, options).await?))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        Ok(Arc::new(postgres::PgStore::connect(url, options).await?))
     } else {
         anyhow::bail!(
-            "unsupported database URL '{}': expected sqlite://PATH",
+            "unsupported database URL '{}': expected sqlite://PATH or postgres://USER@HOST/DB",
             url.split('@').next_back().unwrap_or(url)
         )
     }
+}
+
+/// Migrates, or (with `options.migrate` off) refuses a database that
+/// lacks a migration this binary has. A database migrated by a newer
+/// binary is refused either way (sqlx reports the unknown version).
+async fn migrate_or_check<C: sqlx::migrate::Migrate>(
+    migrator: &sqlx::migrate::Migrator,
+    conn: &mut C,
+    options: &StoreOptions,
+) -> anyhow::Result<()> {
+    if options.migrate {
+        migrator.run_direct(conn).await?;
+        return Ok(());
+    }
+    conn.ensure_migrations_table().await?;
+    let applied = conn.list_applied_migrations().await?;
+    let missing = migrator
+        .iter()
+        .filter(|m| !applied.iter().any(|a| a.version == m.version))
+        .count();
+    anyhow::ensure!(
+        missing == 0,
+        "the database lacks {missing} migration(s) and migrations at start are off \
+         (--no-migrate); apply them with `herald migrate`"
+    );
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch: the one time unit of the store.
@@ -209,8 +274,12 @@ pub trait Store: EngineStore + ReportStore + Send + Sync + 'static {
     /// Succeeds when the database answers.
     async fn ping(&self) -> StoreResult<()>;
 
+    /// Announcements of events other processes append, when there can be
+    /// any (Postgres); `None` when this process is the only writer.
+    async fn watch_changes(&self) -> StoreResult<Option<ChangeFeed>>;
+
     /// Writes a consistent copy of the whole database to `path` while it
-    /// keeps serving (SQLite: `VACUUM INTO`).
+    /// keeps serving (SQLite: `VACUUM INTO`; Postgres answers `Unsupported`: use pg_dump).
     async fn backup(&self, path: &str) -> StoreResult<()>;
 
     // --- workspaces and keys -------------------------------------------------

@@ -7,6 +7,12 @@
 //! newest counters win; nothing else is ever dropped) and broadcasts
 //! `Arc<HubEvent>`s. Subscribers never read the database for live events.
 //!
+//! On Postgres, other nodes write too: [`Hub::start`] also follows the
+//! store's change feed (`LISTEN/NOTIFY`), and a notification from any node
+//! is handled like a local one — the payload names the campaign, the rows
+//! come from the log, so an outage of the feed loses nothing (a resync
+//! re-reads every watched campaign from where it stopped).
+//!
 //! Every protocol (seed 000, 003, 004, SSE) renders a [`HubEvent`] in its
 //! own format; the rendering is cached on the event, so a frame is
 //! serialised once for all clients of that protocol.
@@ -21,7 +27,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Store, StoredEvent};
+use crate::store::{Change, Store, StoredEvent};
 
 /// Per-campaign channel capacity: a receiver further behind than this
 /// lags and catches up from the log instead.
@@ -185,8 +191,55 @@ impl Hub {
                 notify,
             }),
         };
+        tokio::spawn(
+            hub.clone()
+                .follow_other_nodes(store.clone(), shutdown.clone()),
+        );
         tokio::spawn(hub.clone().run(store, coalesce, notified, shutdown));
         hub
+    }
+
+    /// Turns other nodes' announcements into notifications.
+    async fn follow_other_nodes(self, store: Arc<dyn Store>, shutdown: CancellationToken) {
+        let mut feed = loop {
+            match store.watch_changes().await {
+                Ok(Some(feed)) => break feed,
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for other nodes' events yet");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
+        loop {
+            let change = tokio::select! {
+                () = shutdown.cancelled() => return,
+                change = feed.recv() => change,
+            };
+            match change {
+                Some(Change::Appended {
+                    campaign_id,
+                    workspace_id,
+                }) => self.notify(campaign_id, workspace_id),
+                Some(Change::Resync) => {
+                    let watched: Vec<(i64, i64)> = {
+                        let state = self.inner.state.lock().expect("hub lock");
+                        state
+                            .campaigns
+                            .iter()
+                            .map(|(id, channel)| (*id, channel.workspace_id))
+                            .collect()
+                    };
+                    for (campaign_id, workspace_id) in watched {
+                        self.notify(campaign_id, workspace_id);
+                    }
+                }
+                None => return,
+            }
+        }
     }
 
     /// Tells the hub that a campaign's log has new events.

@@ -73,10 +73,10 @@ async fn keys_create_prints_only_the_key_and_revoke_takes_effect() {
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
 }
 
-#[test]
-fn keys_commands_refuse_bad_input() {
+#[tokio::test]
+async fn keys_commands_refuse_bad_input() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("h.db").display());
+    let url = fresh_database_url(dir.path()).await;
     let unknown = herald(&url, &["keys", "list", "--workspace", "nobody"]);
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no workspace named 'nobody'"));
@@ -123,14 +123,14 @@ fn help_explains_the_configuration() {
     assert!(keys_help.contains("--workspace"));
 }
 
-use crate::helpers::{free_port, wait_healthy};
+use crate::helpers::{free_port, fresh_database_url, wait_healthy};
 
 /// First start prints a working demo key; SIGTERM stops the server cleanly;
 /// a second start on the same database prints no key.
 #[tokio::test]
 async fn serve_prints_a_demo_key_once_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("herald.db").display());
+    let url = fresh_database_url(dir.path()).await;
     for run in 0..2 {
         let port = free_port();
         let mut child = Command::new(HERALD)
@@ -363,7 +363,7 @@ async fn campaign_and_contacts_commands_work_and_refuse_bad_input() {
 #[tokio::test]
 async fn watch_reconnects_after_the_server_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("herald.db").display());
+    let url = fresh_database_url(dir.path()).await;
     let key = String::from_utf8(herald(&url, &["keys", "create", "--workspace", "w"]).stdout)
         .unwrap()
         .trim()
@@ -431,10 +431,7 @@ async fn demo_serves_a_running_campaign_and_says_how_to_watch_it() {
     let port = free_port();
     let mut demo = tokio::process::Command::new(HERALD)
         .args(["demo", "--contacts", "2000"])
-        .env(
-            "HERALD_DATABASE_URL",
-            format!("sqlite://{}", dir.path().join("demo.db").display()),
-        )
+        .env("HERALD_DATABASE_URL", fresh_database_url(dir.path()).await)
         .env("HERALD_ADDR", format!("127.0.0.1:{port}"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -514,7 +511,9 @@ fn benchmarks_run_at_small_sizes_and_write_results() {
 
 #[tokio::test]
 async fn backup_during_a_run_is_consistent_and_migrate_refuses_a_newer_database() {
-    let app = crate::helpers::spawn_app_with(|c| {
+    // SQLite on every pass: `backup` is `VACUUM INTO`, and the future
+    // migration is written into the copy's SQLite file.
+    let app = crate::helpers::spawn_sqlite_app_with(|c| {
         if let Some(engine) = c.engine.as_mut() {
             engine.in_flight = 8;
             engine.slice = 32;
@@ -549,7 +548,9 @@ async fn backup_during_a_run_is_consistent_and_migrate_refuses_a_newer_database(
 
     // The copy opens, and its counters equal its rows: a consistent snapshot.
     let copy_url = format!("sqlite://{}", copy.display());
-    let store = herald::store::connect(&copy_url).await.unwrap();
+    let store = herald::store::connect(&copy_url, &Default::default())
+        .await
+        .unwrap();
     let run = store
         .latest_run(c["id"].as_i64().unwrap())
         .await

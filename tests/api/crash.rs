@@ -52,7 +52,7 @@ async fn wait_until(what: &str, secs: u64, mut check: impl AsyncFnMut() -> bool)
 #[tokio::test]
 async fn a_killed_worker_never_sends_twice_and_its_run_completes() {
     let dir = tempfile::tempdir().unwrap();
-    let database_url = format!("sqlite://{}", dir.path().join("crash.db").display());
+    let database_url = crate::helpers::fresh_database_url(dir.path()).await;
     let key_out = Command::new(HERALD)
         .args(["keys", "create", "--workspace", "crash"])
         .env("HERALD_DATABASE_URL", &database_url)
@@ -216,7 +216,7 @@ fn lost_but_sent(executions: &[Value], counts: &HashMap<String, u32>) -> i64 {
 async fn sigterm_drains_and_a_restart_finishes_the_run() {
     use futures::StreamExt;
     let dir = tempfile::tempdir().unwrap();
-    let database_url = format!("sqlite://{}", dir.path().join("drain.db").display());
+    let database_url = crate::helpers::fresh_database_url(dir.path()).await;
     let key = String::from_utf8(
         Command::new(HERALD)
             .args(["keys", "create", "--workspace", "drain"])

@@ -36,12 +36,85 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
+/// Whether this run puts the integration tests on Postgres
+/// (`HERALD_TEST_BACKEND=postgres`, as `./test.sh` does in its second pass).
+pub fn backend_is_postgres() -> bool {
+    std::env::var("HERALD_TEST_BACKEND").is_ok_and(|b| b == "postgres")
+}
+
+/// A SQLite database in `dir`, whatever the backend of this run: for tests of
+/// SQLite-only features.
+pub fn sqlite_database_url(dir: &std::path::Path) -> String {
+    format!("sqlite://{}", dir.join("herald.db").display())
+}
+
+/// A new, empty database for one test on this run's backend: a SQLite file
+/// in `dir`, or a fresh database on the `HERALD_TEST_POSTGRES_URL` server.
+pub async fn fresh_database_url(dir: &std::path::Path) -> String {
+    if !backend_is_postgres() {
+        return sqlite_database_url(dir);
+    }
+    postgres_database_url().await
+}
+
+/// A new, empty database on the `HERALD_TEST_POSTGRES_URL` server, whatever
+/// the backend of this run: for the multi-node tests.
+pub async fn postgres_database_url() -> String {
+    use sqlx::{Connection, Executor};
+    let server = std::env::var("HERALD_TEST_POSTGRES_URL")
+        .expect("HERALD_TEST_BACKEND=postgres needs HERALD_TEST_POSTGRES_URL; run ./test.sh");
+    let name = format!("herald_test_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(&server)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to HERALD_TEST_POSTGRES_URL={server}: {e}"));
+    admin
+        .execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+    let _ = admin.close().await;
+    with_database_name(&server, &name)
+}
+
+/// `url` with its database (the path) replaced by `name`; the query stays.
+fn with_database_name(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let server = match base[authority..].find('/') {
+        Some(slash) => &base[..authority + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{server}/{name}?{query}"),
+        None => format!("{server}/{name}"),
+    }
+}
+
 pub async fn spawn_app_with(configure: impl FnOnce(&mut ServerConfig)) -> TestApp {
     let dir = tempfile::tempdir().expect("temp dir");
-    let database_url = format!("sqlite://{}", dir.path().join("herald.db").display());
+    let database_url = fresh_database_url(dir.path()).await;
+    spawn_app_on(dir, database_url, configure).await
+}
+
+/// `spawn_app_with` on SQLite whatever the backend of this run, for tests of
+/// SQLite-only features (`herald backup`).
+pub async fn spawn_sqlite_app_with(configure: impl FnOnce(&mut ServerConfig)) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database_url = sqlite_database_url(dir.path());
+    spawn_app_on(dir, database_url, configure).await
+}
+
+async fn spawn_app_on(
+    dir: TempDir,
+    database_url: String,
+    configure: impl FnOnce(&mut ServerConfig),
+) -> TestApp {
     let mut config = ServerConfig {
         addr: "127.0.0.1:0".into(),
         database_url: database_url.clone(),
+        store: herald::store::StoreOptions::default(),
         api: ApiConfig::default(),
         demo: false,
         engine: Some(test_engine()),
@@ -292,4 +365,20 @@ pub async fn wait_healthy(base: &str) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     panic!("server did not become healthy");
+}
+
+#[test]
+fn with_database_name_replaces_only_the_path() {
+    assert_eq!(
+        with_database_name("postgres://herald@127.0.0.1:5432/postgres", "t1"),
+        "postgres://herald@127.0.0.1:5432/t1"
+    );
+    assert_eq!(
+        with_database_name("postgres://u:p@db:5432/postgres?sslmode=disable", "t2"),
+        "postgres://u:p@db:5432/t2?sslmode=disable"
+    );
+    assert_eq!(
+        with_database_name("postgres://herald@127.0.0.1:5432", "t3"),
+        "postgres://herald@127.0.0.1:5432/t3"
+    );
 }

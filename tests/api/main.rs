@@ -1,5 +1,7 @@
 //! Integration tests: one binary, each test against a real server on a
-//! random port with its own temporary SQLite file.
+//! random port with its own fresh database: a temporary SQLite file, or with
+//! `HERALD_TEST_BACKEND=postgres` a new database on the server at
+//! `HERALD_TEST_POSTGRES_URL` (`./test.sh` runs both passes).
 
 mod campaigns;
 mod cli;
@@ -11,6 +13,7 @@ mod helpers;
 mod isolation;
 mod keys;
 mod metrics;
+
 mod providers;
 mod python_clients;
 mod seeds;

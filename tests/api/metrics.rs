@@ -43,7 +43,7 @@ fn sum(samples: &HashMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f
 #[tokio::test]
 async fn metrics_count_what_a_run_did() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("m.db").display());
+    let url = crate::helpers::fresh_database_url(dir.path()).await;
     let key_out = Command::new(HERALD)
         .args(["keys", "create", "--workspace", "m"])
         .env("HERALD_DATABASE_URL", &url)

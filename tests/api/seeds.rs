@@ -446,7 +446,7 @@ async fn seed_002_errors_come_in_the_envelope() {
     .await;
     let claimed = app
         .store
-        .claim_run("test-worker", herald::store::now_ms(), 60_000)
+        .claim_run("test-worker", herald::store::now_ms(), 60_000, &[])
         .await
         .unwrap()
         .unwrap();

@@ -1,17 +1,16 @@
 //! The engine's writes and the seed surfaces' reads on SQLite.
 //!
 //! Hot paths move whole slices at once: ids travel as one JSON array bound
-//! to `json_each`, outcomes as one JSON array joined by `UPDATE … FROM`, so a
+//! as rows (`dialect::JSON_ROWS`), outcomes as one JSON array joined by `UPDATE … FROM`, so a
 //! slice of 1000 sends costs a handful of statements, not thousands.
 
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use serde_json::json;
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection};
+use sqlx::Row;
 
-use super::SqliteStore;
+use super::{dialect, Conn, DbRow, SqlStore};
 use crate::domain::{ExecutionStatus, Recipients, RunStatus};
 use crate::store::*;
 
@@ -24,7 +23,7 @@ pub(super) const RUN_COLUMNS: &str = "id, uuid, campaign_id, status, recipients,
     completed_batches, cost_units, reserved_credits, charged_credits, refunded_credits, \
     first_sent_at, last_sent_at, error, updated_at";
 
-fn counters_from_row(row: &SqliteRow) -> StoreResult<Counters> {
+fn counters_from_row(row: &DbRow) -> StoreResult<Counters> {
     Ok(Counters {
         total: row.try_get("total")?,
         pending: row.try_get("pending")?,
@@ -37,7 +36,7 @@ fn counters_from_row(row: &SqliteRow) -> StoreResult<Counters> {
     })
 }
 
-pub(super) fn run_from_row(row: &SqliteRow) -> StoreResult<RunRecord> {
+pub(super) fn run_from_row(row: &DbRow) -> StoreResult<RunRecord> {
     let status: String = row.try_get("status")?;
     let recipients: String = row.try_get("recipients")?;
     let snapshot: Option<String> = row.try_get("snapshot")?;
@@ -75,13 +74,13 @@ pub(super) fn run_from_row(row: &SqliteRow) -> StoreResult<RunRecord> {
     })
 }
 
-fn variables_of(row: &SqliteRow) -> StoreResult<BTreeMap<String, String>> {
+fn variables_of(row: &DbRow) -> StoreResult<BTreeMap<String, String>> {
     let raw: String = row.try_get("variables")?;
     serde_json::from_str(&raw).map_err(|e| StoreError::Corrupt(format!("variables: {e}")))
 }
 
-pub(super) async fn fetch_run(conn: &mut SqliteConnection, run_id: i64) -> StoreResult<RunRecord> {
-    let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))
+pub(super) async fn fetch_run(conn: &mut Conn, run_id: i64) -> StoreResult<RunRecord> {
+    let row = sqlx::query(sql!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))
         .bind(run_id)
         .fetch_optional(&mut *conn)
         .await?
@@ -91,18 +90,15 @@ pub(super) async fn fetch_run(conn: &mut SqliteConnection, run_id: i64) -> Store
 
 /// The campaign as a subscriber needs it, read inside the transaction that
 /// appends an event, so the event carries the state it produced.
-async fn campaign_snapshot(
-    conn: &mut SqliteConnection,
-    campaign_id: i64,
-) -> StoreResult<serde_json::Value> {
+async fn campaign_snapshot(conn: &mut Conn, campaign_id: i64) -> StoreResult<serde_json::Value> {
     let (status, started_at, completed_at, contact_count): (String, Option<i64>, Option<i64>, i64) =
-        sqlx::query_as(
-            "SELECT status, started_at, completed_at, contact_count FROM campaigns WHERE id = ?",
-        )
+        sqlx::query_as(sql!(
+            "SELECT status, started_at, completed_at, contact_count FROM campaigns WHERE id = ?"
+        ))
         .bind(campaign_id)
         .fetch_one(&mut *conn)
         .await?;
-    let run = sqlx::query(&format!(
+    let run = sqlx::query(sql!(
         "SELECT {RUN_COLUMNS} FROM runs WHERE campaign_id = ? ORDER BY id DESC LIMIT 1"
     ))
     .bind(campaign_id)
@@ -131,27 +127,29 @@ async fn campaign_snapshot(
 /// Every event carries `campaign`: the campaign's status and latest run
 /// counters as of this event, so a stream never needs another read.
 pub(super) async fn append_event(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     campaign_id: i64,
     kind: &str,
     mut data: serde_json::Value,
     now: i64,
 ) -> StoreResult<StoredEvent> {
+    // Taking the sequence first locks the campaign row, so on Postgres
+    // concurrent appends queue here and each snapshot sees the one before.
+    let (seq, workspace_id): (i64, i64) = sqlx::query_as(sql!(
+        "UPDATE campaigns SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq, workspace_id"
+    ))
+    .bind(campaign_id)
+    .fetch_one(&mut *conn)
+    .await?;
     if let serde_json::Value::Object(fields) = &mut data {
         fields.insert(
             "campaign".into(),
             campaign_snapshot(conn, campaign_id).await?,
         );
     }
-    let seq: i64 = sqlx::query_scalar(
-        "UPDATE campaigns SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
-    )
-    .bind(campaign_id)
-    .fetch_one(&mut *conn)
-    .await?;
-    sqlx::query(
-        "INSERT INTO events (campaign_id, seq, kind, data, created_at) VALUES (?, ?, ?, ?, ?)",
-    )
+    sqlx::query(sql!(
+        "INSERT INTO events (campaign_id, seq, kind, data, created_at) VALUES (?, ?, ?, ?, ?)"
+    ))
     .bind(campaign_id)
     .bind(seq)
     .bind(kind)
@@ -159,6 +157,7 @@ pub(super) async fn append_event(
     .bind(now)
     .execute(&mut *conn)
     .await?;
+    dialect::announce(conn, campaign_id, workspace_id).await?;
     Ok(StoredEvent {
         campaign_id,
         seq,
@@ -189,16 +188,16 @@ struct Delta {
 }
 
 async fn apply_deltas(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     run_id: i64,
     deltas: &BTreeMap<i64, Delta>,
 ) -> StoreResult<()> {
     let mut total = Delta::default();
     for (sequence, d) in deltas {
         sqlx::query(
-            "UPDATE batches SET pending = pending + ?, processing = processing + ?, sent = sent + ?,
+            sql!("UPDATE batches SET pending = pending + ?, processing = processing + ?, sent = sent + ?,
                     failed = failed + ?, skipped = skipped + ?
-             WHERE run_id = ? AND batch_sequence = ?",
+             WHERE run_id = ? AND batch_sequence = ?"),
         )
         .bind(d.pending)
         .bind(d.processing)
@@ -215,11 +214,11 @@ async fn apply_deltas(
         total.failed += d.failed;
         total.skipped += d.skipped;
     }
-    sqlx::query(
+    sqlx::query(sql!(
         "UPDATE runs SET pending = pending + ?, processing = processing + ?, sent = sent + ?,
                 failed = failed + ?, skipped = skipped + ?
-         WHERE id = ?",
-    )
+         WHERE id = ?"
+    ))
     .bind(total.pending)
     .bind(total.processing)
     .bind(total.sent)
@@ -233,24 +232,29 @@ async fn apply_deltas(
 
 /// Moves every execution of `run_id` in `from` to `to`, keeping counters
 /// exact; `error` is recorded on each. Returns how many moved.
+/// `batch` limits the move to one batch of the run.
 async fn bulk_move(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     run_id: i64,
+    batch: Option<i64>,
     from: ExecutionStatus,
     to: ExecutionStatus,
     error: Option<&str>,
     now: i64,
 ) -> StoreResult<i64> {
-    let rows = sqlx::query(
+    let rows = sqlx::query(sql!(
         "UPDATE executions SET status = ?, error_details = COALESCE(?, error_details),
                 next_attempt_at = NULL, updated_at = ?
-         WHERE run_id = ? AND status = ? RETURNING batch_sequence",
-    )
+         WHERE run_id = ? AND status = ? AND (? IS NULL OR batch_sequence = ?)
+         RETURNING batch_sequence"
+    ))
     .bind(to.as_str())
     .bind(error)
     .bind(now)
     .bind(run_id)
     .bind(from.as_str())
+    .bind(batch)
+    .bind(batch)
     .fetch_all(&mut *conn)
     .await?;
     let mut deltas: BTreeMap<i64, Delta> = BTreeMap::new();
@@ -273,23 +277,20 @@ async fn bulk_move(
 
 /// Closes batches with nothing left to do, appending a `batch_completed`
 /// event for each; returns how many closed.
-async fn close_finished_batches(
-    conn: &mut SqliteConnection,
-    run_id: i64,
-    now: i64,
-) -> StoreResult<i64> {
+async fn close_finished_batches(conn: &mut Conn, run_id: i64, now: i64) -> StoreResult<i64> {
     let closed_rows: Vec<(i64, String, i64, i64, i64, i64)> = sqlx::query_as(
-        "UPDATE batches SET
+        sql!("UPDATE batches SET
             status = CASE WHEN sent = 0 AND (failed > 0 OR skipped > 0) THEN 'failed' ELSE 'completed' END,
             error_detail = CASE WHEN sent = 0 AND (failed > 0 OR skipped > 0)
-                THEN json_object('failed', failed, 'skipped', skipped,
+                THEN CAST({}('failed', failed, 'skipped', skipped,
                     'message', CASE WHEN failed > 0 THEN 'every send in the batch failed'
-                                    ELSE 'the run ended before the batch was sent' END)
+                                    ELSE 'the run ended before the batch was sent' END) AS TEXT)
                 ELSE NULL END,
             started_at = COALESCE(started_at, ?),
             completed_at = ?
          WHERE run_id = ? AND status IN ('pending', 'running') AND pending = 0 AND processing = 0
          RETURNING batch_sequence, status, recipient_count, sent, failed, skipped",
+        dialect::JSON_OBJECT),
     )
     .bind(now)
     .bind(now)
@@ -298,13 +299,15 @@ async fn close_finished_batches(
     .await?;
     let closed = closed_rows.len() as i64;
     if closed > 0 {
-        sqlx::query("UPDATE runs SET completed_batches = completed_batches + ? WHERE id = ?")
-            .bind(closed)
-            .bind(run_id)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(sql!(
+            "UPDATE runs SET completed_batches = completed_batches + ? WHERE id = ?"
+        ))
+        .bind(closed)
+        .bind(run_id)
+        .execute(&mut *conn)
+        .await?;
         let (campaign_id, run_uuid): (i64, String) =
-            sqlx::query_as("SELECT campaign_id, uuid FROM runs WHERE id = ?")
+            sqlx::query_as(sql!("SELECT campaign_id, uuid FROM runs WHERE id = ?"))
                 .bind(run_id)
                 .fetch_one(&mut *conn)
                 .await?;
@@ -326,7 +329,7 @@ async fn close_finished_batches(
 /// Records one change of a workspace's balance; `after` is the new balance.
 #[allow(clippy::too_many_arguments)]
 async fn ledger_entry(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     workspace_id: i64,
     run_id: Option<i64>,
     kind: &str,
@@ -336,8 +339,8 @@ async fn ledger_entry(
     now: i64,
 ) -> StoreResult<()> {
     sqlx::query(
-        "INSERT INTO credit_ledger (workspace_id, run_id, kind, amount, balance_after, note, created_at)
-         VALUES (?, ?, ?, ?, ?, NULLIF(?, ''), ?)",
+        sql!("INSERT INTO credit_ledger (workspace_id, run_id, kind, amount, balance_after, note, created_at)
+         VALUES (?, ?, ?, ?, ?, NULLIF(?, ''), ?)"),
     )
     .bind(workspace_id)
     .bind(run_id)
@@ -351,7 +354,7 @@ async fn ledger_entry(
     Ok(())
 }
 
-fn pending_from_row(row: &SqliteRow) -> StoreResult<PendingExecution> {
+fn pending_from_row(row: &DbRow) -> StoreResult<PendingExecution> {
     Ok(PendingExecution {
         id: row.try_get("id")?,
         batch_sequence: row.try_get("batch_sequence")?,
@@ -362,46 +365,144 @@ fn pending_from_row(row: &SqliteRow) -> StoreResult<PendingExecution> {
     })
 }
 
-/// Renews the lease and marks up to `limit` due executions in progress,
-/// inside the caller's transaction.
+/// Locks the run's row for the rest of the transaction (Postgres; SQLite
+/// has one writer anyway). Every engine transaction takes it first, so
+/// workers sharing a run, receipts and finalisation queue in one order
+/// instead of deadlocking.
+async fn lock_run(conn: &mut Conn, run_id: i64) -> StoreResult<()> {
+    if !dialect::ROW_LOCK.is_empty() {
+        sqlx::query(sql!(
+            "SELECT id FROM runs WHERE id = ? {}",
+            dialect::ROW_LOCK
+        ))
+        .bind(run_id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Leases free batches of the run to `worker` until it holds at least
+/// `wanted` pending recipients or none is free. A batch whose lease
+/// expired had a worker die on it: its in-flight sends are written off.
+async fn lease_batches(
+    conn: &mut Conn,
+    run_id: i64,
+    worker: &str,
+    now: i64,
+    lease_until: i64,
+    wanted: i64,
+) -> StoreResult<()> {
+    sqlx::query(sql!(
+        "UPDATE batches SET lease_expires_at = ?
+         WHERE run_id = ? AND lease_owner = ? AND status IN ('pending', 'running')"
+    ))
+    .bind(lease_until)
+    .bind(run_id)
+    .bind(worker)
+    .execute(&mut *conn)
+    .await?;
+    let mut held: i64 = sqlx::query_scalar(sql!(
+        "SELECT CAST(COALESCE(SUM(pending), 0) AS BIGINT) FROM batches
+         WHERE run_id = ? AND lease_owner = ? AND status IN ('pending', 'running')"
+    ))
+    .bind(run_id)
+    .bind(worker)
+    .fetch_one(&mut *conn)
+    .await?;
+    while held < wanted {
+        let free: Option<(i64, Option<String>, i64)> = sqlx::query_as(sql!(
+            "SELECT batch_sequence, lease_owner, pending FROM batches
+             WHERE run_id = ? AND status IN ('pending', 'running')
+               AND (pending > 0 OR processing > 0)
+               AND (lease_owner IS NULL OR lease_expires_at < ?)
+             ORDER BY batch_sequence LIMIT 1 {}",
+            dialect::BATCH_CLAIM_LOCK
+        ))
+        .bind(run_id)
+        .bind(now)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some((sequence, previous_owner, pending)) = free else {
+            break;
+        };
+        sqlx::query(sql!(
+            "UPDATE batches SET lease_owner = ?, lease_expires_at = ?
+             WHERE run_id = ? AND batch_sequence = ?"
+        ))
+        .bind(worker)
+        .bind(lease_until)
+        .bind(run_id)
+        .bind(sequence)
+        .execute(&mut *conn)
+        .await?;
+        if previous_owner.is_some() {
+            // The previous holder died mid-send: whatever it had in flight
+            // may or may not have reached the provider. Never send it again.
+            let lost = bulk_move(
+                conn,
+                run_id,
+                Some(sequence),
+                ExecutionStatus::InProgress,
+                ExecutionStatus::Failed,
+                Some("outcome unknown: the worker stopped while sending; not resent so no recipient is contacted twice"),
+                now,
+            )
+            .await?;
+            if lost > 0 {
+                tracing::warn!(
+                    run = run_id,
+                    batch = sequence,
+                    lost,
+                    "took over a batch; in-flight sends marked failed"
+                );
+                close_finished_batches(conn, run_id, now).await?;
+            }
+        }
+        held += pending;
+    }
+    Ok(())
+}
+
+/// Renews and takes batch leases and marks up to `limit` due executions of
+/// the worker's batches in progress, inside the caller's transaction.
 async fn take_slice_in(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     run_id: i64,
     worker: &str,
     now: i64,
     lease_until: i64,
     limit: i64,
 ) -> StoreResult<Slice> {
-    let (owner, campaign_status): (Option<String>, String) = sqlx::query_as(
-        "SELECT r.lease_owner, c.status FROM runs r JOIN campaigns c ON c.id = r.campaign_id
-         WHERE r.id = ?",
-    )
+    lock_run(conn, run_id).await?;
+    let campaign_status: String = sqlx::query_scalar(sql!(
+        "SELECT c.status FROM runs r JOIN campaigns c ON c.id = r.campaign_id WHERE r.id = ?"
+    ))
     .bind(run_id)
     .fetch_one(&mut *conn)
     .await?;
-    let control = match (owner.as_deref() == Some(worker), campaign_status.as_str()) {
-        (false, _) => Control::LeaseLost,
-        (true, "paused") => Control::Paused,
-        (true, "cancelled") => Control::Cancelled,
+    let control = match campaign_status.as_str() {
+        "paused" => Control::Paused,
+        "cancelled" => Control::Cancelled,
         _ => Control::Continue,
     };
     let mut executions = Vec::new();
     let mut next_retry_at = None;
     if control == Control::Continue {
-        sqlx::query("UPDATE runs SET lease_expires_at = ? WHERE id = ?")
-            .bind(lease_until)
-            .bind(run_id)
-            .execute(&mut *conn)
-            .await?;
-        executions = sqlx::query(
+        lease_batches(conn, run_id, worker, now, lease_until, limit).await?;
+        executions = sqlx::query(sql!(
             "SELECT id, batch_sequence, phone, name, variables, attempts + 1 AS attempts
              FROM executions
              WHERE run_id = ? AND status = 'pending'
                AND (next_attempt_at IS NULL OR next_attempt_at <= ?)
-             ORDER BY batch_sequence, id LIMIT ?",
-        )
+               AND batch_sequence IN (SELECT batch_sequence FROM batches
+                   WHERE run_id = ? AND lease_owner = ? AND status IN ('pending', 'running'))
+             ORDER BY batch_sequence, id LIMIT ?"
+        ))
         .bind(run_id)
         .bind(now)
+        .bind(run_id)
+        .bind(worker)
         .bind(limit)
         .fetch_all(&mut *conn)
         .await?
@@ -409,19 +510,25 @@ async fn take_slice_in(
         .map(pending_from_row)
         .collect::<StoreResult<Vec<_>>>()?;
         if executions.is_empty() {
-            next_retry_at = sqlx::query_scalar(
-                "SELECT MIN(next_attempt_at) FROM executions WHERE run_id = ? AND status = 'pending'",
-            )
+            next_retry_at = sqlx::query_scalar(sql!(
+                "SELECT MIN(next_attempt_at) FROM executions
+                 WHERE run_id = ? AND status = 'pending'
+                   AND batch_sequence IN (SELECT batch_sequence FROM batches
+                       WHERE run_id = ? AND lease_owner = ? AND status IN ('pending', 'running'))"
+            ))
             .bind(run_id)
+            .bind(run_id)
+            .bind(worker)
             .fetch_one(&mut *conn)
             .await?;
         } else {
             let ids: Vec<i64> = executions.iter().map(|e| e.id).collect();
-            sqlx::query(
+            sqlx::query(sql!(
                 "UPDATE executions SET status = 'in_progress', attempts = attempts + 1,
                         next_attempt_at = NULL, updated_at = ?
-                 WHERE id IN (SELECT value FROM json_each(?))",
-            )
+                 WHERE id IN (SELECT CAST(j.value AS BIGINT) FROM {})",
+                dialect::JSON_ROWS
+            ))
             .bind(now)
             .bind(serde_json::to_string(&ids).expect("ids serialise"))
             .execute(&mut *conn)
@@ -434,10 +541,10 @@ async fn take_slice_in(
             }
             let mut started = Vec::new();
             for sequence in deltas.keys() {
-                let opened = sqlx::query(
+                let opened = sqlx::query(sql!(
                     "UPDATE batches SET status = 'running', started_at = COALESCE(started_at, ?)
-                     WHERE run_id = ? AND batch_sequence = ? AND status = 'pending'",
-                )
+                     WHERE run_id = ? AND batch_sequence = ? AND status = 'pending'"
+                ))
                 .bind(now)
                 .bind(run_id)
                 .bind(sequence)
@@ -451,14 +558,14 @@ async fn take_slice_in(
             apply_deltas(&mut *conn, run_id, &deltas).await?;
             if !started.is_empty() {
                 let (campaign_id, run_uuid, total_batches): (i64, String, i64) = sqlx::query_as(
-                    "SELECT campaign_id, uuid, total_batches FROM runs WHERE id = ?",
+                    sql!("SELECT campaign_id, uuid, total_batches FROM runs WHERE id = ?"),
                 )
                 .bind(run_id)
                 .fetch_one(&mut *conn)
                 .await?;
                 for sequence in started {
                     let size: i64 = sqlx::query_scalar(
-                        "SELECT recipient_count FROM batches WHERE run_id = ? AND batch_sequence = ?",
+                        sql!("SELECT recipient_count FROM batches WHERE run_id = ? AND batch_sequence = ?"),
                     )
                     .bind(run_id)
                     .bind(sequence)
@@ -489,11 +596,12 @@ async fn take_slice_in(
 /// Records send outcomes, counters, batch completion, metrics and an event,
 /// inside the caller's transaction.
 async fn record_outcomes_in(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     run_id: i64,
     outcomes: &[ExecutionOutcome],
     now: i64,
 ) -> StoreResult<RunUpdate> {
+    lock_run(conn, run_id).await?;
     let payload: Vec<serde_json::Value> = outcomes
         .iter()
         .map(|o| {
@@ -511,19 +619,21 @@ async fn record_outcomes_in(
         .collect();
     // Only executions still in progress are updated: one a new worker
     // already wrote off must not be counted twice.
-    let updated: Vec<i64> = sqlx::query_scalar(
+    let updated: Vec<i64> = sqlx::query_scalar(sql!(
         "UPDATE executions SET status = o.status, message_status = o.message_status,
                 provider_message_id = COALESCE(o.provider_id, executions.provider_message_id),
                 duration_seconds = o.duration, error_details = o.error,
                 retry_reason = o.retry, next_attempt_at = o.next_at,
                 executed_at = ?, updated_at = ?
-         FROM (SELECT value ->> 0 AS id, value ->> 1 AS status, value ->> 2 AS message_status,
-                      value ->> 3 AS provider_id, value ->> 4 AS duration, value ->> 5 AS error,
-                      value ->> 6 AS retry, value ->> 7 AS next_at
-               FROM json_each(?)) AS o
+         FROM (SELECT CAST(j.value ->> 0 AS BIGINT) AS id, j.value ->> 1 AS status,
+                      j.value ->> 2 AS message_status, j.value ->> 3 AS provider_id,
+                      CAST(j.value ->> 4 AS BIGINT) AS duration, j.value ->> 5 AS error,
+                      j.value ->> 6 AS retry, CAST(j.value ->> 7 AS BIGINT) AS next_at
+               FROM {}) AS o
          WHERE executions.id = o.id AND executions.status = 'in_progress'
          RETURNING executions.id",
-    )
+        dialect::JSON_ROWS
+    ))
     .bind(now)
     .bind(now)
     .bind(serde_json::Value::Array(payload).to_string())
@@ -549,11 +659,11 @@ async fn record_outcomes_in(
     }
     apply_deltas(&mut *conn, run_id, &deltas).await?;
     sqlx::query(
-        "UPDATE runs SET charged_credits = charged_credits + ?,
+        sql!("UPDATE runs SET charged_credits = charged_credits + ?,
                 first_sent_at = CASE WHEN ? > 0 THEN COALESCE(first_sent_at, ?) ELSE first_sent_at END,
                 last_sent_at = CASE WHEN ? > 0 THEN ? ELSE last_sent_at END,
                 updated_at = ?
-         WHERE id = ?",
+         WHERE id = ?"),
     )
     .bind(charged)
     .bind(successes)
@@ -568,9 +678,10 @@ async fn record_outcomes_in(
     let run = fetch_run(&mut *conn, run_id).await?;
     if successes + failures > 0 {
         sqlx::query(
-            "INSERT INTO metrics_minutes (campaign_id, minute, completed, failed) VALUES (?, ?, ?, ?)
+            sql!("INSERT INTO metrics_minutes (campaign_id, minute, completed, failed) VALUES (?, ?, ?, ?)
              ON CONFLICT (campaign_id, minute) DO UPDATE SET
-                completed = completed + excluded.completed, failed = failed + excluded.failed",
+                completed = metrics_minutes.completed + excluded.completed,
+                failed = metrics_minutes.failed + excluded.failed"),
         )
         .bind(run.campaign_id)
         .bind(now / 60_000)
@@ -594,85 +705,91 @@ async fn record_outcomes_in(
 }
 
 #[async_trait]
-impl EngineStore for SqliteStore {
+impl EngineStore for SqlStore {
     async fn claim_run(
         &self,
         worker: &str,
         now: i64,
         lease_ms: i64,
+        busy: &[i64],
     ) -> StoreResult<Option<RunRecord>> {
         let mut tx = self.writer.begin().await?;
-        let candidate: Option<(i64, String, i64)> = sqlx::query_as(
+        // A due run to freeze and start: one worker alone, under a run lease.
+        let due: Option<(i64, String, i64)> = sqlx::query_as(sql!(
             "SELECT r.id, r.status, r.campaign_id FROM runs r JOIN campaigns c ON c.id = r.campaign_id
              WHERE (r.status = 'scheduled' AND r.scheduled_at <= ? AND c.status IN ('scheduled', 'running'))
-                OR (r.status IN ('claimed', 'running')
-                    AND (r.lease_owner IS NULL OR r.lease_expires_at < ?)
+                OR (r.status = 'claimed' AND (r.lease_owner IS NULL OR r.lease_expires_at < ?)
                     AND c.status IN ('running', 'cancelled'))
-             ORDER BY r.scheduled_at LIMIT 1",
-        )
+             ORDER BY r.scheduled_at LIMIT 1 {}",
+            dialect::CLAIM_LOCK
+        ))
         .bind(now)
         .bind(now)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((run_id, status, campaign_id)) = candidate else {
-            return Ok(None);
-        };
-        sqlx::query(
-            "UPDATE runs SET status = CASE WHEN status = 'scheduled' THEN 'claimed' ELSE status END,
-                    lease_owner = ?, lease_expires_at = ?, claimed_at = COALESCE(claimed_at, ?),
-                    updated_at = ?
-             WHERE id = ?",
-        )
-        .bind(worker)
-        .bind(now + lease_ms)
-        .bind(now)
-        .bind(now)
-        .bind(run_id)
-        .execute(&mut *tx)
-        .await?;
-        if status == "scheduled" {
-            sqlx::query(
-                "UPDATE campaigns SET status = 'running', started_at = COALESCE(started_at, ?),
-                        updated_at = ?
-                 WHERE id = ? AND status = 'scheduled'",
-            )
+        if let Some((run_id, status, campaign_id)) = due {
+            sqlx::query(sql!(
+                "UPDATE runs SET status = 'claimed', lease_owner = ?, lease_expires_at = ?,
+                        claimed_at = COALESCE(claimed_at, ?), updated_at = ?
+                 WHERE id = ?"
+            ))
+            .bind(worker)
+            .bind(now + lease_ms)
             .bind(now)
             .bind(now)
-            .bind(campaign_id)
+            .bind(run_id)
             .execute(&mut *tx)
             .await?;
-        } else {
-            // The previous holder died mid-send: whatever it had in flight
-            // may or may not have reached the provider. Never send it again.
-            let lost = bulk_move(
-                &mut tx,
-                run_id,
-                ExecutionStatus::InProgress,
-                ExecutionStatus::Failed,
-                Some("outcome unknown: the worker stopped while sending; not resent so no recipient is contacted twice"),
-                now,
-            )
-            .await?;
-            if lost > 0 {
-                tracing::warn!(
-                    run = run_id,
-                    lost,
-                    "took over a run; in-flight sends marked failed"
-                );
-                close_finished_batches(&mut tx, run_id, now).await?;
+            if status == "scheduled" {
+                sqlx::query(sql!(
+                    "UPDATE campaigns SET status = 'running', started_at = COALESCE(started_at, ?),
+                            updated_at = ?
+                     WHERE id = ? AND status = 'scheduled'"
+                ))
+                .bind(now)
+                .bind(now)
+                .bind(campaign_id)
+                .execute(&mut *tx)
+                .await?;
             }
+            let run = fetch_run(&mut tx, run_id).await?;
+            tx.commit().await?;
+            return Ok(Some(run));
         }
-        let run = fetch_run(&mut tx, run_id).await?;
+        // A running run to join: a batch is free (never leased, released,
+        // or its worker's lease expired), or it only needs finalising.
+        let busy = serde_json::to_string(busy).expect("ids serialise");
+        let join: Option<i64> = sqlx::query_scalar(sql!(
+            "SELECT r.id FROM runs r JOIN campaigns c ON c.id = r.campaign_id
+             WHERE r.status = 'running' AND c.status IN ('running', 'cancelled')
+               AND r.id NOT IN (SELECT CAST(j.value AS BIGINT) FROM {})
+               AND (c.status = 'cancelled'
+                    OR EXISTS (SELECT 1 FROM batches b WHERE b.run_id = r.id
+                        AND b.status IN ('pending', 'running') AND (b.pending > 0 OR b.processing > 0)
+                        AND (b.lease_owner IS NULL OR b.lease_expires_at < ?))
+                    OR NOT EXISTS (SELECT 1 FROM batches b WHERE b.run_id = r.id
+                        AND b.status IN ('pending', 'running')))
+             ORDER BY r.id LIMIT 1",
+            dialect::JSON_ROWS
+        ))
+        .bind(&busy)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let run = match join {
+            Some(run_id) => Some(fetch_run(&mut tx, run_id).await?),
+            None => None,
+        };
         tx.commit().await?;
-        Ok(Some(run))
+        Ok(run)
     }
 
     async fn next_due_at(&self) -> StoreResult<Option<i64>> {
-        Ok(
-            sqlx::query_scalar("SELECT MIN(scheduled_at) FROM runs WHERE status = 'scheduled'")
-                .fetch_one(&self.reader)
-                .await?,
-        )
+        Ok(sqlx::query_scalar(sql!(
+            "SELECT MIN(scheduled_at) FROM runs WHERE status = 'scheduled'"
+        ))
+        .fetch_one(&self.reader)
+        .await?)
     }
 
     async fn freeze_run(&self, run_id: i64, snapshot: &RunSnapshot) -> StoreResult<RunRecord> {
@@ -685,7 +802,7 @@ impl EngineStore for SqliteStore {
         let only_failed = run.recipients == Recipients::Failed;
         // Failed recipients: those whose execution in their latest earlier
         // run ended failed, no_answer or busy.
-        sqlx::query(
+        sqlx::query(sql!(
             "INSERT INTO executions (run_id, campaign_id, batch_sequence, contact_id, phone, name,
                                      variables, status, updated_at)
              SELECT ?1, c.campaign_id, (ROW_NUMBER() OVER (ORDER BY c.id) - 1) / ?2 + 1,
@@ -697,8 +814,8 @@ impl EngineStore for SqliteStore {
                        WHERE campaign_id = ?4 AND run_id <> ?1 GROUP BY contact_id) latest
                    ON latest.contact_id = e.contact_id AND latest.run_id = e.run_id
                  WHERE e.status IN ('failed', 'no_answer', 'busy')))
-             ORDER BY c.id",
-        )
+             ORDER BY c.id"
+        ))
         .bind(run_id)
         .bind(BATCH_SIZE)
         .bind(now)
@@ -706,21 +823,21 @@ impl EngineStore for SqliteStore {
         .bind(only_failed)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
+        sqlx::query(sql!(
             "INSERT INTO batches (run_id, batch_sequence, status, recipient_count, pending)
              SELECT ?, batch_sequence, 'pending', COUNT(*), COUNT(*) FROM executions
-             WHERE run_id = ? GROUP BY batch_sequence",
-        )
+             WHERE run_id = ? GROUP BY batch_sequence"
+        ))
         .bind(run_id)
         .bind(run_id)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE runs SET snapshot = ?2, frozen_at = ?3, updated_at = ?3,
-                total = (SELECT COALESCE(SUM(recipient_count), 0) FROM batches WHERE run_id = ?1),
-                pending = (SELECT COALESCE(SUM(recipient_count), 0) FROM batches WHERE run_id = ?1),
+            sql!("UPDATE runs SET snapshot = ?2, frozen_at = ?3, updated_at = ?3,
+                total = (SELECT CAST(COALESCE(SUM(recipient_count), 0) AS BIGINT) FROM batches WHERE run_id = ?1),
+                pending = (SELECT CAST(COALESCE(SUM(recipient_count), 0) AS BIGINT) FROM batches WHERE run_id = ?1),
                 total_batches = (SELECT COUNT(*) FROM batches WHERE run_id = ?1)
-             WHERE id = ?1",
+             WHERE id = ?1"),
         )
         .bind(run_id)
         .bind(serde_json::to_string(snapshot).expect("snapshot serialises"))
@@ -738,10 +855,10 @@ impl EngineStore for SqliteStore {
         after_id: i64,
         limit: i64,
     ) -> StoreResult<Vec<PendingExecution>> {
-        sqlx::query(
+        sqlx::query(sql!(
             "SELECT id, batch_sequence, phone, name, variables, attempts FROM executions
-             WHERE run_id = ? AND id > ? ORDER BY id LIMIT ?",
-        )
+             WHERE run_id = ? AND id > ? ORDER BY id LIMIT ?"
+        ))
         .bind(run_id)
         .bind(after_id)
         .bind(limit)
@@ -754,6 +871,7 @@ impl EngineStore for SqliteStore {
 
     async fn start_run(&self, run_id: i64, cost_units: i64, now: i64) -> StoreResult<RunUpdate> {
         let mut tx = self.writer.begin().await?;
+        lock_run(&mut tx, run_id).await?;
         let run = fetch_run(&mut tx, run_id).await?;
         if run.status != RunStatus::Claimed {
             return Ok(RunUpdate {
@@ -761,10 +879,10 @@ impl EngineStore for SqliteStore {
                 events: vec![],
             });
         }
-        let (workspace_id, balance): (i64, Option<i64>) = sqlx::query_as(
+        let (workspace_id, balance): (i64, Option<i64>) = sqlx::query_as(sql!(
             "SELECT w.id, w.credit_balance FROM workspaces w
-             JOIN campaigns c ON c.workspace_id = w.id WHERE c.id = ?",
-        )
+             JOIN campaigns c ON c.workspace_id = w.id WHERE c.id = ?"
+        ))
         .bind(run.campaign_id)
         .fetch_one(&mut *tx)
         .await?;
@@ -774,7 +892,7 @@ impl EngineStore for SqliteStore {
                 let reason = format!(
                     "insufficient credits: the run costs {cost_units} and the workspace has {balance}"
                 );
-                sqlx::query("UPDATE runs SET cost_units = ? WHERE id = ?")
+                sqlx::query(sql!("UPDATE runs SET cost_units = ? WHERE id = ?"))
                     .bind(cost_units)
                     .bind(run_id)
                     .execute(&self.writer)
@@ -782,10 +900,10 @@ impl EngineStore for SqliteStore {
                 return self.finish_run(run_id, &RunEnd::Failed(reason), now).await;
             }
             if cost_units > 0 {
-                let after: i64 = sqlx::query_scalar(
+                let after: i64 = sqlx::query_scalar(sql!(
                     "UPDATE workspaces SET credit_balance = credit_balance - ? WHERE id = ?
-                     RETURNING credit_balance",
-                )
+                     RETURNING credit_balance"
+                ))
                 .bind(cost_units)
                 .bind(workspace_id)
                 .fetch_one(&mut *tx)
@@ -805,9 +923,9 @@ impl EngineStore for SqliteStore {
         }
         let reserved = if balance.is_some() { cost_units } else { 0 };
         sqlx::query(
-            "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, ?), cost_units = ?,
+            sql!("UPDATE runs SET status = 'running', started_at = COALESCE(started_at, ?), cost_units = ?,
                     reserved_credits = ?, updated_at = ?
-             WHERE id = ?",
+             WHERE id = ?"),
         )
         .bind(now)
         .bind(cost_units)
@@ -833,10 +951,18 @@ impl EngineStore for SqliteStore {
     }
 
     async fn release_run(&self, run_id: i64, worker: &str) -> StoreResult<()> {
-        sqlx::query(
+        sqlx::query(sql!(
             "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL
-             WHERE id = ? AND lease_owner = ?",
-        )
+             WHERE id = ? AND lease_owner = ?"
+        ))
+        .bind(run_id)
+        .bind(worker)
+        .execute(&self.writer)
+        .await?;
+        sqlx::query(sql!(
+            "UPDATE batches SET lease_owner = NULL, lease_expires_at = NULL
+             WHERE run_id = ? AND lease_owner = ?"
+        ))
         .bind(run_id)
         .bind(worker)
         .execute(&self.writer)
@@ -888,6 +1014,9 @@ impl EngineStore for SqliteStore {
 
     async fn finish_run(&self, run_id: i64, end: &RunEnd, now: i64) -> StoreResult<RunUpdate> {
         let mut tx = self.writer.begin().await?;
+        // Workers sharing the run may all see it end: the first finalises,
+        // the others find it terminal (and refund nothing twice).
+        lock_run(&mut tx, run_id).await?;
         let before = fetch_run(&mut tx, run_id).await?;
         if before.status.is_terminal() {
             return Ok(RunUpdate {
@@ -903,6 +1032,7 @@ impl EngineStore for SqliteStore {
         bulk_move(
             &mut tx,
             run_id,
+            None,
             ExecutionStatus::Pending,
             ExecutionStatus::Skipped,
             None,
@@ -912,6 +1042,7 @@ impl EngineStore for SqliteStore {
         bulk_move(
             &mut tx,
             run_id,
+            None,
             ExecutionStatus::InProgress,
             ExecutionStatus::Failed,
             Some("outcome unknown: the run ended while this was being sent"),
@@ -923,11 +1054,11 @@ impl EngineStore for SqliteStore {
         // Refund what was reserved and not spent.
         let refund = (before.reserved_credits - before.charged_credits).max(0);
         if refund > 0 {
-            let (workspace_id, after): (i64, i64) = sqlx::query_as(
+            let (workspace_id, after): (i64, i64) = sqlx::query_as(sql!(
                 "UPDATE workspaces SET credit_balance = credit_balance + ?
                  WHERE id = (SELECT workspace_id FROM campaigns WHERE id = ?)
-                 RETURNING id, credit_balance",
-            )
+                 RETURNING id, credit_balance"
+            ))
             .bind(refund)
             .bind(before.campaign_id)
             .fetch_one(&mut *tx)
@@ -945,11 +1076,11 @@ impl EngineStore for SqliteStore {
             )
             .await?;
         }
-        sqlx::query(
+        sqlx::query(sql!(
             "UPDATE runs SET status = ?, error = ?, completed_at = ?, refunded_credits = ?,
                     lease_owner = NULL, lease_expires_at = NULL, updated_at = ?
-             WHERE id = ?",
-        )
+             WHERE id = ?"
+        ))
         .bind(status)
         .bind(reason)
         .bind(now)
@@ -958,10 +1089,10 @@ impl EngineStore for SqliteStore {
         .bind(run_id)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
+        sqlx::query(sql!(
             "UPDATE campaigns SET status = ?, completed_at = ?, updated_at = ?
-             WHERE id = ? AND status IN ('scheduled', 'running', 'paused', 'cancelled')",
-        )
+             WHERE id = ? AND status IN ('scheduled', 'running', 'paused', 'cancelled')"
+        ))
         .bind(campaign_status)
         .bind(now)
         .bind(now)
@@ -1006,16 +1137,19 @@ impl EngineStore for SqliteStore {
         let mut tx = self.writer.begin().await?;
         // A receipt settles a `sent` message once: repeats and late
         // contradictions match no row and are acknowledged, not counted.
-        let settled: Vec<(i64, i64, String)> = sqlx::query_as(
+        let settled: Vec<(i64, i64, String)> = sqlx::query_as(sql!(
             "UPDATE executions SET message_status = r.status,
-                    delivered_at = CASE WHEN r.status = 'delivered' THEN ?1 ELSE NULL END,
-                    error_details = COALESCE(r.error, executions.error_details), updated_at = ?1
-             FROM (SELECT value ->> 0 AS provider_id, value ->> 1 AS status, value ->> 2 AS error
-                   FROM json_each(?2)) AS r
+                    delivered_at = CASE WHEN r.status = 'delivered' THEN ? ELSE NULL END,
+                    error_details = COALESCE(r.error, executions.error_details), updated_at = ?
+             FROM (SELECT j.value ->> 0 AS provider_id, j.value ->> 1 AS status,
+                          j.value ->> 2 AS error
+                   FROM {}) AS r
              WHERE executions.provider_message_id = r.provider_id
                AND executions.message_status = 'sent'
              RETURNING executions.run_id, executions.batch_sequence, executions.message_status",
-        )
+            dialect::JSON_ROWS
+        ))
+        .bind(now)
         .bind(now)
         .bind(&payload)
         .fetch_all(&mut *tx)
@@ -1030,62 +1164,78 @@ impl EngineStore for SqliteStore {
             }
         }
         let mut per_run: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
-        for ((run_id, sequence), (delivered, failed)) in per_batch {
-            sqlx::query(
-                "UPDATE batches SET delivered = delivered + ?, failed_delivery = failed_delivery + ?
-                 WHERE run_id = ? AND batch_sequence = ?",
-            )
-            .bind(delivered)
-            .bind(failed)
-            .bind(run_id)
-            .bind(sequence)
-            .execute(&mut *tx)
-            .await?;
-            let entry = per_run.entry(run_id).or_default();
+        for ((run_id, _), (delivered, failed)) in &per_batch {
+            let entry = per_run.entry(*run_id).or_default();
             entry.0 += delivered;
             entry.1 += failed;
         }
+        // Runs first, then batches, then the campaigns' logs: the order
+        // every engine transaction locks them in.
         let mut campaigns = Vec::new();
-        for (run_id, (delivered, failed)) in per_run {
-            let (campaign_id, workspace_id): (i64, i64) = sqlx::query_as(
+        for (run_id, (delivered, failed)) in &per_run {
+            let (campaign_id, workspace_id): (i64, i64) = sqlx::query_as(sql!(
                 "UPDATE runs SET delivered = delivered + ?, failed_delivery = failed_delivery + ?,
                         updated_at = ?
                  WHERE id = ?
-                 RETURNING campaign_id, (SELECT workspace_id FROM campaigns c WHERE c.id = runs.campaign_id)",
-            )
+                 RETURNING campaign_id, (SELECT workspace_id FROM campaigns c WHERE c.id = runs.campaign_id)"
+            ))
             .bind(delivered)
             .bind(failed)
             .bind(now)
             .bind(run_id)
             .fetch_one(&mut *tx)
             .await?;
+            campaigns.push((campaign_id, workspace_id, delivered + failed));
+        }
+        for ((run_id, sequence), (delivered, failed)) in per_batch {
+            sqlx::query(sql!(
+                "UPDATE batches SET delivered = delivered + ?, failed_delivery = failed_delivery + ?
+                 WHERE run_id = ? AND batch_sequence = ?"
+            ))
+            .bind(delivered)
+            .bind(failed)
+            .bind(run_id)
+            .bind(sequence)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (campaign_id, _, receipts) in &campaigns {
             append_event(
                 &mut tx,
-                campaign_id,
+                *campaign_id,
                 "progress",
-                json!({"receipts": delivered + failed}),
+                json!({"receipts": receipts}),
                 now,
             )
             .await?;
-            campaigns.push((campaign_id, workspace_id));
         }
+        let campaigns = campaigns.into_iter().map(|(c, w, _)| (c, w)).collect();
         let applied = settled.len() as u64;
-        let unknown: i64 = if applied < receipts.len() as u64 {
+        let unknown_ids: Vec<String> = if applied < receipts.len() as u64 {
             sqlx::query_scalar(
-                "SELECT COUNT(*) FROM json_each(?) j WHERE NOT EXISTS
-                   (SELECT 1 FROM executions e WHERE e.provider_message_id = j.value ->> 0)",
+                // Not settled, not even now: no such message yet, or (on
+                // Postgres) its send was committed after the UPDATE above
+                // took its snapshot. Either way the caller may try again.
+                sql!(
+                    "SELECT j.value ->> 0 FROM {} WHERE NOT EXISTS
+                   (SELECT 1 FROM executions e WHERE e.provider_message_id = j.value ->> 0
+                      AND e.message_status IN ('delivered', 'failed'))",
+                    dialect::JSON_ROWS
+                ),
             )
             .bind(&payload)
-            .fetch_one(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?
         } else {
-            0
+            Vec::new()
         };
+        let unknown = unknown_ids.len() as i64;
         tx.commit().await?;
         Ok(ReceiptReport {
             applied,
             unknown: unknown as u64,
             duplicate: (receipts.len() as u64).saturating_sub(applied + unknown as u64),
+            unknown_ids,
             campaigns,
         })
     }
@@ -1097,10 +1247,10 @@ impl EngineStore for SqliteStore {
         note: Option<&str>,
     ) -> StoreResult<Workspace> {
         let mut tx = self.writer.begin().await?;
-        let after: i64 = sqlx::query_scalar(
+        let after: i64 = sqlx::query_scalar(sql!(
             "UPDATE workspaces SET credit_balance = COALESCE(credit_balance, 0) + ? WHERE id = ?
-             RETURNING credit_balance",
-        )
+             RETURNING credit_balance"
+        ))
         .bind(amount)
         .bind(workspace_id)
         .fetch_optional(&mut *tx)
@@ -1130,8 +1280,8 @@ impl EngineStore for SqliteStore {
         let now = now_ms();
         let mut tx = self.writer.begin().await?;
         sqlx::query(
-            "UPDATE campaigns SET status = 'running', started_at = COALESCE(started_at, ?), updated_at = ?
-             WHERE id = ? AND status IN ('draft', 'scheduled')",
+            sql!("UPDATE campaigns SET status = 'running', started_at = COALESCE(started_at, ?), updated_at = ?
+             WHERE id = ? AND status IN ('draft', 'scheduled')"),
         )
         .bind(now)
         .bind(now)
@@ -1143,10 +1293,10 @@ impl EngineStore for SqliteStore {
             stored.push(append_event(&mut tx, campaign_id, kind, data.clone(), now).await?);
         }
         if let Some(end) = finish {
-            let changed = sqlx::query(
+            let changed = sqlx::query(sql!(
                 "UPDATE campaigns SET status = ?, completed_at = ?, updated_at = ?
-                 WHERE id = ? AND status IN ('running', 'paused')",
-            )
+                 WHERE id = ? AND status IN ('running', 'paused')"
+            ))
             .bind(end.as_str())
             .bind(now)
             .bind(now)
@@ -1172,10 +1322,10 @@ impl EngineStore for SqliteStore {
     }
 
     async fn credit_ledger(&self, workspace_id: i64, limit: i64) -> StoreResult<Vec<LedgerEntry>> {
-        sqlx::query(
+        sqlx::query(sql!(
             "SELECT id, run_id, kind, amount, balance_after, note, created_at FROM credit_ledger
-             WHERE workspace_id = ? ORDER BY id DESC LIMIT ?",
-        )
+             WHERE workspace_id = ? ORDER BY id DESC LIMIT ?"
+        ))
         .bind(workspace_id)
         .bind(limit)
         .fetch_all(&self.reader)

@@ -1,63 +1,48 @@
-//! The embedded SQLite store.
+//! The SQL both backends run, written once.
 //!
-//! SQLite allows one writer at a time, so writes go through a pool of one
-//! connection (they queue in Herald instead of spinning on `SQLITE_BUSY`),
-//! while reads use a separate pool and, thanks to WAL, never wait for writes.
+//! This directory is compiled twice, as `store::sqlite::sql` and
+//! `store::postgres::sql`: `Db`, `Conn` and `DbRow` come from the parent's
+//! `dialect` module, and so do the few fragments the two spell differently
+//! (JSON functions, row locks). Statements use SQLite's `?` placeholders;
+//! [`sql!`] rewrites them once per statement for Postgres and caches the text.
 
 use std::collections::BTreeSet;
-use std::str::FromStr;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{QueryBuilder, Row};
 use tokio::sync::mpsc;
 
-use super::*;
+use super::dialect::{self, Conn, Db, DbRow, Pool};
+use crate::store::*;
+
+/// A statement for this backend: `format!` syntax, evaluated and rewritten
+/// once per call site, then served from a static.
+macro_rules! sql {
+    ($($fmt:tt)*) => {{
+        static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        SQL.get_or_init(|| dialect::placeholders(&format!($($fmt)*))).as_str()
+    }};
+}
 
 mod engine;
 mod reports;
 
 /// Rows per multi-row INSERT: 1000 rows × 3 bound values stays far below
-/// SQLite's 32766-variable limit, and amortises statement overhead.
+/// both backends' limits on bound parameters, and amortises statement overhead.
 const INSERT_CHUNK: usize = 1000;
 
-pub struct SqliteStore {
-    /// The single writer connection.
-    pub(super) writer: SqlitePool,
-    /// Readers; WAL lets them run beside the writer.
-    pub(super) reader: SqlitePool,
+pub struct SqlStore {
+    /// Writes. SQLite: the single writer connection; Postgres: the pool.
+    pub(super) writer: Pool,
+    /// Reads. SQLite: read-only connections beside the writer (WAL);
+    /// Postgres: the same pool as `writer`.
+    pub(super) reader: Pool,
 }
 
 pub(super) const CAMPAIGN_COLUMNS: &str = "id, uuid, workspace_id, name, channel, template, sender, provider, \
      max_attempts, status, start_at, contact_count, created_at, updated_at, started_at, completed_at";
 
-impl SqliteStore {
-    pub async fn connect(url: &str) -> anyhow::Result<Self> {
-        let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(120))
-            .connect_with(options.clone())
-            .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options.read_only(true))
-            .await?;
-        Ok(Self { writer, reader })
-    }
-}
-
-fn workspace_from_row(row: &SqliteRow) -> StoreResult<Workspace> {
+fn workspace_from_row(row: &DbRow) -> StoreResult<Workspace> {
     Ok(Workspace {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
@@ -67,7 +52,7 @@ fn workspace_from_row(row: &SqliteRow) -> StoreResult<Workspace> {
     })
 }
 
-fn api_key_from_row(row: &SqliteRow) -> StoreResult<ApiKeyRecord> {
+fn api_key_from_row(row: &DbRow) -> StoreResult<ApiKeyRecord> {
     Ok(ApiKeyRecord {
         id: row.try_get("id")?,
         workspace_id: row.try_get("workspace_id")?,
@@ -79,7 +64,7 @@ fn api_key_from_row(row: &SqliteRow) -> StoreResult<ApiKeyRecord> {
     })
 }
 
-pub(super) fn campaign_from_row(row: &SqliteRow) -> StoreResult<Campaign> {
+pub(super) fn campaign_from_row(row: &DbRow) -> StoreResult<Campaign> {
     let channel: String = row.try_get("channel")?;
     let status: String = row.try_get("status")?;
     let provider: String = row.try_get("provider")?;
@@ -107,7 +92,7 @@ pub(super) fn campaign_from_row(row: &SqliteRow) -> StoreResult<Campaign> {
     })
 }
 
-fn contact_from_row(row: &SqliteRow) -> StoreResult<ContactRecord> {
+fn contact_from_row(row: &DbRow) -> StoreResult<ContactRecord> {
     let variables: String = row.try_get("variables")?;
     Ok(ContactRecord {
         id: row.try_get("id")?,
@@ -123,14 +108,10 @@ fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
-impl SqliteStore {
-    async fn campaign_status(
-        &self,
-        conn: &mut sqlx::SqliteConnection,
-        id: i64,
-    ) -> StoreResult<CampaignStatus> {
+impl SqlStore {
+    async fn campaign_status(&self, conn: &mut Conn, id: i64) -> StoreResult<CampaignStatus> {
         let status: Option<String> =
-            sqlx::query_scalar("SELECT status FROM campaigns WHERE id = ?")
+            sqlx::query_scalar(sql!("SELECT status FROM campaigns WHERE id = ?"))
                 .bind(id)
                 .fetch_optional(&mut *conn)
                 .await?;
@@ -138,12 +119,8 @@ impl SqliteStore {
         CampaignStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(status))
     }
 
-    async fn fetch_campaign(
-        &self,
-        conn: &mut sqlx::SqliteConnection,
-        id: i64,
-    ) -> StoreResult<Campaign> {
-        let row = sqlx::query(&format!(
+    async fn fetch_campaign(&self, conn: &mut Conn, id: i64) -> StoreResult<Campaign> {
+        let row = sqlx::query(sql!(
             "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = ?"
         ))
         .bind(id)
@@ -155,31 +132,29 @@ impl SqliteStore {
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl Store for SqlStore {
     async fn backup(&self, path: &str) -> StoreResult<()> {
-        // A read transaction sees one snapshot, so the copy is consistent
-        // even while runs write; the writer is never blocked.
-        sqlx::query("VACUUM INTO ?")
-            .bind(path)
-            .execute(&self.reader)
-            .await?;
-        Ok(())
+        dialect::backup(&self.reader, path).await
+    }
+
+    async fn watch_changes(&self) -> StoreResult<Option<ChangeFeed>> {
+        dialect::watch_changes(&self.writer).await
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        sqlx::query(sql!("SELECT 1")).execute(&self.reader).await?;
         Ok(())
     }
 
     async fn ensure_workspace(&self, name: &str) -> StoreResult<Workspace> {
-        sqlx::query(
-            "INSERT INTO workspaces (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
-        )
+        sqlx::query(sql!(
+            "INSERT INTO workspaces (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING"
+        ))
         .bind(name)
         .bind(now_ms())
         .execute(&self.writer)
         .await?;
-        let row = sqlx::query("SELECT * FROM workspaces WHERE name = ?")
+        let row = sqlx::query(sql!("SELECT * FROM workspaces WHERE name = ?"))
             .bind(name)
             .fetch_one(&self.writer)
             .await?;
@@ -187,7 +162,7 @@ impl Store for SqliteStore {
     }
 
     async fn workspace(&self, id: i64) -> StoreResult<Workspace> {
-        let row = sqlx::query("SELECT * FROM workspaces WHERE id = ?")
+        let row = sqlx::query(sql!("SELECT * FROM workspaces WHERE id = ?"))
             .bind(id)
             .fetch_optional(&self.reader)
             .await?
@@ -196,7 +171,7 @@ impl Store for SqliteStore {
     }
 
     async fn workspace_by_name(&self, name: &str) -> StoreResult<Option<Workspace>> {
-        sqlx::query("SELECT * FROM workspaces WHERE name = ?")
+        sqlx::query(sql!("SELECT * FROM workspaces WHERE name = ?"))
             .bind(name)
             .fetch_optional(&self.reader)
             .await?
@@ -206,18 +181,20 @@ impl Store for SqliteStore {
     }
 
     async fn workspace_count(&self) -> StoreResult<i64> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM workspaces")
+        Ok(sqlx::query_scalar(sql!("SELECT COUNT(*) FROM workspaces"))
             .fetch_one(&self.reader)
             .await?)
     }
 
     async fn set_workspace_region(&self, id: i64, region: &str) -> StoreResult<Workspace> {
-        let row = sqlx::query("UPDATE workspaces SET default_region = ? WHERE id = ? RETURNING *")
-            .bind(region)
-            .bind(id)
-            .fetch_optional(&self.writer)
-            .await?
-            .ok_or(StoreError::NotFound)?;
+        let row = sqlx::query(sql!(
+            "UPDATE workspaces SET default_region = ? WHERE id = ? RETURNING *"
+        ))
+        .bind(region)
+        .bind(id)
+        .fetch_optional(&self.writer)
+        .await?
+        .ok_or(StoreError::NotFound)?;
         workspace_from_row(&row)
     }
 
@@ -228,10 +205,10 @@ impl Store for SqliteStore {
         prefix: &str,
         key_hash: &[u8],
     ) -> StoreResult<ApiKeyRecord> {
-        let row = sqlx::query(
+        let row = sqlx::query(sql!(
             "INSERT INTO api_keys (workspace_id, prefix, key_hash, label, created_at)
-             VALUES (?, ?, ?, ?, ?) RETURNING *",
-        )
+             VALUES (?, ?, ?, ?, ?) RETURNING *"
+        ))
         .bind(workspace_id)
         .bind(prefix)
         .bind(key_hash)
@@ -252,7 +229,7 @@ impl Store for SqliteStore {
     async fn api_key_by_prefix(&self, prefix: &str) -> StoreResult<Option<ApiKeyRecord>> {
         // Each read starts a fresh WAL snapshot, so a key revoked by a
         // committed write is refused from the very next request.
-        sqlx::query("SELECT * FROM api_keys WHERE prefix = ?")
+        sqlx::query(sql!("SELECT * FROM api_keys WHERE prefix = ?"))
             .bind(prefix)
             .fetch_optional(&self.reader)
             .await?
@@ -262,13 +239,15 @@ impl Store for SqliteStore {
     }
 
     async fn list_api_keys(&self, workspace_id: i64) -> StoreResult<Vec<ApiKeyRecord>> {
-        sqlx::query("SELECT * FROM api_keys WHERE workspace_id = ? ORDER BY id")
-            .bind(workspace_id)
-            .fetch_all(&self.reader)
-            .await?
-            .iter()
-            .map(api_key_from_row)
-            .collect()
+        sqlx::query(sql!(
+            "SELECT * FROM api_keys WHERE workspace_id = ? ORDER BY id"
+        ))
+        .bind(workspace_id)
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(api_key_from_row)
+        .collect()
     }
 
     async fn revoke_api_key(
@@ -277,10 +256,10 @@ impl Store for SqliteStore {
         id_or_prefix: &str,
     ) -> StoreResult<ApiKeyRecord> {
         let id: i64 = id_or_prefix.parse().unwrap_or(-1);
-        let row = sqlx::query(
+        let row = sqlx::query(sql!(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?)
-             WHERE workspace_id = ? AND (id = ? OR prefix = ?) RETURNING *",
-        )
+             WHERE workspace_id = ? AND (id = ? OR prefix = ?) RETURNING *"
+        ))
         .bind(now_ms())
         .bind(workspace_id)
         .bind(id)
@@ -298,7 +277,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Campaign> {
         let now = now_ms();
         let provider = serde_json::to_string(&spec.provider).expect("provider serialises");
-        let row = sqlx::query(&format!(
+        let row = sqlx::query(sql!(
             "INSERT INTO campaigns (uuid, workspace_id, name, channel, template, sender, provider,
                                     max_attempts, status, created_at, updated_at)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'draft', ?, ?) RETURNING {CAMPAIGN_COLUMNS}"
@@ -321,7 +300,7 @@ impl Store for SqliteStore {
     async fn campaign(&self, by: &CampaignRef) -> StoreResult<Option<Campaign>> {
         let query = match by {
             CampaignRef::Id(id) => {
-                sqlx::query(&format!(
+                sqlx::query(sql!(
                     "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = ?"
                 ))
                 .bind(*id)
@@ -329,7 +308,7 @@ impl Store for SqliteStore {
                 .await?
             }
             CampaignRef::Uuid(uuid) => {
-                sqlx::query(&format!(
+                sqlx::query(sql!(
                     "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE uuid = ?"
                 ))
                 .bind(uuid)
@@ -348,7 +327,7 @@ impl Store for SqliteStore {
         limit: i64,
     ) -> StoreResult<(Vec<Campaign>, i64)> {
         let status = status.map(CampaignStatus::as_str);
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query(sql!(
             "SELECT {CAMPAIGN_COLUMNS} FROM campaigns
              WHERE workspace_id = ? AND (? IS NULL OR status = ?)
              ORDER BY id DESC LIMIT ? OFFSET ?"
@@ -360,9 +339,9 @@ impl Store for SqliteStore {
         .bind(offset)
         .fetch_all(&self.reader)
         .await?;
-        let total: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM campaigns WHERE workspace_id = ? AND (? IS NULL OR status = ?)",
-        )
+        let total: i64 = sqlx::query_scalar(sql!(
+            "SELECT COUNT(*) FROM campaigns WHERE workspace_id = ? AND (? IS NULL OR status = ?)"
+        ))
         .bind(workspace_id)
         .bind(status)
         .bind(status)
@@ -381,11 +360,11 @@ impl Store for SqliteStore {
         if !current.is_editable() {
             return Err(StoreError::StatusConflict { current });
         }
-        sqlx::query(
+        sqlx::query(sql!(
             "UPDATE campaigns SET name = ?, channel = ?, template = ?, sender = ?, provider = ?,
                                   max_attempts = ?, updated_at = ?
-             WHERE id = ?",
-        )
+             WHERE id = ?"
+        ))
         .bind(spec.name.as_str())
         .bind(spec.channel.as_str())
         .bind(spec.template.as_ref().map(|t| t.as_str()))
@@ -407,7 +386,7 @@ impl Store for SqliteStore {
         if !current.is_editable() {
             return Err(StoreError::StatusConflict { current });
         }
-        sqlx::query("DELETE FROM campaigns WHERE id = ?")
+        sqlx::query(sql!("DELETE FROM campaigns WHERE id = ?"))
             .bind(id)
             .execute(&mut *tx)
             .await?;
@@ -420,13 +399,13 @@ impl Store for SqliteStore {
         let now = now_ms();
         let started = transition.to == CampaignStatus::Running;
         let finished = transition.to.is_terminal();
-        let changed = sqlx::query(
+        let changed = sqlx::query(sql!(
             "UPDATE campaigns SET status = ?, updated_at = ?,
                     start_at = CASE WHEN ? IS NOT NULL THEN ? ELSE start_at END,
                     started_at = CASE WHEN ? AND started_at IS NULL THEN ? ELSE started_at END,
                     completed_at = CASE WHEN ? THEN ? ELSE completed_at END
-             WHERE id = ? AND status = ?",
-        )
+             WHERE id = ? AND status = ?"
+        ))
         .bind(transition.to.as_str())
         .bind(now)
         .bind(transition.start_at)
@@ -448,7 +427,7 @@ impl Store for SqliteStore {
             RunEffect::None => {}
             RunEffect::Schedule { at } => {
                 let moved = sqlx::query(
-                    "UPDATE runs SET scheduled_at = ?, updated_at = ? WHERE campaign_id = ? AND status = 'scheduled'",
+                    sql!("UPDATE runs SET scheduled_at = ?, updated_at = ? WHERE campaign_id = ? AND status = 'scheduled'"),
                 )
                 .bind(at)
                 .bind(now)
@@ -464,11 +443,11 @@ impl Store for SqliteStore {
                 insert_run(&mut tx, id, *recipients, now, now).await?;
             }
             RunEffect::CancelUnclaimed => {
-                sqlx::query(
+                sqlx::query(sql!(
                     "UPDATE runs SET status = 'cancelled', completed_at = ?, updated_at = ?,
                             error = 'the campaign was cancelled before the run started'
-                     WHERE campaign_id = ? AND status = 'scheduled'",
-                )
+                     WHERE campaign_id = ? AND status = 'scheduled'"
+                ))
                 .bind(now)
                 .bind(now)
                 .bind(id)
@@ -495,11 +474,12 @@ impl Store for SqliteStore {
         mut chunks: mpsc::Receiver<ImportMsg>,
     ) -> StoreResult<ImportCounts> {
         let mut tx = self.writer.begin().await?;
-        let before: i64 = sqlx::query_scalar("SELECT contact_count FROM campaigns WHERE id = ?")
-            .bind(campaign_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StoreError::NotFound)?;
+        let before: i64 =
+            sqlx::query_scalar(sql!("SELECT contact_count FROM campaigns WHERE id = ?"))
+                .bind(campaign_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound)?;
         let mut rows_seen: u64 = 0;
         let now = now_ms();
         loop {
@@ -516,16 +496,19 @@ impl Store for SqliteStore {
                 }
             }
         }
-        let after: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM contacts WHERE campaign_id = ?")
-            .bind(campaign_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE campaigns SET contact_count = ?, updated_at = ? WHERE id = ?")
-            .bind(after)
-            .bind(now)
-            .bind(campaign_id)
-            .execute(&mut *tx)
-            .await?;
+        let after: i64 =
+            sqlx::query_scalar(sql!("SELECT COUNT(*) FROM contacts WHERE campaign_id = ?"))
+                .bind(campaign_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        sqlx::query(sql!(
+            "UPDATE campaigns SET contact_count = ?, updated_at = ? WHERE id = ?"
+        ))
+        .bind(after)
+        .bind(now)
+        .bind(campaign_id)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         let imported = (after - before).max(0) as u64;
         Ok(ImportCounts {
@@ -540,19 +523,20 @@ impl Store for SqliteStore {
         offset: i64,
         limit: i64,
     ) -> StoreResult<(Vec<ContactRecord>, i64)> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(sql!(
             "SELECT id, phone, name, variables, created_at FROM contacts
-             WHERE campaign_id = ? ORDER BY id LIMIT ? OFFSET ?",
-        )
+             WHERE campaign_id = ? ORDER BY id LIMIT ? OFFSET ?"
+        ))
         .bind(campaign_id)
         .bind(limit)
         .bind(offset)
         .fetch_all(&self.reader)
         .await?;
-        let total: i64 = sqlx::query_scalar("SELECT contact_count FROM campaigns WHERE id = ?")
-            .bind(campaign_id)
-            .fetch_one(&self.reader)
-            .await?;
+        let total: i64 =
+            sqlx::query_scalar(sql!("SELECT contact_count FROM campaigns WHERE id = ?"))
+                .bind(campaign_id)
+                .fetch_one(&self.reader)
+                .await?;
         let contacts = rows
             .iter()
             .map(contact_from_row)
@@ -569,22 +553,24 @@ impl Store for SqliteStore {
             let row = match variable.as_str() {
                 "phone" => continue,
                 "name" => {
-                    sqlx::query(
+                    sqlx::query(sql!(
                         "SELECT id, phone FROM contacts WHERE campaign_id = ?
-                         AND name IS NULL AND json_extract(variables, '$.name') IS NULL
-                         ORDER BY id LIMIT 1",
-                    )
+                         AND name IS NULL AND {} IS NULL ORDER BY id LIMIT 1",
+                        dialect::JSON_KEY_OF_VARIABLES
+                    ))
                     .bind(campaign_id)
+                    .bind(dialect::json_key("name"))
                     .fetch_optional(&self.reader)
                     .await?
                 }
                 other => {
-                    sqlx::query(
+                    sqlx::query(sql!(
                         "SELECT id, phone FROM contacts WHERE campaign_id = ?
-                         AND json_extract(variables, ?) IS NULL ORDER BY id LIMIT 1",
-                    )
+                         AND {} IS NULL ORDER BY id LIMIT 1",
+                        dialect::JSON_KEY_OF_VARIABLES
+                    ))
                     .bind(campaign_id)
-                    .bind(json_path(other))
+                    .bind(dialect::json_key(other))
                     .fetch_optional(&self.reader)
                     .await?
                 }
@@ -602,16 +588,16 @@ impl Store for SqliteStore {
 }
 
 async fn insert_run(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut Conn,
     campaign_id: i64,
     recipients: crate::domain::Recipients,
     scheduled_at: i64,
     now: i64,
 ) -> StoreResult<()> {
-    sqlx::query(
+    sqlx::query(sql!(
         "INSERT INTO runs (uuid, campaign_id, status, recipients, scheduled_at, updated_at)
-         VALUES (?, ?, 'scheduled', ?, ?, ?)",
-    )
+         VALUES (?, ?, 'scheduled', ?, ?, ?)"
+    ))
     .bind(uuid::Uuid::new_v4().to_string())
     .bind(campaign_id)
     .bind(recipients.as_str())
@@ -622,13 +608,8 @@ async fn insert_run(
     Ok(())
 }
 
-/// A JSON path naming one key, quoted so dots stay part of the name.
-fn json_path(key: &str) -> String {
-    format!("$.\"{}\"", key.replace('"', "\\\""))
-}
-
 async fn upsert_contacts(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut Conn,
     campaign_id: i64,
     now: i64,
     contacts: &[NewContact],
@@ -637,7 +618,7 @@ async fn upsert_contacts(
         .iter()
         .map(|c| serde_json::to_string(&c.variables).expect("string map serialises"))
         .collect();
-    let mut insert: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+    let mut insert: QueryBuilder<Db> = QueryBuilder::new(format!(
         "INSERT INTO contacts (campaign_id, created_at, phone, name, variables) \
          SELECT {campaign_id}, {now}, column1, column2, column3 FROM (VALUES "
     ));
@@ -653,21 +634,12 @@ async fn upsert_contacts(
     }
     // `WHERE true` disambiguates the upsert clause from a join constraint in
     // SQLite's INSERT … SELECT grammar.
-    insert.push(
-        ") WHERE true ON CONFLICT (campaign_id, phone) DO UPDATE SET
+    insert.push(format!(
+        ") AS v WHERE true ON CONFLICT (campaign_id, phone) DO UPDATE SET
              name = COALESCE(excluded.name, contacts.name),
-             variables = json_patch(contacts.variables, excluded.variables)",
-    );
+             variables = {}",
+        dialect::json_merge("contacts.variables", "excluded.variables")
+    ));
     insert.build().execute(&mut *conn).await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn json_path_quotes_dotted_names() {
-        assert_eq!(json_path("a.b"), "$.\"a.b\"");
-    }
 }

@@ -2,15 +2,14 @@
 //! the `runs` and `batches` rows, never from counting executions.
 
 use async_trait::async_trait;
-use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 
 use super::engine::{run_from_row, RUN_COLUMNS};
-use super::{campaign_from_row, SqliteStore, CAMPAIGN_COLUMNS};
+use super::{campaign_from_row, dialect, DbRow, SqlStore, CAMPAIGN_COLUMNS};
 use crate::domain::ExecutionStatus;
 use crate::store::*;
 
-fn batch_from_row(row: &SqliteRow) -> StoreResult<BatchRecord> {
+fn batch_from_row(row: &DbRow) -> StoreResult<BatchRecord> {
     let error: Option<String> = row.try_get("error_detail")?;
     Ok(BatchRecord {
         run_id: row.try_get("run_id")?,
@@ -33,7 +32,7 @@ fn batch_from_row(row: &SqliteRow) -> StoreResult<BatchRecord> {
     })
 }
 
-fn execution_from_row(row: &SqliteRow) -> StoreResult<ExecutionRecord> {
+fn execution_from_row(row: &DbRow) -> StoreResult<ExecutionRecord> {
     let status: String = row.try_get("status")?;
     let variables: String = row.try_get("variables")?;
     Ok(ExecutionRecord {
@@ -58,9 +57,9 @@ fn execution_from_row(row: &SqliteRow) -> StoreResult<ExecutionRecord> {
 }
 
 #[async_trait]
-impl ReportStore for SqliteStore {
+impl ReportStore for SqlStore {
     async fn run(&self, run_id: i64) -> StoreResult<Option<RunRecord>> {
-        sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))
+        sqlx::query(sql!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))
             .bind(run_id)
             .fetch_optional(&self.reader)
             .await?
@@ -70,7 +69,7 @@ impl ReportStore for SqliteStore {
     }
 
     async fn run_by_uuid(&self, uuid: &str) -> StoreResult<Option<RunRecord>> {
-        sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE uuid = ?"))
+        sqlx::query(sql!("SELECT {RUN_COLUMNS} FROM runs WHERE uuid = ?"))
             .bind(uuid)
             .fetch_optional(&self.reader)
             .await?
@@ -80,7 +79,7 @@ impl ReportStore for SqliteStore {
     }
 
     async fn latest_run(&self, campaign_id: i64) -> StoreResult<Option<RunRecord>> {
-        sqlx::query(&format!(
+        sqlx::query(sql!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE campaign_id = ? ORDER BY id DESC LIMIT 1"
         ))
         .bind(campaign_id)
@@ -92,7 +91,7 @@ impl ReportStore for SqliteStore {
     }
 
     async fn runs_of(&self, campaign_id: i64) -> StoreResult<Vec<RunRecord>> {
-        sqlx::query(&format!(
+        sqlx::query(sql!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE campaign_id = ? ORDER BY id DESC"
         ))
         .bind(campaign_id)
@@ -104,13 +103,15 @@ impl ReportStore for SqliteStore {
     }
 
     async fn batches(&self, run_id: i64) -> StoreResult<Vec<BatchRecord>> {
-        sqlx::query("SELECT * FROM batches WHERE run_id = ? ORDER BY batch_sequence")
-            .bind(run_id)
-            .fetch_all(&self.reader)
-            .await?
-            .iter()
-            .map(batch_from_row)
-            .collect()
+        sqlx::query(sql!(
+            "SELECT * FROM batches WHERE run_id = ? ORDER BY batch_sequence"
+        ))
+        .bind(run_id)
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(batch_from_row)
+        .collect()
     }
 
     async fn executions(
@@ -119,12 +120,12 @@ impl ReportStore for SqliteStore {
         query: &ExecutionQuery,
     ) -> StoreResult<Vec<ExecutionRecord>> {
         let status = query.status.map(ExecutionStatus::as_str);
-        sqlx::query(
+        sqlx::query(sql!(
             "SELECT * FROM executions
              WHERE campaign_id = ?1 AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR run_id = ?3)
                AND (?4 IS NULL OR id < ?4)
-             ORDER BY id DESC LIMIT ?5 OFFSET ?6",
-        )
+             ORDER BY id DESC LIMIT ?5 OFFSET ?6"
+        ))
         .bind(campaign_id)
         .bind(status)
         .bind(query.run_id)
@@ -146,15 +147,17 @@ impl ReportStore for SqliteStore {
         let count = match status {
             // The runs' totals are exact and need no scan.
             None => {
-                sqlx::query_scalar("SELECT COALESCE(SUM(total), 0) FROM runs WHERE campaign_id = ?")
-                    .bind(campaign_id)
-                    .fetch_one(&self.reader)
-                    .await?
+                sqlx::query_scalar(sql!(
+                "SELECT CAST(COALESCE(SUM(total), 0) AS BIGINT) FROM runs WHERE campaign_id = ?"
+            ))
+                .bind(campaign_id)
+                .fetch_one(&self.reader)
+                .await?
             }
             Some(status) => {
-                sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM executions WHERE campaign_id = ? AND status = ?",
-                )
+                sqlx::query_scalar(sql!(
+                    "SELECT COUNT(*) FROM executions WHERE campaign_id = ? AND status = ?"
+                ))
                 .bind(campaign_id)
                 .bind(status.as_str())
                 .fetch_one(&self.reader)
@@ -165,9 +168,9 @@ impl ReportStore for SqliteStore {
     }
 
     async fn run_of_message(&self, provider_id: &str) -> StoreResult<Option<RunRecord>> {
-        let run_id: Option<i64> = sqlx::query_scalar(
-            "SELECT run_id FROM executions WHERE provider_message_id = ? LIMIT 1",
-        )
+        let run_id: Option<i64> = sqlx::query_scalar(sql!(
+            "SELECT run_id FROM executions WHERE provider_message_id = ? LIMIT 1"
+        ))
         .bind(provider_id)
         .fetch_optional(&self.reader)
         .await?;
@@ -178,24 +181,24 @@ impl ReportStore for SqliteStore {
     }
 
     async fn run_phones(&self, run_id: i64) -> StoreResult<Vec<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT phone FROM executions WHERE run_id = ? ORDER BY id")
-                .bind(run_id)
-                .fetch_all(&self.reader)
-                .await?,
-        )
+        Ok(sqlx::query_scalar(sql!(
+            "SELECT phone FROM executions WHERE run_id = ? ORDER BY id"
+        ))
+        .bind(run_id)
+        .fetch_all(&self.reader)
+        .await?)
     }
 
     async fn campaign_totals(&self, campaign_id: i64) -> StoreResult<CampaignTotals> {
         let row = sqlx::query(
-            "SELECT COUNT(*) AS runs, COALESCE(SUM(total), 0) AS total,
-                    COALESCE(SUM(pending), 0) AS pending, COALESCE(SUM(processing), 0) AS processing,
-                    COALESCE(SUM(sent), 0) AS sent, COALESCE(SUM(failed), 0) AS failed,
-                    COALESCE(SUM(skipped), 0) AS skipped, COALESCE(SUM(delivered), 0) AS delivered,
-                    COALESCE(SUM(failed_delivery), 0) AS failed_delivery,
+            sql!("SELECT COUNT(*) AS runs, CAST(COALESCE(SUM(total), 0) AS BIGINT) AS total,
+                    CAST(COALESCE(SUM(pending), 0) AS BIGINT) AS pending, CAST(COALESCE(SUM(processing), 0) AS BIGINT) AS processing,
+                    CAST(COALESCE(SUM(sent), 0) AS BIGINT) AS sent, CAST(COALESCE(SUM(failed), 0) AS BIGINT) AS failed,
+                    CAST(COALESCE(SUM(skipped), 0) AS BIGINT) AS skipped, CAST(COALESCE(SUM(delivered), 0) AS BIGINT) AS delivered,
+                    CAST(COALESCE(SUM(failed_delivery), 0) AS BIGINT) AS failed_delivery,
                     MIN(first_sent_at) AS first_sent_at, MAX(last_sent_at) AS last_sent_at,
-                    COALESCE(SUM(CASE WHEN status = 'cancelled' THEN total ELSE 0 END), 0) AS cancelled
-             FROM runs WHERE campaign_id = ?",
+                    CAST(COALESCE(SUM(CASE WHEN status = 'cancelled' THEN total ELSE 0 END), 0) AS BIGINT) AS cancelled
+             FROM runs WHERE campaign_id = ?"),
         )
         .bind(campaign_id)
         .fetch_one(&self.reader)
@@ -223,10 +226,10 @@ impl ReportStore for SqliteStore {
         campaign_id: i64,
         since_minute: i64,
     ) -> StoreResult<Vec<MinuteBucket>> {
-        sqlx::query_as::<_, (i64, i64, i64)>(
+        sqlx::query_as::<_, (i64, i64, i64)>(sql!(
             "SELECT minute, completed, failed FROM metrics_minutes
-             WHERE campaign_id = ? AND minute >= ? ORDER BY minute",
-        )
+             WHERE campaign_id = ? AND minute >= ? ORDER BY minute"
+        ))
         .bind(campaign_id)
         .bind(since_minute)
         .fetch_all(&self.reader)
@@ -249,10 +252,10 @@ impl ReportStore for SqliteStore {
         after_seq: i64,
         limit: i64,
     ) -> StoreResult<Vec<StoredEvent>> {
-        sqlx::query(
+        sqlx::query(sql!(
             "SELECT campaign_id, seq, kind, data, created_at FROM events
-             WHERE campaign_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-        )
+             WHERE campaign_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+        ))
         .bind(campaign_id)
         .bind(after_seq)
         .bind(limit)
@@ -274,11 +277,11 @@ impl ReportStore for SqliteStore {
 
     async fn purge_events(&self, older_than: i64, keep_last: i64, limit: i64) -> StoreResult<u64> {
         // One short transaction per chunk, so the writer is never held long.
-        let deleted = sqlx::query(
+        let deleted = sqlx::query(sql!(
             "DELETE FROM events WHERE (campaign_id, seq) IN (
                  SELECT e.campaign_id, e.seq FROM events e JOIN campaigns c ON c.id = e.campaign_id
-                 WHERE e.created_at < ? AND e.seq <= c.last_seq - ? LIMIT ?)",
-        )
+                 WHERE e.created_at < ? AND e.seq <= c.last_seq - ? LIMIT ?)"
+        ))
         .bind(older_than)
         .bind(keep_last)
         .bind(limit)
@@ -290,7 +293,7 @@ impl ReportStore for SqliteStore {
 
     async fn last_seq(&self, campaign_id: i64) -> StoreResult<i64> {
         Ok(
-            sqlx::query_scalar("SELECT last_seq FROM campaigns WHERE id = ?")
+            sqlx::query_scalar(sql!("SELECT last_seq FROM campaigns WHERE id = ?"))
                 .bind(campaign_id)
                 .fetch_optional(&self.reader)
                 .await?
@@ -300,7 +303,7 @@ impl ReportStore for SqliteStore {
 
     async fn oldest_seq(&self, campaign_id: i64) -> StoreResult<Option<i64>> {
         Ok(
-            sqlx::query_scalar("SELECT MIN(seq) FROM events WHERE campaign_id = ?")
+            sqlx::query_scalar(sql!("SELECT MIN(seq) FROM events WHERE campaign_id = ?"))
                 .bind(campaign_id)
                 .fetch_one(&self.reader)
                 .await?,
@@ -308,7 +311,7 @@ impl ReportStore for SqliteStore {
     }
 
     async fn campaign_of_run(&self, run_id: i64) -> StoreResult<Option<Campaign>> {
-        sqlx::query(&format!(
+        sqlx::query(sql!(
             "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = (SELECT campaign_id FROM runs WHERE id = ?)"
         ))
         .bind(run_id)

@@ -1,0 +1,201 @@
+//! The Postgres backend: the shared SQL of [`sql`] compiled against
+//! Postgres, plus what only Postgres does: one pool for reads and writes,
+//! `$n` placeholders, `SKIP LOCKED` claims and `LISTEN/NOTIFY`, which tells
+//! every node's stream hub that some node appended events.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use super::StoreOptions;
+
+// The same source file is compiled once per backend; `dialect` below is
+// what differs. See ARCHITECTURE.md, "One SQL, two backends".
+#[allow(clippy::duplicate_mod)]
+#[path = "sql/mod.rs"]
+mod sql;
+
+pub use sql::SqlStore as PgStore;
+
+/// The channel events are announced on; the payload is `campaign:workspace`.
+const EVENTS_CHANNEL: &str = "herald_events";
+
+pub(crate) mod dialect {
+    use std::borrow::Cow;
+    use std::time::Duration;
+
+    use sqlx::postgres::PgListener;
+    use tokio::sync::mpsc;
+
+    use crate::store::{Change, ChangeFeed, StoreError, StoreResult};
+
+    pub type Db = sqlx::Postgres;
+    pub type Conn = sqlx::PgConnection;
+    pub type DbRow = sqlx::postgres::PgRow;
+    pub type Pool = sqlx::PgPool;
+
+    /// Rewrites SQLite-style `?` and `?N` placeholders as `$N`, leaving
+    /// quoted literals alone. Runs once per statement (see `sql!`).
+    pub fn placeholders(sql: &str) -> String {
+        let mut out = String::with_capacity(sql.len() + 16);
+        let mut next = 0;
+        let mut in_literal = false;
+        let mut chars = sql.chars().peekable();
+        while let Some(c) = chars.next() {
+            if in_literal {
+                in_literal = c != '\'';
+                out.push(c);
+                continue;
+            }
+            match c {
+                '\'' => {
+                    in_literal = true;
+                    out.push(c);
+                }
+                '?' if chars.peek().is_some_and(|d| d.is_ascii_digit()) => out.push('$'),
+                '?' => {
+                    next += 1;
+                    out.push('$');
+                    out.push_str(&next.to_string());
+                }
+                _ => out.push(c),
+            }
+        }
+        out
+    }
+
+    pub const JSON_ROWS: &str = "jsonb_array_elements(CAST(? AS jsonb)) AS j(value)";
+    pub const JSON_OBJECT: &str = "json_build_object";
+    pub fn json_merge(a: &str, b: &str) -> String {
+        format!("CAST(CAST({a} AS jsonb) || CAST({b} AS jsonb) AS TEXT)")
+    }
+    pub const JSON_KEY_OF_VARIABLES: &str = "(CAST(variables AS jsonb) -> ?)";
+    pub fn json_key(key: &str) -> Cow<'_, str> {
+        Cow::Borrowed(key)
+    }
+    /// Several nodes claim at once: each takes a run no one else is taking.
+    pub const CLAIM_LOCK: &str = "FOR UPDATE OF r SKIP LOCKED";
+    /// Locks a row until commit (engine transactions take the run's first).
+    pub const ROW_LOCK: &str = "FOR UPDATE";
+    /// Workers leasing batches of one run at once each take a different one.
+    pub const BATCH_CLAIM_LOCK: &str = "FOR UPDATE SKIP LOCKED";
+
+    /// Tells every node's listener that the campaign has new events. Sent
+    /// at commit; Postgres folds identical payloads of one transaction.
+    pub async fn announce(conn: &mut Conn, campaign_id: i64, workspace_id: i64) -> StoreResult<()> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(super::EVENTS_CHANNEL)
+            .bind(format!("{campaign_id}:{workspace_id}"))
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Listens for announcements from every node. When the listening
+    /// connection drops, it reconnects and sends [`Change::Resync`], so the
+    /// hub re-reads the log for whatever was announced while it was away.
+    pub async fn watch_changes(pool: &Pool) -> StoreResult<Option<ChangeFeed>> {
+        let mut listener = listen(pool).await?;
+        let (sender, feed) = mpsc::channel(4096);
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            loop {
+                match listener.try_recv().await {
+                    Ok(Some(notification)) => {
+                        let Some(change) = parse(notification.payload()) else {
+                            continue;
+                        };
+                        if sender.send(change).await.is_err() {
+                            return;
+                        }
+                    }
+                    outage => {
+                        tracing::warn!(error = ?outage.err(), "event listener lost its connection; reconnecting");
+                        listener = loop {
+                            if sender.is_closed() {
+                                return;
+                            }
+                            match listen(&pool).await {
+                                Ok(listener) => break listener,
+                                Err(error) => {
+                                    tracing::warn!(%error, "event listener cannot reconnect yet");
+                                    tokio::time::sleep(Duration::from_millis(500)).await;
+                                }
+                            }
+                        };
+                        tracing::info!("event listener reconnected; catching up from the log");
+                        if sender.send(Change::Resync).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Some(feed))
+    }
+
+    async fn listen(pool: &Pool) -> StoreResult<PgListener> {
+        let mut listener = PgListener::connect_with(pool).await?;
+        // Reconnection is ours to do, so the outage is seen and caught up.
+        listener.ignore_pool_close_event(true);
+        listener.listen(super::EVENTS_CHANNEL).await?;
+        Ok(listener)
+    }
+
+    fn parse(payload: &str) -> Option<Change> {
+        let (campaign, workspace) = payload.split_once(':')?;
+        Some(Change::Appended {
+            campaign_id: campaign.parse().ok()?,
+            workspace_id: workspace.parse().ok()?,
+        })
+    }
+
+    pub async fn backup(_reader: &Pool, _path: &str) -> StoreResult<()> {
+        Err(StoreError::Unsupported(
+            "herald backup copies SQLite databases; back up Postgres with pg_dump \
+             (see README, \"Running several nodes\")"
+                .into(),
+        ))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::placeholders;
+
+        #[test]
+        fn placeholders_are_numbered_outside_literals() {
+            assert_eq!(
+                placeholders("SELECT ? , '?' , ?, x ->> 0"),
+                "SELECT $1 , '?' , $2, x ->> 0"
+            );
+            assert_eq!(placeholders("a = ?2 AND b = ?1"), "a = $2 AND b = $1");
+            assert_eq!(placeholders("'it''s ?' = ?"), "'it''s ?' = $1");
+        }
+    }
+}
+
+impl PgStore {
+    pub async fn connect(url: &str, options: &StoreOptions) -> anyhow::Result<Self> {
+        let timeout_ms = options.statement_timeout.as_millis().to_string();
+        let connect = PgConnectOptions::from_str(url)?
+            .application_name("herald")
+            .options([("statement_timeout", timeout_ms.as_str())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(options.pool_size)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(connect)
+            .await?;
+        // sqlx takes an advisory lock: nodes starting together migrate once.
+        super::migrate_or_check(
+            &sqlx::migrate!("./migrations/postgres"),
+            &mut *pool.acquire().await?,
+            options,
+        )
+        .await?;
+        Ok(Self {
+            writer: pool.clone(),
+            reader: pool,
+        })
+    }
+}

@@ -1,0 +1,109 @@
+//! The embedded SQLite backend: the shared SQL of [`sql`] compiled against
+//! SQLite, plus what only SQLite does (pools, WAL, `VACUUM INTO`).
+//!
+//! SQLite allows one writer at a time, so writes go through a pool of one
+//! connection (they queue in Herald instead of spinning on `SQLITE_BUSY`),
+//! while reads use a separate pool and, thanks to WAL, never wait for writes.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+use super::StoreOptions;
+
+// The same source file is compiled once per backend; `dialect` below is
+// what differs. See ARCHITECTURE.md, "One SQL, two backends".
+#[allow(clippy::duplicate_mod)]
+#[path = "sql/mod.rs"]
+mod sql;
+
+pub use sql::SqlStore as SqliteStore;
+
+pub(crate) mod dialect {
+    use std::borrow::Cow;
+
+    pub type Db = sqlx::Sqlite;
+    pub type Conn = sqlx::SqliteConnection;
+    pub type DbRow = sqlx::sqlite::SqliteRow;
+    pub type Pool = sqlx::SqlitePool;
+
+    /// SQLite takes `?` and `?N` as they are.
+    pub fn placeholders(sql: &str) -> String {
+        sql.to_owned()
+    }
+
+    /// A JSON array bound as one parameter, as rows with a `j.value` column.
+    pub const JSON_ROWS: &str = "json_each(?) AS j";
+    /// Builds a JSON object (as text) from key/value arguments.
+    pub const JSON_OBJECT: &str = "json_object";
+    /// `a` with the keys of `b` set on it; both JSON objects stored as text.
+    pub fn json_merge(a: &str, b: &str) -> String {
+        format!("json_patch({a}, {b})")
+    }
+    /// The value of the key bound as the next parameter, NULL when absent.
+    pub const JSON_KEY_OF_VARIABLES: &str = "json_extract(variables, ?)";
+    /// The parameter [`JSON_KEY_OF_VARIABLES`] takes for `key`: a path
+    /// quoted so dots stay part of the name.
+    pub fn json_key(key: &str) -> Cow<'_, str> {
+        Cow::Owned(format!("$.\"{}\"", key.replace('"', "\\\"")))
+    }
+    /// One writer at a time already: nothing to skip.
+    pub const CLAIM_LOCK: &str = "";
+    /// Row locks: none needed with one writer.
+    pub const ROW_LOCK: &str = "";
+    pub const BATCH_CLAIM_LOCK: &str = "";
+
+    /// A single process sees its own writes; nothing to announce.
+    pub async fn announce(
+        _conn: &mut Conn,
+        _campaign_id: i64,
+        _workspace_id: i64,
+    ) -> crate::store::StoreResult<()> {
+        Ok(())
+    }
+
+    /// No other process writes: the hub hears of every change locally.
+    pub async fn watch_changes(
+        _pool: &Pool,
+    ) -> crate::store::StoreResult<Option<crate::store::ChangeFeed>> {
+        Ok(None)
+    }
+
+    /// A read transaction sees one snapshot, so the copy is consistent
+    /// even while runs write; the writer is never blocked.
+    pub async fn backup(reader: &Pool, path: &str) -> crate::store::StoreResult<()> {
+        sqlx::query("VACUUM INTO ?")
+            .bind(path)
+            .execute(reader)
+            .await?;
+        Ok(())
+    }
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str, options: &StoreOptions) -> anyhow::Result<Self> {
+        let connect = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(120))
+            .connect_with(connect.clone())
+            .await?;
+        super::migrate_or_check(
+            &sqlx::migrate!("./migrations/sqlite"),
+            &mut *writer.acquire().await?,
+            options,
+        )
+        .await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(connect.read_only(true))
+            .await?;
+        Ok(Self { writer, reader })
+    }
+}
