@@ -62,7 +62,7 @@ pub async fn fresh_database_url(dir: &std::path::Path) -> String {
 pub async fn postgres_database_url() -> String {
     use sqlx::{Connection, Executor};
     let server = std::env::var("HERALD_TEST_POSTGRES_URL")
-        .expect("HERALD_TEST_BACKEND=postgres needs HERALD_TEST_POSTGRES_URL; run ./test.sh");
+        .expect("Postgres tests need HERALD_TEST_POSTGRES_URL (a server to create databases on); run ./test.sh");
     let name = format!("herald_test_{}", uuid::Uuid::new_v4().simple());
     let mut admin = sqlx::PgConnection::connect(&server)
         .await
