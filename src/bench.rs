@@ -34,6 +34,16 @@ pub enum BenchCommand {
         /// Delay of the simulated delivery receipts, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         receipt_delay_ms: u64,
+        /// Run on Postgres: a server URL (postgres://USER@HOST:PORT/DB) on
+        /// which the benchmark creates, and then drops, its own database.
+        /// Default: a temporary SQLite file.
+        #[arg(long)]
+        postgres: Option<String>,
+        /// Nodes working the run, one measurement per value (e.g. `1,2`):
+        /// this process plus `herald worker` processes on the same Postgres.
+        #[arg(long, value_delimiter = ',', default_value = "1",
+              value_parser = clap::value_parser!(u16).range(1..=16))]
+        nodes: Vec<u16>,
     },
     /// Open N seed-000 WebSocket subscribers on one running campaign (the
     /// server runs as a child process) and print commit→receipt latency
@@ -56,7 +66,34 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             latency_ms,
             in_flight,
             receipt_delay_ms,
-        } => engine(recipients, latency_ms, in_flight, receipt_delay_ms).await,
+            postgres,
+            nodes,
+        } => {
+            anyhow::ensure!(
+                postgres.is_some() || nodes.iter().all(|&n| n == 1),
+                "--nodes above 1 needs --postgres: SQLite serves one node"
+            );
+            let mut results = Vec::new();
+            for &count in &nodes {
+                let setup = EngineSetup {
+                    recipients,
+                    latency_ms,
+                    in_flight,
+                    receipt_delay_ms,
+                    postgres: postgres.clone(),
+                    nodes: count,
+                };
+                results.push((count, engine(&setup).await?));
+            }
+            if results.len() > 1 {
+                println!("\nnodes  recipients/s  vs 1 node");
+                let first = results[0].1;
+                for (count, rate) in &results {
+                    println!("{count:>5}  {rate:>12.0}  {:>8.2}×", rate / first);
+                }
+            }
+            Ok(())
+        }
         BenchCommand::Fanout {
             subscribers,
             recipients,
@@ -105,18 +142,87 @@ fn write_result(scenario: &str, value: serde_json::Value) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn engine(
+struct EngineSetup {
     recipients: u64,
     latency_ms: u64,
     in_flight: usize,
     receipt_delay_ms: u64,
-) -> anyhow::Result<()> {
+    postgres: Option<String>,
+    nodes: u16,
+}
+
+/// A fresh database for one measurement on the Postgres server at
+/// `server`, and the URL of the server's own database to drop it from.
+async fn create_postgres_database(server: &str) -> anyhow::Result<String> {
+    use sqlx::{Connection, Executor};
+    let name = format!("herald_bench_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(server).await?;
+    admin
+        .execute(format!("CREATE DATABASE {name}").as_str())
+        .await?;
+    let mut url = url_without_database(server);
+    url.push('/');
+    url.push_str(&name);
+    Ok(url)
+}
+
+async fn drop_postgres_database(server: &str, database_url: &str) -> anyhow::Result<()> {
+    use sqlx::{Connection, Executor};
+    let name = database_url.rsplit('/').next().unwrap_or_default();
+    let mut admin = sqlx::PgConnection::connect(server).await?;
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await?;
+    Ok(())
+}
+
+/// `postgres://u@h:p/db?x` → `postgres://u@h:p`.
+fn url_without_database(url: &str) -> String {
+    let base = url.split('?').next().unwrap_or(url);
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    match base[authority..].find('/') {
+        Some(slash) => base[..authority + slash].to_owned(),
+        None => base.to_owned(),
+    }
+}
+
+/// Runs one campaign start to finish; returns recipients per second.
+async fn engine(setup: &EngineSetup) -> anyhow::Result<f64> {
+    let &EngineSetup {
+        recipients,
+        latency_ms,
+        in_flight,
+        receipt_delay_ms,
+        nodes,
+        ..
+    } = setup;
     let engine = crate::engine::EngineConfig {
         in_flight,
         slice: 1000,
         ..Default::default()
     };
-    let bench = BenchServer::start(Some(engine)).await?;
+    let database_url = match &setup.postgres {
+        Some(server) => Some(create_postgres_database(server).await?),
+        None => None,
+    };
+    let bench = BenchServer::start_on(Some(engine), database_url.clone()).await?;
+    // The other nodes: engine-only processes on the same database.
+    let mut workers = Vec::new();
+    for _ in 1..nodes {
+        workers.push(
+            std::process::Command::new(std::env::current_exe()?)
+                .arg("worker")
+                .env(
+                    "HERALD_DATABASE_URL",
+                    database_url.as_deref().unwrap_or_default(),
+                )
+                .env("HERALD_IN_FLIGHT", in_flight.to_string())
+                .env("HERALD_SLICE", "1000")
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .spawn()?,
+        );
+    }
     let (base, key) = (bench.base.clone(), bench.key.clone());
     let client = reqwest::Client::new();
     let campaign: serde_json::Value = client
@@ -147,7 +253,15 @@ async fn engine(
         .await?
         .error_for_status()?;
     let rss_before = rss_bytes().unwrap_or(0);
-    println!("running the campaign (simulated provider, {latency_ms} ms latency, {in_flight} in flight) …");
+    let backend = if setup.postgres.is_some() {
+        "Postgres"
+    } else {
+        "SQLite"
+    };
+    println!(
+        "running the campaign on {backend}, {nodes} node(s) (simulated provider, \
+         {latency_ms} ms latency, {in_flight} in flight per node) …"
+    );
     let started = Instant::now();
     client
         .post(format!("{base}/v1/campaigns/{id}/start"))
@@ -187,13 +301,26 @@ async fn engine(
         rss_before as f64 / 1048576.0,
         peak_rss as f64 / 1048576.0
     );
+    let name = match (&setup.postgres, nodes) {
+        (None, _) => "engine".to_owned(),
+        (Some(_), n) => format!("engine-postgres-{n}-node"),
+    };
     write_result(
-        "engine",
-        json!({"scenario": "engine", "recipients": recipients, "latency_ms": latency_ms,
+        &name,
+        json!({"scenario": "engine", "backend": backend, "nodes": nodes,
+               "recipients": recipients, "latency_ms": latency_ms,
                "seconds": elapsed.as_secs_f64(), "recipients_per_second": rate,
                "peak_rss_bytes": peak_rss}),
     )?;
-    bench.stop().await
+    for mut worker in workers {
+        let _ = worker.kill();
+        let _ = worker.wait();
+    }
+    bench.stop().await?;
+    if let (Some(server), Some(url)) = (&setup.postgres, &database_url) {
+        drop_postgres_database(server, url).await?;
+    }
+    Ok(rate)
 }
 
 /// RSS of another process, in bytes.
@@ -437,10 +564,19 @@ struct BenchServer {
 
 impl BenchServer {
     async fn start(engine: Option<crate::engine::EngineConfig>) -> anyhow::Result<Self> {
+        Self::start_on(engine, None).await
+    }
+
+    /// `database_url` defaults to a SQLite file in a temporary directory.
+    async fn start_on(
+        engine: Option<crate::engine::EngineConfig>,
+        database_url: Option<String>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile_dir()?;
         let app = Application::build(ServerConfig {
             addr: "127.0.0.1:0".into(),
-            database_url: format!("sqlite://{}/bench.db", dir.display()),
+            database_url: database_url
+                .unwrap_or_else(|| format!("sqlite://{}/bench.db", dir.display())),
             store: crate::store::StoreOptions::default(),
             api: ApiConfig::default(),
             demo: false,

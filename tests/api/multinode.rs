@@ -383,3 +383,62 @@ async fn when_one_node_is_killed_mid_run_the_other_finishes_it() {
     assert_counters_equal_rows(&database_url, &done).await;
     drop(b);
 }
+
+#[tokio::test]
+async fn the_engine_benchmark_compares_one_and_two_postgres_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = std::env::var("HERALD_TEST_POSTGRES_URL")
+        .expect("Postgres tests need HERALD_TEST_POSTGRES_URL; run ./test.sh");
+    let bench = |extra: &[&str]| {
+        Command::new(HERALD)
+            .args([
+                "bench",
+                "engine",
+                "--recipients",
+                "2000",
+                "--in-flight",
+                "64",
+            ])
+            .args(extra)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    let refused = bench(&["--nodes", "2"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--nodes above 1 needs --postgres"));
+    let out = bench(&["--postgres", &server, "--nodes", "1,2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("nodes  recipients/s  vs 1 node"),
+        "{stdout}"
+    );
+    for nodes in [1, 2] {
+        let result: Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                dir.path()
+                    .join(format!("bench/results/engine-postgres-{nodes}-node.json")),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(result["nodes"], nodes);
+        assert_eq!(result["recipients"], 2000);
+        assert_eq!(result["backend"], "Postgres");
+        assert!(result["recipients_per_second"].as_f64().unwrap() > 0.0);
+    }
+    // Its databases are dropped afterwards.
+    let mut db = PgConnection::connect(&server).await.unwrap();
+    let left: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM pg_database WHERE datname LIKE 'herald_bench_%'")
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
+}
