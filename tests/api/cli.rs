@@ -658,10 +658,26 @@ fn configuration_layers_are_file_then_environment_then_flags() {
     );
     assert!(!redacted.contains("hunter2"), "secrets are redacted");
 
+    std::fs::write(
+        dir.path().join("db.toml"),
+        "database_pool_size = 4\ndatabase_statement_timeout_ms = 1500\nno_migrate = true\n",
+    )
+    .unwrap();
+    let database = check(&[], &["--config", "db.toml"]);
+    assert_eq!(value(&database, "database_pool_size"), "4");
+    assert_eq!(value(&database, "database_statement_timeout_ms"), "1500");
+    assert_eq!(value(&database, "no_migrate"), "true");
+
     for (file, needle) in [
         ("adress = 1\n", "unknown key 'adress'"),
         ("in_flight = \"many\"\n", "many"),
         ("addr = \n", "not valid TOML"),
+        ("database_pool_size = 0\n", "0 is not in 1..=1000"),
+        (
+            "database_statement_timeout_ms = 5\n",
+            "5 is not in 100..=3600000",
+        ),
+        ("no_migrate = \"perhaps\"\n", "perhaps"),
     ] {
         std::fs::write(dir.path().join("bad.toml"), file).unwrap();
         let out = Command::new(HERALD)
@@ -705,5 +721,36 @@ fn the_readme_configuration_table_matches_the_flags() {
     assert!(
         stale.is_empty(),
         "README rows for flags that do not exist: {stale:?}"
+    );
+}
+
+/// `--no-migrate` refuses a database that lacks migrations until `herald
+/// migrate` applies them; an unknown URL scheme is refused by name.
+#[tokio::test]
+async fn no_migrate_refuses_an_unmigrated_database_until_herald_migrate() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::helpers::fresh_database_url(dir.path()).await;
+    let refused = herald(
+        &url,
+        &["--no-migrate", "keys", "create", "--workspace", "w"],
+    );
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("herald migrate"), "{stderr}");
+    let migrated = herald(&url, &["migrate"]);
+    assert!(migrated.status.success(), "{migrated:?}");
+    let created = herald(
+        &url,
+        &["--no-migrate", "keys", "create", "--workspace", "w"],
+    );
+    assert!(created.status.success(), "{created:?}");
+    assert!(String::from_utf8_lossy(&created.stdout).starts_with("hk_"));
+
+    let unknown = herald("mysql://u@h/db", &["keys", "list", "--workspace", "w"]);
+    assert!(!unknown.status.success());
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        stderr.contains("expected sqlite://PATH or postgres://"),
+        "{stderr}"
     );
 }
