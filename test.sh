@@ -108,5 +108,5 @@ echo "==> cargo test (SQLite)"
 cargo test --quiet
 
 echo "==> cargo test --test api (Postgres: every integration test again)"
-# The multi-node tests always run on Postgres; they ran in the first pass.
-HERALD_TEST_BACKEND=postgres cargo test --quiet --test api -- --skip multinode::
+# tests/api/postgres.rs always runs on Postgres; it ran in the first pass.
+HERALD_TEST_BACKEND=postgres cargo test --quiet --test api -- --skip postgres::

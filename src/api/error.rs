@@ -191,7 +191,8 @@ impl From<StoreError> for ApiError {
                 current_status: None,
             },
             StoreError::Unavailable(why) => ApiError::Unavailable(why),
-            StoreError::Database(sqlx::Error::PoolTimedOut) => {
+            err if err.is_transient() => {
+                tracing::warn!(error = %err, "transient database error");
                 ApiError::Unavailable("the database is busy; retry shortly".into())
             }
             other => ApiError::Internal(anyhow::Error::new(other)),

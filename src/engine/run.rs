@@ -131,8 +131,8 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
         let t0 = std::time::Instant::now();
         let slice = match unrecorded.take() {
             Some(outcomes) => {
-                let (_, slice) = store
-                    .record_and_take(
+                let (_, slice) = retry_transient(|| {
+                    store.record_and_take(
                         run.id,
                         &outcomes,
                         worker,
@@ -140,14 +140,16 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
                         lease_until,
                         shared.config.slice,
                     )
-                    .await?;
+                })
+                .await?;
                 notify();
                 slice
             }
             None => {
-                store
-                    .take_slice(run.id, worker, now, lease_until, shared.config.slice)
-                    .await?
+                retry_transient(|| {
+                    store.take_slice(run.id, worker, now, lease_until, shared.config.slice)
+                })
+                .await?
             }
         };
         let t_write = t0.elapsed();
@@ -235,6 +237,29 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
         }
         unrecorded = Some(outcomes);
     }
+}
+
+/// Retries a store call that failed transiently (a lost deadlock race on
+/// Postgres, a busy database): its transaction rolled back, so trying again
+/// is safe, and giving up would strand the slice's outcomes until the
+/// batch leases expire.
+async fn retry_transient<T, F, Fut>(mut call: F) -> Result<T, crate::store::StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+{
+    let mut delay = Duration::from_millis(20);
+    for _ in 0..5 {
+        match call().await {
+            Err(err) if err.is_transient() => {
+                tracing::warn!(error = %err, "transient database error; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            done => return done,
+        }
+    }
+    call().await
 }
 
 /// Prices a frozen run: SMS parts for SMS, one unit per call otherwise.

@@ -52,6 +52,25 @@ pub enum StoreError {
     Unsupported(String),
 }
 
+impl StoreError {
+    /// A failure that says nothing about the request and may pass on a
+    /// retry: a lost deadlock or serialisation race, a lock or statement
+    /// timeout, a busy database, an exhausted pool, a dropped connection.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Unavailable(_) => true,
+            StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => true,
+            StoreError::Database(sqlx::Error::Database(db)) => matches!(
+                db.code().as_deref(),
+                // Postgres: deadlock, serialisation, lock timeout, statement
+                // timeout, server shutting down. SQLite: BUSY, LOCKED.
+                Some("40P01" | "40001" | "55P03" | "57014" | "57P01" | "5" | "6" | "261" | "517")
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// How to open a store; the Postgres settings are ignored by SQLite.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {

@@ -106,6 +106,14 @@ pub async fn spawn_sqlite_app_with(configure: impl FnOnce(&mut ServerConfig)) ->
     spawn_app_on(dir, database_url, configure).await
 }
 
+/// `spawn_app_with` on a fresh Postgres database whatever the backend of
+/// this run, for Postgres-only behaviour.
+pub async fn spawn_postgres_app_with(configure: impl FnOnce(&mut ServerConfig)) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database_url = postgres_database_url().await;
+    spawn_app_on(dir, database_url, configure).await
+}
+
 async fn spawn_app_on(
     dir: TempDir,
     database_url: String,

@@ -13,7 +13,7 @@ mod helpers;
 mod isolation;
 mod keys;
 mod metrics;
-mod multinode;
+mod postgres;
 mod providers;
 mod python_clients;
 mod seeds;

@@ -1,8 +1,9 @@
-//! Several Herald nodes on one Postgres database, as separate processes:
-//! they share a run's batches without sending anyone twice, a socket on one
-//! node streams a run another node works (through `LISTEN/NOTIFY`, even
-//! across a listener outage), and a node killed mid-run is finished by the
-//! other. Always on Postgres (`HERALD_TEST_POSTGRES_URL`, set by test.sh).
+//! What only Postgres does, always on Postgres (`HERALD_TEST_POSTGRES_URL`,
+//! set by test.sh) whatever the backend of the run. Several Herald nodes on
+//! one database, as separate processes: they share a run's batches without
+//! sending anyone twice, a socket on one node streams a run another node
+//! works (through `LISTEN/NOTIFY`, even across a listener outage), and a
+//! node killed mid-run is finished by the other. Statement timeouts are 503s.
 
 use std::collections::{BTreeSet, HashMap};
 use std::process::{Child, Command, Stdio};
@@ -441,4 +442,45 @@ async fn the_engine_benchmark_compares_one_and_two_postgres_nodes() {
             .await
             .unwrap();
     assert_eq!(left, 0);
+}
+
+/// A statement that cannot get its lock in time is cancelled by the
+/// statement timeout: the request gets a clear 503, nothing is half-written,
+/// and the same request succeeds once the lock is gone.
+#[tokio::test]
+async fn a_statement_timeout_is_a_503_and_the_next_request_succeeds() {
+    let app = crate::helpers::spawn_postgres_app_with(|config| {
+        config.store.statement_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let created = app
+        .create_campaign(json!({"name": "locked", "channel": "sms", "template": "Hi"}))
+        .await;
+    let id = created["id"].as_i64().unwrap();
+    let mut blocker = PgConnection::connect(&app.database_url).await.unwrap();
+    let mut tx = blocker.begin().await.unwrap();
+    sqlx::query("LOCK TABLE campaigns IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let renamed = app
+        .request(reqwest::Method::PATCH, &format!("/v1/campaigns/{id}"))
+        .json(&json!({"name": "renamed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(renamed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = renamed.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    tx.rollback().await.unwrap();
+
+    assert_eq!(app.campaign(&json!(id)).await["name"], "locked");
+    let renamed = app
+        .request(reqwest::Method::PATCH, &format!("/v1/campaigns/{id}"))
+        .json(&json!({"name": "renamed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(renamed.status(), StatusCode::OK);
+    assert_eq!(app.campaign(&json!(id)).await["name"], "renamed");
 }
