@@ -383,8 +383,9 @@ async fn lock_run(conn: &mut Conn, run_id: i64) -> StoreResult<()> {
 }
 
 /// Leases free batches of the run to `worker` until it holds at least
-/// `wanted` pending recipients or none is free. A batch whose lease
-/// expired had a worker die on it: its in-flight sends are written off.
+/// `wanted` pending recipients or none is free, and returns the sequences
+/// of the open batches it holds, in order. A batch whose lease expired had
+/// a worker die on it: its in-flight sends are written off.
 async fn lease_batches(
     conn: &mut Conn,
     run_id: i64,
@@ -392,7 +393,7 @@ async fn lease_batches(
     now: i64,
     lease_until: i64,
     wanted: i64,
-) -> StoreResult<()> {
+) -> StoreResult<Vec<i64>> {
     sqlx::query(sql!(
         "UPDATE batches SET lease_expires_at = ?
          WHERE run_id = ? AND lease_owner = ? AND status IN ('pending', 'running')"
@@ -402,15 +403,16 @@ async fn lease_batches(
     .bind(worker)
     .execute(&mut *conn)
     .await?;
-    let mut held: i64 = sqlx::query_scalar(sql!(
-        "SELECT CAST(COALESCE(SUM(pending), 0) AS BIGINT) FROM batches
-         WHERE run_id = ? AND lease_owner = ? AND status IN ('pending', 'running')"
+    let mut held: Vec<(i64, i64)> = sqlx::query_as(sql!(
+        "SELECT batch_sequence, pending FROM batches
+         WHERE run_id = ? AND lease_owner = ? AND status IN ('pending', 'running')
+         ORDER BY batch_sequence"
     ))
     .bind(run_id)
     .bind(worker)
-    .fetch_one(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
-    while held < wanted {
+    while held.iter().map(|(_, pending)| pending).sum::<i64>() < wanted {
         let free: Option<(i64, Option<String>, i64)> = sqlx::query_as(sql!(
             "SELECT batch_sequence, lease_owner, pending FROM batches
              WHERE run_id = ? AND status IN ('pending', 'running')
@@ -459,9 +461,9 @@ async fn lease_batches(
                 close_finished_batches(conn, run_id, now).await?;
             }
         }
-        held += pending;
+        held.push((sequence, pending));
     }
-    Ok(())
+    Ok(held.into_iter().map(|(sequence, _)| sequence).collect())
 }
 
 /// Renews and takes batch leases and marks up to `limit` due executions of
@@ -487,40 +489,48 @@ async fn take_slice_in(
         _ => Control::Continue,
     };
     let mut executions = Vec::new();
-    let mut next_retry_at = None;
+    let mut next_retry_at: Option<i64> = None;
     if control == Control::Continue {
-        lease_batches(conn, run_id, worker, now, lease_until, limit).await?;
-        executions = sqlx::query(sql!(
-            "SELECT id, batch_sequence, phone, name, variables, attempts + 1 AS attempts
-             FROM executions
-             WHERE run_id = ? AND status = 'pending'
-               AND (next_attempt_at IS NULL OR next_attempt_at <= ?)
-               AND batch_sequence IN (SELECT batch_sequence FROM batches
-                   WHERE run_id = ? AND lease_owner = ? AND status IN ('pending', 'running'))
-             ORDER BY batch_sequence, id LIMIT ?"
-        ))
-        .bind(run_id)
-        .bind(now)
-        .bind(run_id)
-        .bind(worker)
-        .bind(limit)
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(pending_from_row)
-        .collect::<StoreResult<Vec<_>>>()?;
-        if executions.is_empty() {
-            next_retry_at = sqlx::query_scalar(sql!(
-                "SELECT MIN(next_attempt_at) FROM executions
-                 WHERE run_id = ? AND status = 'pending'
-                   AND batch_sequence IN (SELECT batch_sequence FROM batches
-                       WHERE run_id = ? AND lease_owner = ? AND status IN ('pending', 'running'))"
+        let held = lease_batches(conn, run_id, worker, now, lease_until, limit).await?;
+        // One index range per held batch (usually one or two), so the cost
+        // does not grow with the run.
+        for &sequence in &held {
+            let room = limit - executions.len() as i64;
+            if room <= 0 {
+                break;
+            }
+            let rows = sqlx::query(sql!(
+                "SELECT id, batch_sequence, phone, name, variables, attempts + 1 AS attempts
+                 FROM executions
+                 WHERE run_id = ? AND status = 'pending' AND batch_sequence = ?
+                   AND (next_attempt_at IS NULL OR next_attempt_at <= ?)
+                 ORDER BY id LIMIT ?"
             ))
             .bind(run_id)
-            .bind(run_id)
-            .bind(worker)
-            .fetch_one(&mut *conn)
+            .bind(sequence)
+            .bind(now)
+            .bind(room)
+            .fetch_all(&mut *conn)
             .await?;
+            for row in &rows {
+                executions.push(pending_from_row(row)?);
+            }
+        }
+        if executions.is_empty() {
+            for &sequence in &held {
+                let at: Option<i64> = sqlx::query_scalar(sql!(
+                    "SELECT MIN(next_attempt_at) FROM executions
+                     WHERE run_id = ? AND status = 'pending' AND batch_sequence = ?"
+                ))
+                .bind(run_id)
+                .bind(sequence)
+                .fetch_one(&mut *conn)
+                .await?;
+                next_retry_at = match (next_retry_at, at) {
+                    (Some(earliest), Some(at)) => Some(earliest.min(at)),
+                    (earliest, at) => earliest.or(at),
+                };
+            }
         } else {
             let ids: Vec<i64> = executions.iter().map(|e| e.id).collect();
             sqlx::query(sql!(
