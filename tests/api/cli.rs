@@ -472,41 +472,70 @@ async fn demo_serves_a_running_campaign_and_says_how_to_watch_it() {
 #[test]
 fn benchmarks_run_at_small_sizes_and_write_results() {
     let dir = tempfile::tempdir().unwrap();
-    for args in [
-        vec!["bench", "import", "--rows", "500"],
-        vec![
-            "bench",
-            "engine",
-            "--recipients",
-            "500",
-            "--in-flight",
-            "64",
-        ],
-    ] {
-        let out = Command::new(HERALD)
-            .args(&args)
-            .current_dir(dir.path())
-            .env("RUST_LOG", "error")
-            .output()
-            .unwrap();
+    let out = Command::new(HERALD)
+        .args(["bench", "all", "--quick"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result = |name: &str| -> serde_json::Value {
+        let path = dir.path().join(format!("bench/results/{name}.json"));
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    };
+    // One table per scenario and one for all, each figure with its target.
+    for name in ["engine", "fanout", "rest", "import", "all"] {
         assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+            stdout.contains(&format!("\n{name} — ")),
+            "{name} table: {stdout}"
         );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("rate:"));
+        let report = result(name);
+        assert_eq!(report["scenario"], name);
+        assert!(report["machine"]["cores"].as_u64().unwrap() > 0);
+        let rows = report["rows"].as_array().unwrap();
+        assert!(!rows.is_empty(), "{name}");
+        for row in rows {
+            assert!(row["value"].is_number(), "{row}");
+            assert_eq!(row["target"].is_null(), row["met"].is_null(), "{row}");
+        }
     }
-    let import: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("bench/results/import.json")).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(import["rows"], 500);
-    assert!(import["rows_per_second"].as_f64().unwrap() > 0.0);
-    let engine: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("bench/results/engine.json")).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(engine["recipients"], 500);
+    assert!(stdout.contains("figure") && stdout.contains("target") && stdout.contains("met"));
+    assert_eq!(result("import")["csv_rows"], 500);
+    assert!(result("import")["rows_per_second"].as_f64().unwrap() > 0.0);
+    let engine = result("engine");
+    assert_eq!(engine["recipients"], 2000);
+    let latencies: Vec<u64> = engine["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["latency_ms"].as_u64().unwrap())
+        .collect();
+    assert_eq!(latencies, [0, 50]);
+    assert_eq!(
+        result("fanout")["final_seen"],
+        50,
+        "every subscriber saw the end"
+    );
+    assert_eq!(result("rest")["executions"], 1000);
+    let all = result("all");
+    assert_eq!(
+        all["rows"].as_array().unwrap().len(),
+        ["engine", "fanout", "rest", "import"]
+            .iter()
+            .map(|n| result(n)["rows"].as_array().unwrap().len())
+            .sum::<usize>()
+    );
+    let refused = Command::new(HERALD)
+        .args(["bench", "engine", "--latency-ms", "fast"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--latency-ms"));
 }
 
 #[tokio::test]

@@ -1,0 +1,200 @@
+//! `bench fanout`: many seed-000 subscribers on one running campaign.
+
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::*;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct FanoutArgs {
+    /// Subscribers to open (a process may hold 20,000 descriptors here).
+    #[arg(long, default_value_t = 10_000)]
+    pub subscribers: usize,
+    /// Recipients in the campaign they watch.
+    #[arg(long, default_value_t = 20_000)]
+    pub recipients: u64,
+}
+
+impl FanoutArgs {
+    pub(super) fn for_all(all: &super::AllArgs) -> Self {
+        Self {
+            subscribers: if all.quick { 50 } else { 10_000 },
+            recipients: if all.quick { 500 } else { 20_000 },
+        }
+    }
+}
+
+pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
+    let (subscribers, recipients) = (args.subscribers, args.recipients);
+    use futures::StreamExt as _;
+    let dir = tempfile_dir()?;
+    let database_url = format!("sqlite://{}/bench.db", dir.display());
+    let exe = std::env::current_exe()?;
+    let key_out = std::process::Command::new(&exe)
+        .args(["keys", "create", "--workspace", "bench"])
+        .env("HERALD_DATABASE_URL", &database_url)
+        .output()?;
+    let key = String::from_utf8(key_out.stdout)?.trim().to_owned();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut server = tokio::process::Command::new(&exe)
+        .env("HERALD_DATABASE_URL", &database_url)
+        .env("HERALD_ADDR", format!("127.0.0.1:{port}"))
+        .env("HERALD_NO_DEMO", "1")
+        .env("HERALD_IN_FLIGHT", "64")
+        .env("RUST_LOG", "error")
+        .kill_on_drop(true)
+        .spawn()?;
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        if client.get(format!("{base}/healthz")).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let campaign: serde_json::Value = client
+        .post(format!("{base}/v1/campaigns"))
+        .bearer_auth(&key)
+        .json(&json!({"name": "fanout", "channel": "sms", "template": "Hi {{name}}, day {{day}}",
+                      "provider": {"kind": "simulated", "latency_ms": 20, "receipt_delay_ms": 500}}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = campaign["id"].clone();
+    let mut csv = String::from("phone,name,day\n");
+    csv.push_str(&csv_rows(0, recipients));
+    client
+        .post(format!("{base}/v1/campaigns/{id}/contacts:import"))
+        .bearer_auth(&key)
+        .header("content-type", "text/csv")
+        .body(csv)
+        .send()
+        .await?
+        .error_for_status()?;
+
+    let server_pid = server.id().unwrap_or(0);
+    let rss_idle_server = rss_of(server_pid).unwrap_or(0);
+    println!("opening {subscribers} subscribers …");
+    let url = format!("ws://127.0.0.1:{port}/ws/campaigns/{id}/progress?token={key}");
+    let (latencies_tx, mut latencies_rx) = tokio::sync::mpsc::unbounded_channel::<(f64, bool)>();
+    let mut tasks = tokio::task::JoinSet::new();
+    let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for _ in 0..subscribers {
+        let url = url.clone();
+        let tx = latencies_tx.clone();
+        let connected = connected.clone();
+        tasks.spawn(async move {
+            let Ok((mut socket, _)) = tokio_tungstenite::connect_async(&url).await else {
+                return;
+            };
+            connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            while let Some(Ok(message)) = socket.next().await {
+                let received = chrono::Utc::now().timestamp_micros() as f64 / 1000.0;
+                let tokio_tungstenite::tungstenite::Message::Text(text) = message else {
+                    continue;
+                };
+                let Ok(frame) = serde_json::from_str::<serde_json::Value>(&text) else {
+                    continue;
+                };
+                if frame["type"] != "progress_update" {
+                    continue;
+                }
+                let done = frame["data"]["status"] == "completed";
+                if let Some(ts) = frame["ts"].as_f64() {
+                    let _ = tx.send((received - ts, done));
+                }
+                if done {
+                    return;
+                }
+            }
+        });
+        // Keep the accept queue from overflowing.
+        if tasks.len() % 500 == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    drop(latencies_tx);
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    while connected.load(std::sync::atomic::Ordering::Relaxed) < subscribers
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let open = connected.load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let rss_connected = rss_of(server_pid).unwrap_or(0);
+    println!("{open} connected; running the campaign …");
+    let started = Instant::now();
+    client
+        .post(format!("{base}/v1/campaigns/{id}/start"))
+        .bearer_auth(&key)
+        .send()
+        .await?
+        .error_for_status()?;
+    let mut latencies = Vec::new();
+    let mut finished = 0usize;
+    while let Some((latency, done)) = latencies_rx.recv().await {
+        latencies.push(latency);
+        finished += usize::from(done);
+        if finished == open {
+            break;
+        }
+    }
+    let elapsed = started.elapsed();
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let per_connection =
+        (rss_connected.saturating_sub(rss_idle_server)) as f64 / open.max(1) as f64;
+    let (p50, p99, max) = (
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 99.0),
+        latencies.last().copied().unwrap_or(f64::NAN),
+    );
+    println!("subscribers:          {open} of {subscribers}");
+    println!(
+        "frames received:      {} ({:.1} per subscriber over {:.1} s)",
+        latencies.len(),
+        latencies.len() as f64 / open.max(1) as f64,
+        elapsed.as_secs_f64()
+    );
+    println!("saw the final status: {finished}");
+    println!("commit → receipt:     p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms");
+    println!("server RSS:           {:.1} MiB idle, {:.1} MiB with subscribers: {:.1} KiB per connection",
+        rss_idle_server as f64 / 1048576.0, rss_connected as f64 / 1048576.0, per_connection / 1024.0);
+    let mut report = Report::new("fanout");
+    report.row(
+        format!("{open} subscribers: commit → receipt p50"),
+        p50,
+        "ms",
+        None,
+    );
+    report.row(
+        format!("{open} subscribers: commit → receipt p99"),
+        p99,
+        "ms",
+        Some(Target::AtMost(50.0)),
+    );
+    report.row(
+        "server RSS per connection",
+        per_connection / 1024.0,
+        "KiB",
+        Some(Target::AtMost(20_000.0 / 1024.0)),
+    );
+    report.row(
+        "subscribers that saw the final status",
+        finished as f64,
+        "",
+        Some(Target::AtLeast(subscribers as f64)),
+    );
+    report.raw(json!({"subscribers": open, "frames": latencies.len(),
+           "p50_ms": p50, "p99_ms": p99, "max_ms": max, "final_seen": finished,
+           "rss_per_connection_bytes": per_connection}));
+    tasks.abort_all();
+    let _ = server.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(report)
+}

@@ -1,0 +1,365 @@
+//! Benchmarks that print figures. Speed targets live here, never in timed
+//! tests. Each starts what it needs in-process, on a temporary database and
+//! loopback only, and stops by itself.
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+use crate::api::ApiConfig;
+use crate::startup::{Application, ServerConfig};
+
+mod engine;
+mod fanout;
+mod import;
+mod rest;
+
+pub use engine::EngineArgs;
+pub use fanout::FanoutArgs;
+pub use import::ImportArgs;
+pub use rest::RestArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Stream a generated CSV through the HTTP import: rows/s and peak RSS.
+    Import(ImportArgs),
+    /// Run SMS campaigns on the simulated provider: recipients/s from start
+    /// to the run's final counters, and peak RSS.
+    Engine(EngineArgs),
+    /// Open N seed-000 WebSocket subscribers on one running campaign (the
+    /// server runs as a child process): commit→receipt latency percentiles
+    /// and server RSS per connection.
+    Fanout(FanoutArgs),
+    /// Load the seed REST reads of a finished campaign with concurrent
+    /// clients: seed 002 status/analytics throughput and latency, seed 001
+    /// execution pages from the first to the deepest, by offset and cursor.
+    Rest(RestArgs),
+    /// Every scenario in turn at the sizes the targets name, then one table.
+    All(AllArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AllArgs {
+    /// Tiny sizes (seconds, not minutes): checks the harness, not the speed.
+    #[arg(long)]
+    quick: bool,
+    /// Also measure the engine on Postgres (a server URL; see `bench engine`).
+    #[arg(long)]
+    postgres: Option<String>,
+}
+
+pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Import(args) => import::run(&args).await?.finish(),
+        BenchCommand::Engine(args) => engine::run(&args).await?.finish(),
+        BenchCommand::Fanout(args) => fanout::run(&args).await?.finish(),
+        BenchCommand::Rest(args) => rest::run(&args).await?.finish(),
+        BenchCommand::All(args) => all(&args).await,
+    }
+}
+
+async fn all(args: &AllArgs) -> anyhow::Result<()> {
+    let mut all = Report::new("all");
+    for name in ["engine", "fanout", "rest", "import"] {
+        let report = match name {
+            "engine" => engine::run(&EngineArgs::for_all(args)).await?,
+            "fanout" => fanout::run(&FanoutArgs::for_all(args)).await?,
+            "rest" => rest::run(&RestArgs::for_all(args)).await?,
+            _ => import::run(&ImportArgs::for_all(args)).await?,
+        };
+        all.rows.extend(report.rows.iter().map(|row| Row {
+            figure: format!("{name}: {}", row.figure),
+            ..row.clone()
+        }));
+        all.raw.insert(name.to_owned(), report.json());
+        // Written as each finishes: a later failure keeps what was measured.
+        report.finish()?;
+    }
+    println!();
+    all.finish()
+}
+
+/// A figure's target, from the performance issue.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+impl Target {
+    fn met(self, value: f64) -> bool {
+        match self {
+            Target::AtLeast(t) => value >= t,
+            Target::AtMost(t) => value <= t,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Row {
+    figure: String,
+    value: f64,
+    unit: &'static str,
+    target: Option<Target>,
+}
+
+/// What a scenario measured: figures with their targets, printed as a
+/// table and written, with the raw numbers, to `bench/results/<name>.json`.
+pub struct Report {
+    name: String,
+    rows: Vec<Row>,
+    raw: serde_json::Map<String, Value>,
+}
+
+impl Report {
+    fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            rows: Vec::new(),
+            raw: Default::default(),
+        }
+    }
+
+    fn row(
+        &mut self,
+        figure: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+        target: Option<Target>,
+    ) {
+        self.rows.push(Row {
+            figure: figure.into(),
+            value,
+            unit,
+            target,
+        });
+    }
+
+    /// Adds the fields of `value` (an object) to the JSON.
+    fn raw(&mut self, value: Value) {
+        if let Value::Object(fields) = value {
+            self.raw.extend(fields);
+        }
+    }
+
+    fn json(&self) -> Value {
+        let rows: Vec<Value> = self
+            .rows
+            .iter()
+            .map(|row| {
+                json!({"figure": row.figure, "value": row.value, "unit": row.unit,
+                       "target": row.target.map(|t| format_target(t, row.unit)),
+                       "met": row.target.map(|t| t.met(row.value))})
+            })
+            .collect();
+        let mut out = self.raw.clone();
+        out.insert("scenario".into(), json!(self.name));
+        out.insert("machine".into(), machine());
+        out.insert("rows".into(), Value::Array(rows));
+        Value::Object(out)
+    }
+
+    /// Prints the table and writes the JSON.
+    fn finish(self) -> anyhow::Result<()> {
+        let width = self
+            .rows
+            .iter()
+            .map(|r| r.figure.chars().count())
+            .max()
+            .unwrap_or(6)
+            .max(6);
+        println!(
+            "\n{} — {}",
+            self.name,
+            machine()["summary"].as_str().unwrap_or_default()
+        );
+        println!(
+            "{:<width$}  {:>14}  {:>14}  met",
+            "figure", "value", "target"
+        );
+        for row in &self.rows {
+            let met = match row.target {
+                Some(t) if t.met(row.value) => "yes",
+                Some(_) => "NO",
+                None => "—",
+            };
+            println!(
+                "{:<width$}  {:>14}  {:>14}  {met}",
+                row.figure,
+                format_value(row.value, row.unit),
+                row.target
+                    .map_or_else(|| "—".into(), |t| format_target(t, row.unit)),
+            );
+        }
+        write_result(&self.name, self.json())
+    }
+}
+
+fn format_value(value: f64, unit: &str) -> String {
+    if !value.is_finite() {
+        return "n/a".into();
+    }
+    match unit {
+        "/s" | "" => {
+            let digits = format!("{:.0}", value);
+            let mut out = String::new();
+            for (i, c) in digits.chars().enumerate() {
+                if i > 0 && (digits.len() - i) % 3 == 0 && c != '-' {
+                    out.push(',');
+                }
+                out.push(c);
+            }
+            if unit.is_empty() {
+                out
+            } else {
+                format!("{out}/s")
+            }
+        }
+        "×" => format!("{value:.2}×"),
+        unit => format!("{value:.1} {unit}"),
+    }
+}
+
+fn format_target(target: Target, unit: &str) -> String {
+    match target {
+        Target::AtLeast(t) => format!("≥ {}", format_value(t, unit)),
+        Target::AtMost(t) => format!("≤ {}", format_value(t, unit)),
+    }
+}
+
+/// Cores and CPU model: figures only compare on the same machine.
+fn machine() -> Value {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    json!({"cores": cores, "cpu": model, "summary": format!("{cores} cores, {model}")})
+}
+
+/// Peak resident set size of this process, in bytes (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// One CSV chunk of `count` rows starting at `first`, with a valid US number each.
+fn csv_rows(first: u64, count: u64) -> String {
+    let mut out = String::with_capacity(count as usize * 40);
+    for i in first..first + count {
+        // 202-555-xxxx style numbers, unique per row.
+        out.push_str(&format!(
+            "+1{:03}{:07},Person {i},{}\n",
+            201 + (i / 10_000_000) % 700,
+            i % 10_000_000,
+            i % 28 + 1
+        ));
+    }
+    out
+}
+
+/// Current resident set size of this process, in bytes (`VmRSS`).
+pub fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn write_result(scenario: &str, value: serde_json::Value) -> anyhow::Result<()> {
+    let results = std::path::Path::new("bench/results");
+    std::fs::create_dir_all(results)?;
+    std::fs::write(
+        results.join(format!("{scenario}.json")),
+        serde_json::to_string_pretty(&value)?,
+    )?;
+    Ok(())
+}
+
+/// RSS of another process, in bytes.
+fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// A Herald served in this process on a temporary database, with a key.
+struct BenchServer {
+    base: String,
+    key: String,
+    dir: std::path::PathBuf,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl BenchServer {
+    async fn start(engine: Option<crate::engine::EngineConfig>) -> anyhow::Result<Self> {
+        Self::start_on(engine, None).await
+    }
+
+    /// `database_url` defaults to a SQLite file in a temporary directory.
+    async fn start_on(
+        engine: Option<crate::engine::EngineConfig>,
+        database_url: Option<String>,
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile_dir()?;
+        let app = Application::build(ServerConfig {
+            addr: "127.0.0.1:0".into(),
+            database_url: database_url
+                .unwrap_or_else(|| format!("sqlite://{}/bench.db", dir.display())),
+            store: crate::store::StoreOptions::default(),
+            // Benchmarks load the API harder than one key may by default.
+            api: ApiConfig {
+                rate_limit_per_key: 0,
+                ..ApiConfig::default()
+            },
+            demo: false,
+            engine,
+            public_url: None,
+        })
+        .await?;
+        let base = format!("http://{}", app.local_addr());
+        let store = app.store();
+        let workspace = store.ensure_workspace("bench").await?;
+        let (_, key) = crate::api::keys::issue_key(store.as_ref(), workspace.id, None).await?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            base,
+            key,
+            dir,
+            stop,
+            server,
+        })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.server.await??;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(())
+    }
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

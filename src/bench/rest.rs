@@ -1,0 +1,210 @@
+//! `bench rest`: the seed REST reads on a finished campaign under load.
+//! The campaign is made the way a user makes one (import, run on the
+//! simulated provider), then concurrent clients read it over loopback.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::json;
+
+use super::*;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RestArgs {
+    /// Executions in the campaign the clients read (made by running it).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub executions: u64,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Seconds of load per measured read.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+}
+
+impl RestArgs {
+    pub(super) fn for_all(all: &super::AllArgs) -> Self {
+        Self {
+            executions: if all.quick { 1_000 } else { 1_000_000 },
+            clients: if all.quick { 4 } else { 64 },
+            seconds: if all.quick { 1 } else { 10 },
+        }
+    }
+}
+
+/// Requests per second and latency percentiles of one load phase.
+struct Load {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: usize,
+}
+
+/// `clients` loops requesting `paths` (round-robin) for `seconds`.
+async fn load(base: &str, key: &str, paths: &[String], clients: usize, seconds: u64) -> Load {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .build()
+        .expect("client");
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let results: Vec<(Vec<f64>, usize)> = futures::stream::iter(0..clients)
+        .map(|n| {
+            let client = client.clone();
+            let urls: Vec<String> = paths.iter().map(|p| format!("{base}{p}")).collect();
+            let key = key.to_owned();
+            async move {
+                let (mut latencies, mut errors) = (Vec::new(), 0usize);
+                let mut i = n;
+                while Instant::now() < deadline {
+                    let url = &urls[i % urls.len()];
+                    i += 1;
+                    let sent = Instant::now();
+                    match client.get(url).bearer_auth(&key).send().await {
+                        Ok(response) if response.status().is_success() => {
+                            let _ = response.bytes().await;
+                            latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                (latencies, errors)
+            }
+        })
+        .buffer_unordered(clients)
+        .collect()
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let errors = results.iter().map(|(_, e)| e).sum();
+    let mut latencies: Vec<f64> = results.into_iter().flat_map(|(l, _)| l).collect();
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    Load {
+        rate: latencies.len() as f64 / elapsed,
+        p50_ms: percentile(&latencies, 50.0),
+        p99_ms: percentile(&latencies, 99.0),
+        errors,
+    }
+}
+
+pub(super) async fn run(args: &RestArgs) -> anyhow::Result<Report> {
+    let engine = crate::engine::EngineConfig {
+        in_flight: 1000,
+        slice: 1000,
+        ..Default::default()
+    };
+    let bench = BenchServer::start(Some(engine)).await?;
+    let (base, key) = (bench.base.clone(), bench.key.clone());
+    let client = reqwest::Client::new();
+    let campaign: Value = client
+        .post(format!("{base}/v1/campaigns"))
+        .bearer_auth(&key)
+        .json(
+            &json!({"name": "bench", "channel": "sms", "template": "Hi {{name}}, day {{day}}",
+                      "provider": {"kind": "simulated", "receipt_delay_ms": 0}}),
+        )
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let (id, uuid) = (campaign["id"].clone(), campaign["uuid"].clone());
+    let uuid = uuid.as_str().unwrap_or_default().to_owned();
+    let n = args.executions;
+    println!("making a campaign with {n} executions (import, then run) …");
+    const PER_CHUNK: u64 = 5_000;
+    let header =
+        futures::stream::once(async { Ok::<_, std::io::Error>("phone,name,day\n".to_owned()) });
+    let body = header.chain(
+        futures::stream::iter((0..n).step_by(PER_CHUNK as usize))
+            .map(move |first| Ok(csv_rows(first, PER_CHUNK.min(n - first)))),
+    );
+    client
+        .post(format!("{base}/v1/campaigns/{id}/contacts:import"))
+        .bearer_auth(&key)
+        .header("content-type", "text/csv")
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await?
+        .error_for_status()?;
+    client
+        .post(format!("{base}/v1/campaigns/{id}/start"))
+        .bearer_auth(&key)
+        .send()
+        .await?
+        .error_for_status()?;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let c: Value = client
+            .get(format!("{base}/v1/campaigns/{id}"))
+            .bearer_auth(&key)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if c["status"] == "completed" || c["status"] == "failed" {
+            break;
+        }
+    }
+    let (clients, seconds) = (args.clients, args.seconds);
+    let mut report = Report::new("rest");
+    let mut raw = serde_json::Map::new();
+    let per_page = 100;
+    let last_page = n.div_ceil(per_page).max(1);
+    let phases: [(&str, Vec<String>, Option<Target>); 4] = [
+        (
+            "seed 002 status + analytics",
+            vec![
+                format!("/v1/campaign/{uuid}/status"),
+                format!("/v1/campaign/{uuid}/analytics"),
+            ],
+            Some(Target::AtLeast(20_000.0)),
+        ),
+        (
+            "seed 001 executions, first page",
+            vec![format!(
+                "/api/v1/campaigns/{id}/executions?page=1&per_page={per_page}"
+            )],
+            None,
+        ),
+        (
+            "seed 001 executions, last page by offset",
+            vec![format!(
+                "/api/v1/campaigns/{id}/executions?page={last_page}&per_page={per_page}"
+            )],
+            None,
+        ),
+        (
+            "seed 001 executions, last page by cursor",
+            vec![format!(
+                "/api/v1/campaigns/{id}/executions?cursor={}&per_page={per_page}",
+                per_page + 1
+            )],
+            None,
+        ),
+    ];
+    for (name, paths, rate_target) in phases {
+        println!("{name}: {clients} clients for {seconds} s …");
+        let result = load(&base, &key, &paths, clients, seconds).await;
+        report.row(format!("{name}: requests"), result.rate, "/s", rate_target);
+        report.row(
+            format!("{name}: p99"),
+            result.p99_ms,
+            "ms",
+            Some(Target::AtMost(10.0)),
+        );
+        report.row(
+            format!("{name}: errors"),
+            result.errors as f64,
+            "",
+            Some(Target::AtMost(0.0)),
+        );
+        raw.insert(
+            name.to_owned(),
+            json!({"requests_per_second": result.rate, "p50_ms": result.p50_ms,
+                   "p99_ms": result.p99_ms, "errors": result.errors}),
+        );
+    }
+    report.raw(json!({"executions": n, "clients": clients, "seconds": seconds, "phases": raw}));
+    bench.stop().await?;
+    Ok(report)
+}
