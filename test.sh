@@ -5,7 +5,8 @@
 #   - a Python venv with `websockets` (the seeds' own clients) and `playwright`
 #     (drives the system chromium; no browser download);
 #   - Debian's PostgreSQL server, for a throwaway cluster the integration
-#     suite runs against in a second pass (HERALD_TEST_BACKEND=postgres).
+#     suite runs against in a second pass (HERALD_TEST_BACKEND=postgres);
+#   - the benchmark peers (bench/setup.sh), which the benchmark smoke test runs.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -31,6 +32,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check 'websockets>=12' 'playwright>=1.40'
 export HERALD_TEST_PYTHON="$PWD/$venv/bin/python"
+
+echo "==> Benchmark peers (bench/setup.sh: FastAPI + uvicorn in bench/.venv)"
+bash bench/setup.sh >/dev/null
 
 echo "==> PostgreSQL for the Postgres pass (throwaway cluster)"
 newest_initdb() {

@@ -190,11 +190,159 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
         "",
         Some(Target::AtLeast(subscribers as f64)),
     );
-    report.raw(json!({"subscribers": open, "frames": latencies.len(),
+    let mut raw = json!({"subscribers": open, "frames": latencies.len(),
            "p50_ms": p50, "p99_ms": p99, "max_ms": max, "final_seen": finished,
-           "rss_per_connection_bytes": per_connection}));
+           "rss_per_connection_bytes": per_connection});
     tasks.abort_all();
     let _ = server.kill().await;
+    // The same subscribers and the same frames, at the same pace, through
+    // the FastAPI peer.
+    let frames_each = (latencies.len() / open.max(1)).max(1);
+    match super::peers::fastapi_missing() {
+        Some(why) => {
+            println!("FastAPI peer: not measured ({why})");
+            raw["peer"] = json!({"measured": false, "why": why});
+        }
+        None => {
+            let peer = peer_fanout(open, frames_each, elapsed).await?;
+            report.row("FastAPI peer: commit → receipt p99", peer.p99, "ms", None);
+            report.row(
+                "FastAPI peer: RSS per connection",
+                peer.per_connection / 1024.0,
+                "KiB",
+                None,
+            );
+            report.row(
+                "FastAPI peer: subscribers that saw the final frame",
+                peer.finished as f64,
+                "",
+                None,
+            );
+            report.row("p99: FastAPI peer ÷ Herald", peer.p99 / p99, "×", None);
+            report.row(
+                "RSS per connection: FastAPI peer ÷ Herald",
+                peer.per_connection / per_connection.max(1.0),
+                "×",
+                None,
+            );
+            raw["peer"] = json!({"measured": true, "name": "fastapi+uvicorn", "p50_ms": peer.p50,
+                                 "p99_ms": peer.p99, "rss_per_connection_bytes": peer.per_connection,
+                                 "final_seen": peer.finished});
+        }
+    }
+    report.raw(raw);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
+}
+
+struct PeerFanout {
+    p50: f64,
+    p99: f64,
+    per_connection: f64,
+    finished: usize,
+}
+
+/// `subscribers` sockets on the FastAPI peer; `frames` progress frames
+/// published evenly over `spread`, the last one final.
+async fn peer_fanout(
+    subscribers: usize,
+    frames: usize,
+    spread: std::time::Duration,
+) -> anyhow::Result<PeerFanout> {
+    use futures::StreamExt as _;
+    let peer = super::peers::start_fastapi(None).await?;
+    let rss_idle = rss_of(peer.pid).unwrap_or(0);
+    let url = format!("{}/ws", peer.base.replacen("http", "ws", 1));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(f64, bool)>();
+    let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    println!("FastAPI peer: opening {subscribers} subscribers …");
+    for n in 0..subscribers {
+        let (url, tx, connected) = (url.clone(), tx.clone(), connected.clone());
+        tasks.spawn(async move {
+            let Ok((mut socket, _)) = tokio_tungstenite::connect_async(&url).await else {
+                return;
+            };
+            connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            while let Some(Ok(message)) = socket.next().await {
+                let received = chrono::Utc::now().timestamp_micros() as f64 / 1000.0;
+                let tokio_tungstenite::tungstenite::Message::Text(text) = message else {
+                    continue;
+                };
+                let Ok(frame) = serde_json::from_str::<serde_json::Value>(&text) else {
+                    continue;
+                };
+                let done = frame["data"]["status"] == "completed";
+                if let Some(ts) = frame["ts"].as_f64() {
+                    let _ = tx.send((received - ts, done));
+                }
+                if done {
+                    return;
+                }
+            }
+        });
+        if n % 500 == 499 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    drop(tx);
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    while connected.load(std::sync::atomic::Ordering::Relaxed) < subscribers
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let open = connected.load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let rss_connected = rss_of(peer.pid).unwrap_or(0);
+    println!(
+        "FastAPI peer: {open} connected; publishing {frames} frames over {:.1} s …",
+        spread.as_secs_f64()
+    );
+    let publisher = {
+        let base = peer.base.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let gap = spread / frames as u32;
+            for i in 1..=frames {
+                let done = i == frames;
+                let frame = json!({"type": "progress_update", "seq": i,
+                    "ts": chrono::Utc::now().timestamp_micros() as f64 / 1000.0,
+                    "data": {"campaign_id": 1, "status": if done { "completed" } else { "running" },
+                             "progress": {"total_contacts": 20000, "completed": i * 100, "failed": 3,
+                                          "processing": 0, "pending": 20000 - i * 100,
+                                          "progress_percentage": 50.0, "success_rate": 99.0},
+                             "recent_activity": [], "started_at": "2026-11-23T00:00:00Z",
+                             "completed_at": null}});
+                let _ = client
+                    .post(format!("{base}/publish"))
+                    .body(frame.to_string())
+                    .send()
+                    .await;
+                tokio::time::sleep(gap).await;
+            }
+        })
+    };
+    let mut latencies = Vec::new();
+    let mut finished = 0usize;
+    let deadline = tokio::time::Instant::now() + spread + std::time::Duration::from_secs(120);
+    while finished < open {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some((latency, done))) => {
+                latencies.push(latency);
+                finished += usize::from(done);
+            }
+            _ => break,
+        }
+    }
+    let _ = publisher.await;
+    tasks.abort_all();
+    peer.stop().await;
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    Ok(PeerFanout {
+        p50: percentile(&latencies, 50.0),
+        p99: percentile(&latencies, 99.0),
+        per_connection: rss_connected.saturating_sub(rss_idle) as f64 / open.max(1) as f64,
+        finished,
+    })
 }

@@ -11,6 +11,7 @@ use crate::startup::{Application, ServerConfig};
 mod engine;
 mod fanout;
 mod import;
+mod peers;
 mod rest;
 
 pub use engine::EngineArgs;

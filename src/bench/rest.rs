@@ -204,7 +204,52 @@ pub(super) async fn run(args: &RestArgs) -> anyhow::Result<Report> {
                    "p99_ms": result.p99_ms, "errors": result.errors}),
         );
     }
-    report.raw(json!({"executions": n, "clients": clients, "seconds": seconds, "phases": raw}));
+    // The same reads, same clients, same database, through the FastAPI peer.
+    let herald_status = raw["seed 002 status + analytics"]["requests_per_second"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    let peer = match super::peers::fastapi_missing() {
+        Some(why) => {
+            println!("FastAPI peer: not measured ({why})");
+            json!({"measured": false, "why": why})
+        }
+        None => {
+            let peer = super::peers::start_fastapi(Some(&bench.dir.join("bench.db"))).await?;
+            println!(
+                "FastAPI peer, seed 002 status + analytics: {clients} clients for {seconds} s …"
+            );
+            let paths = [
+                format!("/v1/campaign/{uuid}/status"),
+                format!("/v1/campaign/{uuid}/analytics"),
+            ];
+            let result = load(&peer.base, &key, &paths, clients, seconds).await;
+            peer.stop().await;
+            report.row(
+                "FastAPI peer, status + analytics: requests",
+                result.rate,
+                "/s",
+                None,
+            );
+            report.row(
+                "FastAPI peer, status + analytics: p99",
+                result.p99_ms,
+                "ms",
+                None,
+            );
+            report.row(
+                "status + analytics: Herald ÷ FastAPI peer",
+                herald_status / result.rate,
+                "×",
+                None,
+            );
+            json!({"measured": true, "name": "fastapi+uvicorn", "requests_per_second": result.rate,
+                   "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "errors": result.errors})
+        }
+    };
+    report.raw(
+        json!({"executions": n, "clients": clients, "seconds": seconds, "phases": raw,
+                      "peer": peer}),
+    );
     bench.stop().await?;
     Ok(report)
 }

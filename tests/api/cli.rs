@@ -522,6 +522,16 @@ fn benchmarks_run_at_small_sizes_and_write_results() {
         "every subscriber saw the end"
     );
     assert_eq!(result("rest")["executions"], 1000);
+    // The peers (bench/setup.sh, run by test.sh) are measured in the same run.
+    for name in ["fanout", "rest"] {
+        assert_eq!(
+            result(name)["peer"]["measured"],
+            true,
+            "{name}: {}",
+            result(name)["peer"]
+        );
+    }
+    assert!(stdout.contains("FastAPI peer ÷ Herald") && stdout.contains("Herald ÷ FastAPI peer"));
     let all = result("all");
     assert_eq!(
         all["rows"].as_array().unwrap().len(),

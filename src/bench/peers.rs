@@ -1,0 +1,73 @@
+//! The peer stacks Herald is measured against in the same run on the same
+//! machine: `bench/peers/fastapi_peer.py` (FastAPI + uvicorn), from the venv
+//! `bench/setup.sh` installs. Without it a scenario still runs and says
+//! which ratio it could not measure.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A running peer process; killed when dropped.
+pub(super) struct Peer {
+    child: tokio::process::Child,
+    pub base: String,
+    pub pid: u32,
+}
+
+/// `bench/` of the checkout: beside the working directory (`cargo run`) or
+/// two levels above the binary (`target/release/herald`).
+fn bench_dir() -> Option<PathBuf> {
+    let candidates = [
+        std::env::current_dir().ok().map(|d| d.join("bench")),
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.join("bench"))),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|dir| dir.join("peers/fastapi_peer.py").exists())
+}
+
+/// Why a peer cannot run here, or `None` when it can.
+pub(super) fn fastapi_missing() -> Option<String> {
+    match bench_dir() {
+        None => Some("bench/peers not found (run from the checkout)".into()),
+        Some(dir) if !dir.join(".venv/bin/python").exists() => {
+            Some("FastAPI peer not installed: run bench/setup.sh".into())
+        }
+        Some(_) => None,
+    }
+}
+
+/// Starts the FastAPI peer; `database` is the SQLite file its REST reads use.
+pub(super) async fn start_fastapi(database: Option<&std::path::Path>) -> anyhow::Result<Peer> {
+    let dir = bench_dir().ok_or_else(|| anyhow::anyhow!("bench/peers not found"))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut command = tokio::process::Command::new(dir.join(".venv/bin/python"));
+    command
+        .arg(dir.join("peers/fastapi_peer.py"))
+        .arg(port.to_string())
+        .kill_on_drop(true);
+    if let Some(database) = database {
+        command.env("HERALD_PEER_DB", database);
+    }
+    let child = command.spawn()?;
+    let pid = child.id().unwrap_or(0);
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        if client.get(format!("{base}/docs")).send().await.is_ok() {
+            return Ok(Peer { child, base, pid });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the FastAPI peer did not start on port {port}")
+}
+
+impl Peer {
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
