@@ -122,7 +122,47 @@ pub(super) async fn run(args: &EngineArgs) -> anyhow::Result<Report> {
             }
         }
     }
-    report.raw(json!({"recipients": args.recipients, "runs": runs}));
+    let mut peer = json!({"measured": false});
+    if let Some(server) = &args.postgres {
+        let herald_rate = runs
+            .iter()
+            .find(|r| r["backend"] == "Postgres" && r["nodes"] == 1 && r["latency_ms"] == 0)
+            .and_then(|r| r["recipients_per_second"].as_f64());
+        match (super::peers::graphile_missing(), herald_rate) {
+            (Some(why), _) => {
+                println!("graphile-worker peer: not measured ({why})");
+                peer = json!({"measured": false, "why": why});
+            }
+            (None, None) => {
+                peer = json!({"measured": false, "why": "no 1-node, 0 ms Postgres run to compare"});
+            }
+            (None, Some(herald_rate)) => {
+                // Bounded: the peer is an order of magnitude slower.
+                let jobs = args.recipients.min(50_000);
+                let concurrency = 16;
+                println!("graphile-worker peer: {jobs} jobs, concurrency {concurrency} …");
+                let url = create_postgres_database(server).await?;
+                let rate = super::peers::graphile_jobs_per_second(&url, jobs, concurrency).await;
+                drop_postgres_database(server, &url).await?;
+                let rate = rate?;
+                report.row(
+                    format!("graphile-worker, same Postgres ({jobs} jobs): jobs"),
+                    rate,
+                    "/s",
+                    None,
+                );
+                report.row(
+                    "Postgres, 1 node: Herald ÷ graphile-worker",
+                    herald_rate / rate,
+                    "×",
+                    Some(Target::AtLeast(5.0)),
+                );
+                peer = json!({"measured": true, "name": "graphile-worker", "jobs": jobs,
+                              "concurrency": concurrency, "jobs_per_second": rate});
+            }
+        }
+    }
+    report.raw(json!({"recipients": args.recipients, "runs": runs, "peer": peer}));
     Ok(report)
 }
 

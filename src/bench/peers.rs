@@ -71,3 +71,48 @@ impl Peer {
         let _ = self.child.kill().await;
     }
 }
+
+/// Why the graphile-worker peer cannot run here, or `None` when it can.
+pub(super) fn graphile_missing() -> Option<String> {
+    let installed =
+        bench_dir().is_some_and(|dir| dir.join("peers/node_modules/graphile-worker").exists());
+    if !installed {
+        return Some("graphile-worker peer not installed: run bench/setup.sh".into());
+    }
+    let node = std::process::Command::new("node").arg("--version").output();
+    match node {
+        Ok(out) if out.status.success() => None,
+        _ => Some("node is not installed".into()),
+    }
+}
+
+/// Works `jobs` graphile-worker jobs on the database at `database_url` (one
+/// row update and a counter each) and returns jobs per second.
+pub(super) async fn graphile_jobs_per_second(
+    database_url: &str,
+    jobs: u64,
+    concurrency: usize,
+) -> anyhow::Result<f64> {
+    let dir = bench_dir().ok_or_else(|| anyhow::anyhow!("bench/peers not found"))?;
+    let out = tokio::process::Command::new("node")
+        .arg(dir.join("peers/graphile_peer.js"))
+        .arg(database_url)
+        .arg(jobs.to_string())
+        .arg(concurrency.to_string())
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "graphile-worker peer failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(
+        out.stdout
+            .split(|b| *b == b'\n')
+            .rfind(|line| line.starts_with(b"{"))
+            .unwrap_or_default(),
+    )?;
+    result["jobs_per_second"]
+        .as_f64()
+        .ok_or_else(|| anyhow::anyhow!("graphile-worker peer printed {result}"))
+}

@@ -445,6 +445,17 @@ async fn the_engine_benchmark_compares_one_and_two_postgres_nodes() {
             ("Postgres".into(), 2)
         ]
     );
+    // graphile-worker (bench/setup.sh, run by test.sh) on the same server.
+    assert_eq!(
+        result["peer"]["name"], "graphile-worker",
+        "{}",
+        result["peer"]
+    );
+    assert!(result["peer"]["jobs_per_second"].as_f64().unwrap() > 0.0);
+    assert!(
+        stdout.contains("Postgres, 1 node: Herald ÷ graphile-worker"),
+        "{stdout}"
+    );
     // Its databases are dropped afterwards.
     let mut db = PgConnection::connect(&server).await.unwrap();
     let left: i64 =
