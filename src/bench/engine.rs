@@ -42,7 +42,7 @@ impl EngineArgs {
             latency_ms: vec![0, 50],
             in_flight: if all.quick { 64 } else { 1000 },
             receipt_delay_ms: 1000,
-            postgres: None,
+            postgres: all.postgres.clone(),
             nodes: vec![1],
         }
     }
