@@ -86,7 +86,14 @@ pub struct ExecutionPage {
     pub next_cursor: Option<String>,
 }
 
-fn execution_view(e: ExecutionRecord, snapshot: Option<&RunSnapshot>) -> Execution {
+/// A run's frozen settings with its template parsed once per page.
+struct FrozenRun {
+    snapshot: RunSnapshot,
+    template: Option<Template>,
+}
+
+fn execution_view(e: ExecutionRecord, frozen: Option<&FrozenRun>) -> Execution {
+    let snapshot = frozen.map(|f| &f.snapshot);
     let mut data = Map::new();
     let channel = snapshot.map_or(Channel::Sms, |s| s.channel);
     data.insert(
@@ -96,7 +103,7 @@ fn execution_view(e: ExecutionRecord, snapshot: Option<&RunSnapshot>) -> Executi
             .map_or(Value::Null, Value::String),
     );
     data.insert("to_number".into(), Value::String(e.phone.clone()));
-    if let Some(template) = snapshot.and_then(|s| Template::parse(&s.template).ok()) {
+    if let Some(template) = frozen.and_then(|f| f.template.as_ref()) {
         let lookup = |v: &str| match v {
             "phone" => Some(e.phone.as_str()),
             "name" => e
@@ -212,11 +219,14 @@ pub async fn executions(
         .count_executions(campaign.id, status)
         .await
         .map_err(ApiError::from)?;
-    let mut snapshots: HashMap<i64, Option<RunSnapshot>> = HashMap::new();
+    let mut snapshots: HashMap<i64, Option<FrozenRun>> = HashMap::new();
     for row in &rows {
         if let std::collections::hash_map::Entry::Vacant(slot) = snapshots.entry(row.run_id) {
             let run = state.store.run(row.run_id).await.map_err(ApiError::from)?;
-            slot.insert(run.and_then(|r| r.snapshot));
+            slot.insert(run.and_then(|r| r.snapshot).map(|snapshot| FrozenRun {
+                template: Template::parse(&snapshot.template).ok(),
+                snapshot,
+            }));
         }
     }
     let next_cursor = (rows.len() as i64 == page.per_page)

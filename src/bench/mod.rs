@@ -242,14 +242,6 @@ fn machine() -> Value {
     json!({"cores": cores, "cpu": model, "summary": format!("{cores} cores, {model}")})
 }
 
-/// Peak resident set size of this process, in bytes (Linux `VmHWM`).
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 /// One CSV chunk of `count` rows starting at `first`, with a valid US number each.
 fn csv_rows(first: u64, count: u64) -> String {
     let mut out = String::with_capacity(count as usize * 40);

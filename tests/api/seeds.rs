@@ -140,7 +140,15 @@ async fn seed_001_executions_match_the_documented_shape() {
         no_answer["executions"].as_array().unwrap().len() as i64
     );
     assert_eq!(total, c["progress"]["failed"].as_i64().unwrap());
-    let mut seen = 0;
+    let ids = |page: &Value| -> Vec<i64> {
+        page["executions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_i64().unwrap())
+            .collect()
+    };
+    let mut by_cursor = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
         let path = match &cursor {
@@ -151,13 +159,48 @@ async fn seed_001_executions_match_the_documented_shape() {
             None => format!("/api/v1/campaigns/{}/executions?per_page=250", c["id"]),
         };
         let page: Value = app.get(&path).await.json().await.unwrap();
-        seen += page["executions"].as_array().unwrap().len();
+        by_cursor.extend(ids(&page));
         match page["next_cursor"].as_str() {
             Some(next) => cursor = Some(next.to_owned()),
             None => break,
         }
     }
-    assert_eq!(seen, 600, "the cursor walks every execution once");
+    assert_eq!(
+        by_cursor.len(),
+        600,
+        "the cursor walks every execution once"
+    );
+    // Offset pages read the same sequence, newest first, and end empty.
+    let mut by_page = Vec::new();
+    for page in 1..=4 {
+        let got: Value = app
+            .get(&format!(
+                "/api/v1/campaigns/{}/executions?per_page=250&page={page}",
+                c["id"]
+            ))
+            .await
+            .json()
+            .await
+            .unwrap();
+        by_page.extend(ids(&got));
+    }
+    assert_eq!(by_page, by_cursor);
+    assert!(by_page.windows(2).all(|w| w[0] > w[1]));
+    // A deep page of a filtered list is that slice of the filtered list.
+    let filtered: Vec<i64> = ids(&no_answer);
+    assert!(filtered.len() >= 4, "{} no_answer rows", filtered.len());
+    {
+        let second: Value = app
+            .get(&format!(
+                "/api/v1/campaigns/{}/executions?status=no_answer&per_page=2&page=2",
+                c["id"]
+            ))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(ids(&second), filtered[2..4]);
+    }
 }
 
 #[tokio::test]

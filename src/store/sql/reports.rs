@@ -2,10 +2,10 @@
 //! the `runs` and `batches` rows, never from counting executions.
 
 use async_trait::async_trait;
-use sqlx::Row;
+use sqlx::{QueryBuilder, Row};
 
 use super::engine::{run_from_row, RUN_COLUMNS};
-use super::{campaign_from_row, dialect, DbRow, SqlStore, CAMPAIGN_COLUMNS};
+use super::{campaign_from_row, dialect, Db, DbRow, SqlStore, CAMPAIGN_COLUMNS};
 use crate::domain::ExecutionStatus;
 use crate::store::*;
 
@@ -119,24 +119,46 @@ impl ReportStore for SqlStore {
         campaign_id: i64,
         query: &ExecutionQuery,
     ) -> StoreResult<Vec<ExecutionRecord>> {
-        let status = query.status.map(ExecutionStatus::as_str);
-        sqlx::query(sql!(
-            "SELECT * FROM executions
-             WHERE campaign_id = ?1 AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR run_id = ?3)
-               AND (?4 IS NULL OR id < ?4)
-             ORDER BY id DESC LIMIT ?5 OFFSET ?6"
-        ))
-        .bind(campaign_id)
-        .bind(status)
-        .bind(query.run_id)
-        .bind(query.before_id)
-        .bind(query.limit)
-        .bind(query.offset)
-        .fetch_all(&self.reader)
-        .await?
-        .iter()
-        .map(execution_from_row)
-        .collect()
+        // Only the predicates in use, so the (campaign_id, id) index drives
+        // the scan; a deep offset is first turned into a keyset bound by an
+        // index-only query, so rows above it are never read.
+        let filter = |sql: &mut QueryBuilder<'_, Db>| {
+            sql.push(" WHERE campaign_id = ").push_bind(campaign_id);
+            if let Some(status) = query.status {
+                sql.push(" AND status = ").push_bind(status.as_str());
+            }
+            if let Some(run_id) = query.run_id {
+                sql.push(" AND run_id = ").push_bind(run_id);
+            }
+        };
+        let mut below = query.before_id;
+        if below.is_none() && query.offset > 0 {
+            let mut boundary = QueryBuilder::<Db>::new("SELECT id FROM executions");
+            filter(&mut boundary);
+            boundary
+                .push(" ORDER BY id DESC LIMIT 1 OFFSET ")
+                .push_bind(query.offset - 1);
+            let Some(id) = boundary
+                .build_query_scalar::<i64>()
+                .fetch_optional(&self.reader)
+                .await?
+            else {
+                return Ok(Vec::new());
+            };
+            below = Some(id);
+        }
+        let mut page = QueryBuilder::<Db>::new("SELECT * FROM executions");
+        filter(&mut page);
+        if let Some(below) = below {
+            page.push(" AND id < ").push_bind(below);
+        }
+        page.push(" ORDER BY id DESC LIMIT ").push_bind(query.limit);
+        page.build()
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(execution_from_row)
+            .collect()
     }
 
     async fn count_executions(
