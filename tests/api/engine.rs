@@ -212,6 +212,34 @@ async fn a_voice_campaign_retries_then_resends_to_failures() {
         .unwrap();
     assert_eq!(runs["runs"].as_array().unwrap().len(), 2);
     assert_eq!(runs["runs"][0]["recipients"], "failed");
+    // Seed 001 pages span both runs, newest first, with nothing skipped or
+    // repeated at any offset (pages of 7 cut across the runs' boundary).
+    let every = app.all_executions(&c["id"]).await;
+    let ids: Vec<i64> = every.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids.len() as i64, executions.len() as i64 + unreached);
+    assert!(
+        ids.windows(2).all(|w| w[0] > w[1]),
+        "newest first, no repeats"
+    );
+    for page in [2, 3, (ids.len() / 7) as i64] {
+        let got: Value = app
+            .get(&format!(
+                "/api/v1/campaigns/{}/executions?per_page=7&page={page}",
+                c["id"]
+            ))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let got: Vec<i64> = got["executions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_i64().unwrap())
+            .collect();
+        let from = (page as usize - 1) * 7;
+        assert_eq!(got, ids[from..(from + 7).min(ids.len())], "page {page}");
+    }
 
     let bad = app
         .post(

@@ -810,13 +810,31 @@ impl EngineStore for SqlStore {
         }
         let now = now_ms();
         let only_failed = run.recipients == Recipients::Failed;
+        // Ordinals continue the campaign's earlier runs; the campaign row
+        // lock keeps two runs of one campaign from freezing at once.
+        if !dialect::ROW_LOCK.is_empty() {
+            sqlx::query(sql!(
+                "SELECT id FROM campaigns WHERE id = ? {}",
+                dialect::ROW_LOCK
+            ))
+            .bind(run.campaign_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let ordinals_before: i64 = sqlx::query_scalar(sql!(
+            "SELECT COALESCE(MAX(campaign_ordinal), 0) FROM executions WHERE campaign_id = ?"
+        ))
+        .bind(run.campaign_id)
+        .fetch_one(&mut *tx)
+        .await?;
         // Failed recipients: those whose execution in their latest earlier
         // run ended failed, no_answer or busy.
         sqlx::query(sql!(
             "INSERT INTO executions (run_id, campaign_id, batch_sequence, contact_id, phone, name,
-                                     variables, status, updated_at)
+                                     variables, status, updated_at, campaign_ordinal)
              SELECT ?1, c.campaign_id, (ROW_NUMBER() OVER (ORDER BY c.id) - 1) / ?2 + 1,
-                    c.id, c.phone, c.name, c.variables, 'pending', ?3
+                    c.id, c.phone, c.name, c.variables, 'pending', ?3,
+                    ?6 + ROW_NUMBER() OVER (ORDER BY c.id)
              FROM contacts c
              WHERE c.campaign_id = ?4 AND (NOT ?5 OR c.id IN (
                  SELECT e.contact_id FROM executions e
@@ -831,6 +849,7 @@ impl EngineStore for SqlStore {
         .bind(now)
         .bind(run.campaign_id)
         .bind(only_failed)
+        .bind(ordinals_before)
         .execute(&mut *tx)
         .await?;
         sqlx::query(sql!(

@@ -120,8 +120,8 @@ impl ReportStore for SqlStore {
         query: &ExecutionQuery,
     ) -> StoreResult<Vec<ExecutionRecord>> {
         // Only the predicates in use, so the (campaign_id, id) index drives
-        // the scan; a deep offset is first turned into a keyset bound by an
-        // index-only query, so rows above it are never read.
+        // the scan. A deep offset of a filtered list is first turned into a
+        // keyset bound by an index-only query, so rows above it are never read.
         let filter = |sql: &mut QueryBuilder<'_, Db>| {
             sql.push(" WHERE campaign_id = ").push_bind(campaign_id);
             if let Some(status) = query.status {
@@ -131,6 +131,29 @@ impl ReportStore for SqlStore {
                 sql.push(" AND run_id = ").push_bind(run_id);
             }
         };
+        let unfiltered = query.status.is_none() && query.run_id.is_none();
+        if unfiltered && query.before_id.is_none() && query.offset > 0 {
+            // Ordinals number the campaign's executions 1..n in id order:
+            // the page at any offset is one index range.
+            let last: Option<i64> = sqlx::query_scalar(sql!(
+                "SELECT MAX(campaign_ordinal) FROM executions WHERE campaign_id = ?"
+            ))
+            .bind(campaign_id)
+            .fetch_one(&self.reader)
+            .await?;
+            return sqlx::query(sql!(
+                "SELECT * FROM executions WHERE campaign_id = ? AND campaign_ordinal <= ?
+                 ORDER BY campaign_ordinal DESC LIMIT ?"
+            ))
+            .bind(campaign_id)
+            .bind(last.unwrap_or(0) - query.offset)
+            .bind(query.limit)
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(execution_from_row)
+            .collect();
+        }
         let mut below = query.before_id;
         if below.is_none() && query.offset > 0 {
             let mut boundary = QueryBuilder::<Db>::new("SELECT id FROM executions");
