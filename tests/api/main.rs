@@ -14,6 +14,7 @@ mod isolation;
 mod keys;
 mod metrics;
 mod postgres;
+mod process;
 mod providers;
 mod python_clients;
 mod seeds;

@@ -6,8 +6,7 @@
 //! node killed mid-run is finished by the other. Statement timeouts are 503s.
 
 use std::collections::{BTreeSet, HashMap};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -16,188 +15,8 @@ use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{free_port, postgres_database_url, wait_healthy, HERALD};
-
-/// One `herald` process serving (and, unless `engine` is false, working)
-/// the shared database. Killed when dropped.
-struct Node {
-    process: Child,
-    base: String,
-}
-
-impl Node {
-    async fn start(database_url: &str, engine: bool, log: &std::path::Path) -> Self {
-        let port = free_port();
-        let mut command = Command::new(HERALD);
-        command
-            .env("HERALD_DATABASE_URL", database_url)
-            .env("HERALD_ADDR", format!("127.0.0.1:{port}"))
-            .env("HERALD_NO_DEMO", "1")
-            .env("HERALD_IN_FLIGHT", "64")
-            .env("HERALD_LEASE_SECONDS", "2")
-            .env("HERALD_RATE_LIMIT", "0")
-            .env("HERALD_DATABASE_POOL_SIZE", "8")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap());
-        if !engine {
-            command.env("HERALD_NO_ENGINE", "1");
-        }
-        let node = Self {
-            process: command.spawn().expect("herald starts"),
-            base: format!("http://127.0.0.1:{port}"),
-        };
-        wait_healthy(&node.base).await;
-        node
-    }
-
-    fn kill(&mut self) {
-        let _ = self.process.kill(); // SIGKILL: no shutdown path runs.
-        let _ = self.process.wait();
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A provider endpoint in this process that counts sends per recipient.
-#[derive(Clone, Default)]
-struct CountingProvider {
-    sends: Arc<Mutex<HashMap<String, u32>>>,
-}
-
-impl CountingProvider {
-    /// Serves it on a free port; each send answers after `delay`.
-    async fn serve(delay: Duration) -> (Self, String) {
-        let provider = Self::default();
-        let counts = provider.clone();
-        let app = axum::Router::new().route(
-            "/send",
-            axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
-                let counts = counts.clone();
-                async move {
-                    *counts
-                        .sends
-                        .lock()
-                        .unwrap()
-                        .entry(body["to"].as_str().unwrap_or_default().to_owned())
-                        .or_default() += 1;
-                    tokio::time::sleep(delay).await;
-                    axum::Json(json!({"id": body["id"], "status": "sent"}))
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/send", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        (provider, url)
-    }
-
-    fn total(&self) -> u32 {
-        self.sends.lock().unwrap().values().sum()
-    }
-
-    fn most_to_one_recipient(&self) -> u32 {
-        self.sends
-            .lock()
-            .unwrap()
-            .values()
-            .copied()
-            .max()
-            .unwrap_or(0)
-    }
-}
-
-/// A key, a campaign with `recipients` contacts, created through `node`.
-async fn campaign(
-    database_url: &str,
-    node: &Node,
-    provider: Value,
-    recipients: usize,
-) -> (String, i64) {
-    let out = Command::new(HERALD)
-        .args(["keys", "create", "--workspace", "multi"])
-        .env("HERALD_DATABASE_URL", database_url)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let client = reqwest::Client::new();
-    let created: Value = client
-        .post(format!("{}/v1/campaigns", node.base))
-        .bearer_auth(&key)
-        .json(
-            &json!({"name": "multi", "channel": "sms", "template": "Hi {{name}}",
-                      "provider": provider}),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = created["id"].as_i64().expect("campaign created");
-    let mut csv = String::from("phone,name\n");
-    for i in 0..recipients {
-        csv.push_str(&format!("+1555{i:07},P{i}\n"));
-    }
-    let imported = client
-        .post(format!("{}/v1/campaigns/{id}/contacts:import", node.base))
-        .bearer_auth(&key)
-        .header("content-type", "text/csv")
-        .body(csv)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(imported.status(), StatusCode::OK);
-    (key, id)
-}
-
-async fn start(node: &Node, key: &str, id: i64) {
-    let started = reqwest::Client::new()
-        .post(format!("{}/v1/campaigns/{id}/start", node.base))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(started.status(), StatusCode::OK);
-}
-
-async fn campaign_view(node: &Node, key: &str, id: i64) -> Value {
-    reqwest::Client::new()
-        .get(format!("{}/v1/campaigns/{id}", node.base))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-async fn wait_for(
-    node: &Node,
-    key: &str,
-    id: i64,
-    secs: u64,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        let view = campaign_view(node, key, id).await;
-        if done(&view) {
-            return view;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out; last: {view}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use crate::helpers::{postgres_database_url, HERALD};
+use crate::process::{create_campaign, create_key, CountingProvider, Node, NodeOptions};
 
 fn progress(view: &Value, field: &str) -> i64 {
     view["progress"][field].as_i64().unwrap()
@@ -225,14 +44,26 @@ async fn assert_counters_equal_rows(database_url: &str, view: &Value) {
 async fn two_nodes_share_a_100k_run_and_send_no_one_twice() {
     let dir = tempfile::tempdir().unwrap();
     let database_url = postgres_database_url().await;
-    let a = Node::start(&database_url, true, &dir.path().join("a.log")).await;
-    let b = Node::start(&database_url, true, &dir.path().join("b.log")).await;
-    let (provider, url) = CountingProvider::serve(Duration::ZERO).await;
-    let provider_settings = json!({"kind": "webhook", "url": url, "secret": "multi-node-secret"});
-    let (key, id) = campaign(&database_url, &a, provider_settings, 100_000).await;
-    start(&b, &key, id).await;
+    let a = Node::start(
+        &database_url,
+        NodeOptions::default(),
+        &dir.path().join("a.log"),
+    )
+    .await;
+    let b = Node::start(
+        &database_url,
+        NodeOptions::default(),
+        &dir.path().join("b.log"),
+    )
+    .await;
+    let (provider, provider_settings) = CountingProvider::serve(Duration::ZERO).await;
+    let key = create_key(&database_url, "multi");
+    let id = create_campaign(&a, &key, provider_settings, 100_000).await;
+    b.start_campaign(&key, id).await;
 
-    let done = wait_for(&a, &key, id, 300, |v| v["status"] == "completed").await;
+    let done = a
+        .wait_for(&key, id, 300, |v| v["status"] == "completed")
+        .await;
     assert_eq!(progress(&done, "total"), 100_000);
     assert_eq!(progress(&done, "sent"), 100_000, "{done}");
     assert_eq!(provider.total(), 100_000, "every recipient reached");
@@ -287,18 +118,33 @@ async fn a_socket_on_one_node_streams_a_run_another_node_works_across_a_listener
     let dir = tempfile::tempdir().unwrap();
     let database_url = postgres_database_url().await;
     // A serves the socket and never sends; B works the run.
-    let a = Node::start(&database_url, false, &dir.path().join("a.log")).await;
-    let b = Node::start(&database_url, true, &dir.path().join("b.log")).await;
+    let a = Node::start(
+        &database_url,
+        NodeOptions {
+            engine: false,
+            ..Default::default()
+        },
+        &dir.path().join("a.log"),
+    )
+    .await;
+    let b = Node::start(
+        &database_url,
+        NodeOptions::default(),
+        &dir.path().join("b.log"),
+    )
+    .await;
     let slow = json!({"kind": "simulated", "seed": 7, "latency_ms": 20,
                       "outcomes": {"completed": 1.0}});
-    let (key, id) = campaign(&database_url, &a, slow, 8_000).await;
+    let key = create_key(&database_url, "multi");
+    let id = create_campaign(&a, &key, slow, 8_000).await;
     let watcher = tokio::spawn(iterations(a.base.clone(), key.clone(), id));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    start(&a, &key, id).await;
+    a.start_campaign(&key, id).await;
 
     // Mid-run, cut every node's LISTEN connection: events appended while
     // the listeners reconnect must still reach the socket.
-    wait_for(&a, &key, id, 60, |v| progress(v, "sent") > 1000).await;
+    a.wait_for(&key, id, 60, |v| progress(v, "sent") > 1000)
+        .await;
     let mut db = PgConnection::connect(&database_url).await.unwrap();
     let cut: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
@@ -310,7 +156,9 @@ async fn a_socket_on_one_node_streams_a_run_another_node_works_across_a_listener
     assert!(cut.len() >= 2, "both nodes listen: {cut:?}");
 
     let frames = watcher.await.unwrap();
-    let done = wait_for(&a, &key, id, 60, |v| v["status"] == "completed").await;
+    let done = a
+        .wait_for(&key, id, 60, |v| v["status"] == "completed")
+        .await;
     assert_eq!(progress(&done, "sent"), 8_000);
 
     // Every batch started and completed once, in order, with rising seqs.
@@ -357,19 +205,32 @@ async fn a_socket_on_one_node_streams_a_run_another_node_works_across_a_listener
 async fn when_one_node_is_killed_mid_run_the_other_finishes_it() {
     let dir = tempfile::tempdir().unwrap();
     let database_url = postgres_database_url().await;
-    let mut a = Node::start(&database_url, true, &dir.path().join("a.log")).await;
-    let b = Node::start(&database_url, true, &dir.path().join("b.log")).await;
-    let (provider, url) = CountingProvider::serve(Duration::from_millis(5)).await;
-    let provider_settings = json!({"kind": "webhook", "url": url, "secret": "multi-node-secret"});
-    let (key, id) = campaign(&database_url, &a, provider_settings, 20_000).await;
-    start(&a, &key, id).await;
+    let mut a = Node::start(
+        &database_url,
+        NodeOptions::default(),
+        &dir.path().join("a.log"),
+    )
+    .await;
+    let b = Node::start(
+        &database_url,
+        NodeOptions::default(),
+        &dir.path().join("b.log"),
+    )
+    .await;
+    let (provider, provider_settings) = CountingProvider::serve(Duration::from_millis(5)).await;
+    let key = create_key(&database_url, "multi");
+    let id = create_campaign(&a, &key, provider_settings, 20_000).await;
+    a.start_campaign(&key, id).await;
 
-    wait_for(&b, &key, id, 60, |v| progress(v, "sent") > 4000).await;
+    b.wait_for(&key, id, 60, |v| progress(v, "sent") > 4000)
+        .await;
     a.kill();
     let sent_at_kill = provider.total();
     assert!(sent_at_kill < 20_000, "the kill came mid-run");
 
-    let done = wait_for(&b, &key, id, 120, |v| v["status"] == "completed").await;
+    let done = b
+        .wait_for(&key, id, 120, |v| v["status"] == "completed")
+        .await;
     assert_eq!(provider.most_to_one_recipient(), 1, "no one sent twice");
     let (sent, failed) = (progress(&done, "sent"), progress(&done, "failed"));
     assert_eq!(sent + failed, 20_000);
