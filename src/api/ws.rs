@@ -91,6 +91,8 @@ struct Session {
     /// The newest seq sent per campaign, to skip repeats.
     sent: HashMap<i64, i64>,
     live: StreamMap<i64, BroadcastStream<Arc<HubEvent>>>,
+    /// Every campaign of a workspace at once (seed 003), instead of `live`.
+    workspace: Option<BroadcastStream<Arc<HubEvent>>>,
 }
 
 impl Session {
@@ -103,6 +105,7 @@ impl Session {
             format,
             sent: HashMap::new(),
             live: StreamMap::new(),
+            workspace: None,
         }
     }
 
@@ -475,13 +478,96 @@ async fn answer_common(
 }
 
 /// Waits for the next live event, if any stream is followed.
+/// What the live side of a session produced.
+enum Live {
+    Event(Arc<HubEvent>),
+    /// The session fell behind: catch this campaign (or, `None`, every
+    /// campaign it has sent) up from the log.
+    Lagged(Option<i64>),
+    /// The workspace stream closed.
+    Ended,
+    Nothing,
+}
+
+/// The next live event of the session's campaigns or workspace; pends
+/// while it follows nothing.
 async fn next_live(
     live: &mut StreamMap<i64, BroadcastStream<Arc<HubEvent>>>,
-) -> Option<(i64, Result<Arc<HubEvent>, BroadcastStreamRecvError>)> {
+    workspace: &mut Option<BroadcastStream<Arc<HubEvent>>>,
+) -> Live {
+    if let Some(workspace) = workspace {
+        return match workspace.next().await {
+            Some(Ok(event)) => Live::Event(event),
+            Some(Err(BroadcastStreamRecvError::Lagged(_))) => Live::Lagged(None),
+            None => Live::Ended,
+        };
+    }
     if live.is_empty() {
         std::future::pending::<()>().await;
     }
-    live.next().await
+    match live.next().await {
+        Some((_, Ok(event))) => Live::Event(event),
+        Some((id, Err(BroadcastStreamRecvError::Lagged(_)))) => Live::Lagged(Some(id)),
+        None => Live::Nothing,
+    }
+}
+
+/// What a protocol does with the messages its clients send; everything
+/// else about a socket is the same for all of them (see [`serve`]).
+trait Protocol: Send {
+    fn on_message(
+        &mut self,
+        session: &mut Session,
+        message: ClientMessage,
+    ) -> impl std::future::Future<Output = Result<(), End>> + Send;
+}
+
+/// Runs a socket until it ends, for every protocol: server shutdown (1001),
+/// the client's messages (each handed to `protocol`), live events, pings,
+/// and with `idle` a timeout that each delivered event resets.
+async fn serve(
+    session: &mut Session,
+    idle: Option<Duration>,
+    protocol: &mut impl Protocol,
+) -> Result<(), End> {
+    let ping_every = session.state.config.streams.ping_interval;
+    let mut next_ping = Instant::now() + ping_every;
+    let mut idle_until = Instant::now() + idle.unwrap_or_default();
+    let shutdown = session.state.shutdown.clone();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Err(End::Close(CLOSE_GOING_AWAY, "server shutting down")),
+            incoming = session.socket.recv() => {
+                if let Some(message) = client_message(session, incoming).await? {
+                    protocol.on_message(session, message).await?;
+                }
+            }
+            live = next_live(&mut session.live, &mut session.workspace) => match live {
+                Live::Event(event) => {
+                    if let Some(idle) = idle {
+                        idle_until = Instant::now() + idle;
+                    }
+                    session.deliver(&event).await?;
+                }
+                Live::Lagged(Some(id)) => session.catch_up(id).await?,
+                Live::Lagged(None) => {
+                    let ids: Vec<i64> = session.sent.keys().copied().collect();
+                    for id in ids {
+                        session.catch_up(id).await?;
+                    }
+                }
+                Live::Ended => return Err(End::Close(CLOSE_INTERNAL, "stream ended")),
+                Live::Nothing => {}
+            },
+            () = sleep_until(next_ping) => {
+                next_ping = Instant::now() + ping_every;
+                session.socket.send(Message::Ping(Default::default())).await.map_err(|_| End::Drop)?;
+            }
+            () = sleep_until(idle_until), if idle.is_some() => {
+                return Err(End::Close(CLOSE_NORMAL, "idle timeout: no campaign activity"));
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------- seed 000
@@ -510,6 +596,26 @@ async fn finish(session: Session, end: End) {
     }
 }
 
+/// Seed 000 progress: the common messages about its one campaign.
+struct Progress {
+    ids: [i64; 1],
+}
+
+impl Protocol for Progress {
+    async fn on_message(
+        &mut self,
+        session: &mut Session,
+        message: ClientMessage,
+    ) -> Result<(), End> {
+        if !answer_common(session, &message, &self.ids).await? {
+            session
+                .error(format!("unknown message type '{}'", message.kind))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
 async fn run_progress(session: &mut Session, campaign: &Campaign, since: Option<&str>) -> End {
     let result: Result<(), End> = async {
         session
@@ -523,31 +629,7 @@ async fn run_progress(session: &mut Session, campaign: &Campaign, since: Option<
             }
         };
         session.follow(campaign, since, Initial::Progress).await?;
-        let ids = [campaign.id];
-        let ping_every = session.state.config.streams.ping_interval;
-        let mut next_ping = Instant::now() + ping_every;
-        let shutdown = session.state.shutdown.clone();
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return Err(End::Close(CLOSE_GOING_AWAY, "server shutting down")),
-                incoming = session.socket.recv() => {
-                    if let Some(message) = client_message(session, incoming).await? {
-                        if !answer_common(session, &message, &ids).await? {
-                            session.error(format!("unknown message type '{}'", message.kind)).await?;
-                        }
-                    }
-                }
-                live = next_live(&mut session.live) => match live {
-                    Some((_, Ok(event))) => { session.deliver(&event).await?; }
-                    Some((id, Err(BroadcastStreamRecvError::Lagged(_)))) => session.catch_up(id).await?,
-                    None => {}
-                },
-                () = sleep_until(next_ping) => {
-                    next_ping = Instant::now() + ping_every;
-                    session.socket.send(Message::Ping(Default::default())).await.map_err(|_| End::Drop)?;
-                }
-            }
-        }
+        serve(session, None, &mut Progress { ids: [campaign.id] }).await
     }
     .await;
     match result {
@@ -587,6 +669,70 @@ fn ids_of(message: &ClientMessage) -> Vec<String> {
     ids
 }
 
+/// Seed 000 monitor: subscribes and unsubscribes campaigns of the key's
+/// workspace, and answers the common messages about those it follows.
+struct Monitor<'a> {
+    auth: &'a Auth,
+    followed: HashSet<i64>,
+}
+
+impl Protocol for Monitor<'_> {
+    async fn on_message(
+        &mut self,
+        session: &mut Session,
+        message: ClientMessage,
+    ) -> Result<(), End> {
+        match message.kind.as_str() {
+            "subscribe" => {
+                let ids = ids_of(&message);
+                if ids.is_empty() {
+                    session
+                        .error("subscribe needs campaign_id or campaign_ids".into())
+                        .await?;
+                }
+                for id in ids {
+                    match self.auth.campaign(&session.state, &id).await {
+                        Ok(campaign) if self.followed.insert(campaign.id) => {
+                            session.follow(&campaign, None, Initial::Progress).await?;
+                            session
+                                .send_json(
+                                    &json!({"type": "subscribed", "campaign_id": campaign.id}),
+                                )
+                                .await?;
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            session.send_json(&json!({"type": "error", "campaign_id": id,
+                                "code": CLOSE_NOT_FOUND, "message": format!("campaign '{id}' not found")})).await?;
+                        }
+                    }
+                }
+            }
+            "unsubscribe" => {
+                for id in ids_of(&message) {
+                    if let Ok(id) = id.parse::<i64>() {
+                        self.followed.remove(&id);
+                        session.live.remove(&id);
+                        session.sent.remove(&id);
+                        session
+                            .send_json(&json!({"type": "unsubscribed", "campaign_id": id}))
+                            .await?;
+                    }
+                }
+            }
+            _ => {
+                let ids: Vec<i64> = self.followed.iter().copied().collect();
+                if !answer_common(session, &message, &ids).await? {
+                    session
+                        .error(format!("unknown message type '{}'", message.kind))
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 async fn run_monitor(session: &mut Session, auth: &Auth) -> End {
     let result: Result<(), End> = async {
         session
@@ -605,64 +751,11 @@ async fn run_monitor(session: &mut Session, auth: &Auth) -> End {
         session
             .send_json(&json!({"type": "campaigns_overview", "data": overview}))
             .await?;
-        let mut followed: HashSet<i64> = HashSet::new();
-        let ping_every = session.state.config.streams.ping_interval;
-        let mut next_ping = Instant::now() + ping_every;
-        let shutdown = session.state.shutdown.clone();
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return Err(End::Close(CLOSE_GOING_AWAY, "server shutting down")),
-                incoming = session.socket.recv() => {
-                    let Some(message) = client_message(session, incoming).await? else { continue };
-                    match message.kind.as_str() {
-                        "subscribe" => {
-                            let ids = ids_of(&message);
-                            if ids.is_empty() {
-                                session.error("subscribe needs campaign_id or campaign_ids".into()).await?;
-                            }
-                            for id in ids {
-                                match auth.campaign(&session.state, &id).await {
-                                    Ok(campaign) if followed.insert(campaign.id) => {
-                                        session.follow(&campaign, None, Initial::Progress).await?;
-                                        session.send_json(&json!({"type": "subscribed", "campaign_id": campaign.id})).await?;
-                                    }
-                                    Ok(_) => {}
-                                    Err(_) => {
-                                        session.send_json(&json!({"type": "error", "campaign_id": id,
-                                            "code": CLOSE_NOT_FOUND, "message": format!("campaign '{id}' not found")})).await?;
-                                    }
-                                }
-                            }
-                        }
-                        "unsubscribe" => {
-                            for id in ids_of(&message) {
-                                if let Ok(id) = id.parse::<i64>() {
-                                    followed.remove(&id);
-                                    session.live.remove(&id);
-                                    session.sent.remove(&id);
-                                    session.send_json(&json!({"type": "unsubscribed", "campaign_id": id})).await?;
-                                }
-                            }
-                        }
-                        _ => {
-                            let ids: Vec<i64> = followed.iter().copied().collect();
-                            if !answer_common(session, &message, &ids).await? {
-                                session.error(format!("unknown message type '{}'", message.kind)).await?;
-                            }
-                        }
-                    }
-                }
-                live = next_live(&mut session.live) => match live {
-                    Some((_, Ok(event))) => { session.deliver(&event).await?; }
-                    Some((id, Err(BroadcastStreamRecvError::Lagged(_)))) => session.catch_up(id).await?,
-                    None => {}
-                },
-                () = sleep_until(next_ping) => {
-                    next_ping = Instant::now() + ping_every;
-                    session.socket.send(Message::Ping(Default::default())).await.map_err(|_| End::Drop)?;
-                }
-            }
-        }
+        let mut monitor = Monitor {
+            auth,
+            followed: HashSet::new(),
+        };
+        serve(session, None, &mut monitor).await
     }
     .await;
     match result {
@@ -748,6 +841,27 @@ fn fxhash(s: &str) -> i64 {
     (h >> 1) as i64
 }
 
+/// Seed 003 jobs: answers `ping`.
+struct Jobs;
+
+impl Protocol for Jobs {
+    async fn on_message(
+        &mut self,
+        session: &mut Session,
+        message: ClientMessage,
+    ) -> Result<(), End> {
+        if message.kind == "ping" {
+            session
+                .send_json(&json!({"type": "pong", "timestamp": unix_now()}))
+                .await
+        } else {
+            session
+                .error(format!("unknown message type '{}'", message.kind))
+                .await
+        }
+    }
+}
+
 async fn run_jobs(session: &mut Session, auth: &Auth) -> End {
     let result: Result<(), End> = async {
         let (campaigns, _) = session
@@ -767,39 +881,12 @@ async fn run_jobs(session: &mut Session, auth: &Auth) -> End {
             session.sent.insert(c.id, seq);
             current.push((c.id, seq));
         }
-        let receiver = session.state.hub.subscribe_workspace(auth.workspace_id, &current);
-        let mut live = BroadcastStream::new(receiver);
-        let ping_every = session.state.config.streams.ping_interval;
-        let mut next_ping = Instant::now() + ping_every;
-        let shutdown = session.state.shutdown.clone();
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return Err(End::Close(CLOSE_GOING_AWAY, "server shutting down")),
-                incoming = session.socket.recv() => {
-                    if let Some(message) = client_message(session, incoming).await? {
-                        if message.kind == "ping" {
-                            session.send_json(&json!({"type": "pong", "timestamp": unix_now()})).await?;
-                        } else {
-                            session.error(format!("unknown message type '{}'", message.kind)).await?;
-                        }
-                    }
-                }
-                event = live.next() => match event {
-                    Some(Ok(event)) => { session.deliver(&event).await?; }
-                    Some(Err(BroadcastStreamRecvError::Lagged(_))) => {
-                        let ids: Vec<i64> = session.sent.keys().copied().collect();
-                        for id in ids {
-                            session.catch_up(id).await?;
-                        }
-                    }
-                    None => return Err(End::Close(CLOSE_INTERNAL, "stream ended")),
-                },
-                () = sleep_until(next_ping) => {
-                    next_ping = Instant::now() + ping_every;
-                    session.socket.send(Message::Ping(Default::default())).await.map_err(|_| End::Drop)?;
-                }
-            }
-        }
+        let receiver = session
+            .state
+            .hub
+            .subscribe_workspace(auth.workspace_id, &current);
+        session.workspace = Some(BroadcastStream::new(receiver));
+        serve(session, None, &mut Jobs).await
     }
     .await;
     match result {
@@ -869,49 +956,39 @@ pub async fn iterations(
     })
 }
 
+/// Seed 004 iterations: only sends; any client message is an error.
+struct Iterations;
+
+impl Protocol for Iterations {
+    async fn on_message(
+        &mut self,
+        session: &mut Session,
+        message: ClientMessage,
+    ) -> Result<(), End> {
+        let reply = json!({"type": "error", "timestamp": chrono::Utc::now().to_rfc3339(),
+            "data": {"code": "UNSUPPORTED_MESSAGE",
+                     "message": format!("this stream takes no '{}' messages; it only sends", message.kind)}});
+        session.send_json(&reply).await
+    }
+}
+
 async fn run_iterations(session: &mut Session, campaign: &Campaign, since: Option<&str>) -> End {
     let result: Result<(), End> = async {
         let since = match parse_since(since) {
             Ok(since) => since,
             Err(message) => {
                 session
-                    .send_json(&json!({"type": "error", "timestamp": chrono::Utc::now().to_rfc3339(),
-                                       "data": {"code": "INVALID_SINCE", "message": message}}))
+                    .send_json(
+                        &json!({"type": "error", "timestamp": chrono::Utc::now().to_rfc3339(),
+                                       "data": {"code": "INVALID_SINCE", "message": message}}),
+                    )
                     .await?;
                 None
             }
         };
         session.follow(campaign, since, Initial::None).await?;
-        let streams = session.state.config.streams.clone();
-        let mut next_ping = Instant::now() + streams.ping_interval;
-        let mut idle_until = Instant::now() + streams.idle_timeout;
-        let shutdown = session.state.shutdown.clone();
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return Err(End::Close(CLOSE_GOING_AWAY, "server shutting down")),
-                incoming = session.socket.recv() => {
-                    if let Some(message) = client_message(session, incoming).await? {
-                        let reply = json!({"type": "error", "timestamp": chrono::Utc::now().to_rfc3339(),
-                            "data": {"code": "UNSUPPORTED_MESSAGE",
-                                     "message": format!("this stream takes no '{}' messages; it only sends", message.kind)}});
-                        session.send_json(&reply).await?;
-                    }
-                }
-                live = next_live(&mut session.live) => match live {
-                    Some((_, Ok(event))) => {
-                        idle_until = Instant::now() + streams.idle_timeout;
-                        session.deliver(&event).await?;
-                    }
-                    Some((id, Err(BroadcastStreamRecvError::Lagged(_)))) => session.catch_up(id).await?,
-                    None => {}
-                },
-                () = sleep_until(next_ping) => {
-                    next_ping = Instant::now() + streams.ping_interval;
-                    session.socket.send(Message::Ping(Default::default())).await.map_err(|_| End::Drop)?;
-                }
-                () = sleep_until(idle_until) => return Err(End::Close(CLOSE_NORMAL, "idle timeout: no campaign activity")),
-            }
-        }
+        let idle = session.state.config.streams.idle_timeout;
+        serve(session, Some(idle), &mut Iterations).await
     }
     .await;
     match result {
