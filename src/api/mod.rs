@@ -266,8 +266,19 @@ impl Modify for SecuritySchemes {
     }
 }
 
-/// Prometheus text exposition of this process's metrics.
-async fn metrics_text() -> impl axum::response::IntoResponse {
+/// Prometheus text exposition of this process's metrics; pool gauges are
+/// read at scrape time.
+async fn metrics_text(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> impl axum::response::IntoResponse {
+    for usage in state.store.pool_usage() {
+        let pool = usage.pool;
+        metrics::gauge!("herald_db_connections", "pool" => pool, "state" => "in_use")
+            .set(f64::from(usage.in_use));
+        metrics::gauge!("herald_db_connections", "pool" => pool, "state" => "idle")
+            .set(f64::from(usage.idle));
+        metrics::gauge!("herald_db_connections_max", "pool" => pool).set(f64::from(usage.max));
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

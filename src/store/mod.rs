@@ -92,6 +92,16 @@ impl Default for StoreOptions {
     }
 }
 
+/// One connection pool's connections right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// `writer` and `reader` (SQLite), or `main` (Postgres: one pool).
+    pub pool: &'static str,
+    pub in_use: u32,
+    pub idle: u32,
+    pub max: u32,
+}
+
 /// What another node's writes mean for this node's stream hub.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -296,6 +306,9 @@ pub trait Store: EngineStore + ReportStore + Send + Sync + 'static {
     /// Announcements of events other processes append, when there can be
     /// any (Postgres); `None` when this process is the only writer.
     async fn watch_changes(&self) -> StoreResult<Option<ChangeFeed>>;
+
+    /// Connections of each database pool, for `/metrics`.
+    fn pool_usage(&self) -> Vec<PoolUsage>;
 
     /// Writes a consistent copy of the whole database to `path` while it
     /// keeps serving (SQLite: `VACUUM INTO`; Postgres answers `Unsupported`: use pg_dump).

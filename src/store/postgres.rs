@@ -76,6 +76,8 @@ pub(crate) mod dialect {
     }
     /// Several nodes claim at once: each takes a run no one else is taking.
     pub const CLAIM_LOCK: &str = "FOR UPDATE OF r SKIP LOCKED";
+    /// Reads and writes share one pool.
+    pub const READER_POOL: Option<&str> = None;
     /// Locks a row until commit (engine transactions take the run's first).
     pub const ROW_LOCK: &str = "FOR UPDATE";
     /// Workers leasing batches of one run at once each take a different one.

@@ -50,6 +50,8 @@ pub(crate) mod dialect {
     }
     /// One writer at a time already: nothing to skip.
     pub const CLAIM_LOCK: &str = "";
+    /// Reads have their own pool beside the single writer.
+    pub const READER_POOL: Option<&str> = Some("reader");
     /// Row locks: none needed with one writer.
     pub const ROW_LOCK: &str = "";
     pub const BATCH_CLAIM_LOCK: &str = "";

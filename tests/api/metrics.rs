@@ -173,6 +173,26 @@ async fn metrics_count_what_a_run_did() {
             &[("route", "/v1/campaigns")]
         ) >= 1.0
     );
+    // Database pools: SQLite has a single writer and readers beside it,
+    // Postgres one pool; each pool's connections are in use or idle.
+    let pools: &[&str] = if crate::helpers::backend_is_postgres() {
+        &["main"]
+    } else {
+        &["writer", "reader"]
+    };
+    for pool in pools {
+        let max = sum(&samples, "herald_db_connections_max", &[("pool", pool)]);
+        let open = sum(&samples, "herald_db_connections", &[("pool", pool)]);
+        assert!(max >= 1.0, "{pool}: max {max}");
+        assert!(open >= 1.0 && open <= max, "{pool}: {open} of {max}");
+    }
+    if !crate::helpers::backend_is_postgres() {
+        assert_eq!(
+            sum(&samples, "herald_db_connections_max", &[("pool", "writer")]),
+            1.0,
+            "one SQLite writer"
+        );
+    }
     // No unbounded labels: no campaign id or key appears in any series.
     assert!(samples
         .keys()

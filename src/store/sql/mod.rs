@@ -141,6 +141,22 @@ impl Store for SqlStore {
         dialect::watch_changes(&self.writer).await
     }
 
+    fn pool_usage(&self) -> Vec<PoolUsage> {
+        let usage = |pool: &'static str, of: &Pool| {
+            let idle = of.num_idle() as u32;
+            PoolUsage {
+                pool,
+                in_use: of.size().saturating_sub(idle),
+                idle,
+                max: of.options().get_max_connections(),
+            }
+        };
+        match dialect::READER_POOL {
+            Some(reader) => vec![usage("writer", &self.writer), usage(reader, &self.reader)],
+            None => vec![usage("main", &self.writer)],
+        }
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query(sql!("SELECT 1")).execute(&self.reader).await?;
         Ok(())
