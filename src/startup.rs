@@ -116,6 +116,7 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let stop = self.stop;
+        let grace = self.engine.as_ref().map(|config| config.drain_grace);
         let engine = self.engine.map(|config| {
             let engine = Engine::new(
                 self.state.store.clone(),
@@ -140,8 +141,15 @@ impl Application {
             .await
             .context("serving HTTP");
         stop.cancel();
-        if let Some(engine) = engine {
-            engine.await.context("engine task")?;
+        if let (Some(engine), Some(grace)) = (engine, grace) {
+            match tokio::time::timeout(grace, engine).await {
+                Ok(done) => done.context("engine task")?,
+                Err(_) => tracing::warn!(
+                    grace_seconds = grace.as_secs(),
+                    "drain grace period passed with sends in flight; their batches pass to \
+                     another worker when the leases expire"
+                ),
+            }
         }
         served
     }

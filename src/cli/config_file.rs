@@ -40,6 +40,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("max_runs", "HERALD_MAX_RUNS"),
     ("lease_seconds", "HERALD_LEASE_SECONDS"),
     ("retry_base_ms", "HERALD_RETRY_BASE_MS"),
+    ("drain_seconds", "HERALD_DRAIN_SECONDS"),
     ("slice", "HERALD_SLICE"),
     ("sender_rate", "HERALD_SENDER_RATE"),
 ];

@@ -142,6 +142,10 @@ pub struct EngineArgs {
     /// Sends per second per sender id (0 = no limit).
     #[arg(long, env = "HERALD_SENDER_RATE", default_value_t = 0)]
     pub sender_rate: u32,
+    /// On SIGTERM, seconds in-flight sends get to finish and be recorded
+    /// before the node exits anyway (their batches then pass to another worker).
+    #[arg(long, env = "HERALD_DRAIN_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub drain_seconds: u64,
 }
 
 impl EngineArgs {
@@ -153,6 +157,7 @@ impl EngineArgs {
             lease: std::time::Duration::from_secs(self.lease_seconds),
             retry_base: std::time::Duration::from_millis(self.retry_base_ms),
             sender_rate: std::num::NonZeroU32::new(self.sender_rate),
+            drain_grace: std::time::Duration::from_secs(self.drain_seconds),
             ..EngineConfig::default()
         }
     }
@@ -423,6 +428,7 @@ fn config_check(global: &GlobalArgs, serve: &ServeArgs) {
         ("max_runs", e.max_runs.to_string()),
         ("lease_seconds", e.lease_seconds.to_string()),
         ("retry_base_ms", e.retry_base_ms.to_string()),
+        ("drain_seconds", e.drain_seconds.to_string()),
         (
             "slice",
             e.slice
@@ -584,9 +590,11 @@ async fn worker(global: &GlobalArgs, args: EngineArgs) -> anyhow::Result<()> {
         std::time::Duration::from_millis(250),
         stop.clone(),
     );
+    let config = args.into_config();
+    let grace = config.drain_grace;
     let engine = crate::engine::Engine::new(
         store,
-        args.into_config(),
+        config,
         String::from("http://127.0.0.1"),
         std::sync::Arc::new(tokio::sync::Notify::new()),
         hub,
@@ -595,7 +603,14 @@ async fn worker(global: &GlobalArgs, args: EngineArgs) -> anyhow::Result<()> {
     let running = tokio::spawn(engine.run());
     shutdown_signal().await;
     stop.cancel();
-    running.await?;
+    match tokio::time::timeout(grace, running).await {
+        Ok(done) => done?,
+        Err(_) => tracing::warn!(
+            grace_seconds = grace.as_secs(),
+            "drain grace period passed with sends in flight; their batches pass to another \
+             worker when the leases expire"
+        ),
+    }
     Ok(())
 }
 

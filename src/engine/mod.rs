@@ -59,6 +59,10 @@ pub struct EngineConfig {
     pub retry_cap: Duration,
     /// Sends per second per sender id; `None` for no limit.
     pub sender_rate: Option<NonZeroU32>,
+    /// At shutdown, how long in-flight sends may take to finish and be
+    /// recorded; past it the node exits and their batches' leases expire
+    /// (another worker writes them off as "outcome unknown").
+    pub drain_grace: Duration,
 }
 
 impl Default for EngineConfig {
@@ -73,6 +77,7 @@ impl Default for EngineConfig {
             retry_base: Duration::from_secs(5),
             retry_cap: Duration::from_secs(600),
             sender_rate: None,
+            drain_grace: Duration::from_secs(30),
         }
     }
 }

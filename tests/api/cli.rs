@@ -717,6 +717,7 @@ fn configuration_layers_are_file_then_environment_then_flags() {
             "5 is not in 100..=3600000",
         ),
         ("no_migrate = \"perhaps\"\n", "perhaps"),
+        ("drain_seconds = 0\n", "0 is not in 1..=3600"),
     ] {
         std::fs::write(dir.path().join("bad.toml"), file).unwrap();
         let out = Command::new(HERALD)

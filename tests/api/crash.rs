@@ -15,6 +15,7 @@ use crate::process::{create_campaign, create_key, CountingProvider, Node, NodeOp
 const OPTIONS: NodeOptions = NodeOptions {
     engine: true,
     in_flight: 8,
+    drain_seconds: 30,
 };
 
 #[tokio::test]
@@ -143,4 +144,52 @@ async fn sigterm_drains_and_a_restart_finishes_the_run() {
         "a drain loses nothing: every recipient was sent once"
     );
     assert_eq!(done["progress"]["sent"], 1200);
+}
+
+/// A provider that stops answering cannot hold a draining node: past
+/// `--drain-seconds` it exits 0 anyway, and the next start finishes the run
+/// without sending anyone twice (the unanswered sends are written off).
+#[tokio::test]
+async fn a_hung_provider_cannot_hold_the_drain_past_its_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = fresh_database_url(dir.path()).await;
+    let log = dir.path().join("herald.log");
+    let key = create_key(&database_url, "grace");
+    let (provider, settings) = CountingProvider::serve(Duration::from_millis(15)).await;
+    let options = NodeOptions {
+        drain_seconds: 2,
+        ..OPTIONS
+    };
+    let mut herald = Node::start(&database_url, options, &log).await;
+    let id = create_campaign(&herald, &key, settings, 600).await;
+    herald.start_campaign(&key, id).await;
+    herald
+        .wait_for(&key, id, 30, |c| {
+            c["progress"]["sent"].as_i64().unwrap() > 100
+        })
+        .await;
+    provider.set_delay(Duration::from_secs(600));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let asked = std::time::Instant::now();
+    herald.terminate();
+    let status = herald.exited(Duration::from_secs(15)).await;
+    assert!(status.success(), "exits 0 after the grace period: {status}");
+    assert!(
+        asked.elapsed() >= Duration::from_secs(2),
+        "it waited for the sends in flight first"
+    );
+
+    provider.set_delay(Duration::from_millis(1));
+    let herald = Node::start_on(&database_url, herald.port, options, &log).await;
+    let done = herald
+        .wait_for(&key, id, 60, |c| c["status"] == "completed")
+        .await;
+    assert_eq!(provider.most_to_one_recipient(), 1, "no one sent twice");
+    let p = &done["progress"];
+    let (sent, failed) = (p["sent"].as_i64().unwrap(), p["failed"].as_i64().unwrap());
+    assert_eq!(sent + failed, 600);
+    assert!(
+        (1..=32).contains(&failed),
+        "the hung slice is written off: {failed}"
+    );
 }

@@ -19,6 +19,8 @@ pub struct NodeOptions {
     pub engine: bool,
     /// Sends in flight; a dead node's claimed slice is 4 × this.
     pub in_flight: u32,
+    /// `--drain-seconds`.
+    pub drain_seconds: u64,
 }
 
 impl Default for NodeOptions {
@@ -26,6 +28,7 @@ impl Default for NodeOptions {
         Self {
             engine: true,
             in_flight: 64,
+            drain_seconds: 30,
         }
     }
 }
@@ -65,6 +68,7 @@ impl Node {
             .env("HERALD_LEASE_SECONDS", "2")
             .env("HERALD_RATE_LIMIT", "0")
             .env("HERALD_DATABASE_POOL_SIZE", "8")
+            .env("HERALD_DRAIN_SECONDS", options.drain_seconds.to_string())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log);
@@ -193,6 +197,8 @@ impl Drop for Node {
 #[derive(Clone, Default)]
 pub struct CountingProvider {
     sends: Arc<Mutex<HashMap<String, u32>>>,
+    /// How long each send takes to answer, in milliseconds.
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl CountingProvider {
@@ -200,6 +206,7 @@ impl CountingProvider {
     /// the webhook provider settings that point at it.
     pub async fn serve(delay: Duration) -> (Self, Value) {
         let provider = Self::default();
+        provider.set_delay(delay);
         let counts = provider.clone();
         let app = axum::Router::new().route(
             "/send",
@@ -212,7 +219,8 @@ impl CountingProvider {
                         .unwrap()
                         .entry(body["to"].as_str().unwrap_or_default().to_owned())
                         .or_default() += 1;
-                    tokio::time::sleep(delay).await;
+                    let delay = counts.delay_ms.load(std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
                     axum::Json(json!({"id": body["id"], "status": "sent"}))
                 }
             }),
@@ -222,6 +230,14 @@ impl CountingProvider {
         tokio::spawn(async move { axum::serve(listener, app).await });
         let settings = json!({"kind": "webhook", "url": url, "secret": "counting-provider-secret"});
         (provider, settings)
+    }
+
+    /// Makes every later send answer after `delay`.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms.store(
+            delay.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Sends per recipient so far.
