@@ -207,7 +207,18 @@ impl Engine {
                             "run claimed"
                         );
                         busy.insert(claimed.id);
-                        let task = runs.spawn(run::drive(shared.clone(), claimed.clone())).id();
+                        // Everything the run's task logs carries its ids.
+                        let span = tracing::info_span!(
+                            "run",
+                            run = claimed.id,
+                            campaign = claimed.campaign_id
+                        );
+                        let task = runs
+                            .spawn(tracing::Instrument::instrument(
+                                run::drive(shared.clone(), claimed.clone()),
+                                span,
+                            ))
+                            .id();
                         tasks.insert(task, claimed.id);
                         continue;
                     }

@@ -212,15 +212,27 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
             continue;
         }
 
-        let results: Vec<(ExecutionOutcome, Option<String>)> =
+        // The batches a slice spans name its sends in logs.
+        let first_batch = slice.executions.first().map_or(0, |e| e.batch_sequence);
+        let last_batch = slice.executions.last().map_or(0, |e| e.batch_sequence);
+        let span = tracing::info_span!(
+            "slice",
+            batches = %format!("{first_batch}..={last_batch}"),
+            size = slice.executions.len()
+        );
+        let results: Vec<(ExecutionOutcome, Option<String>)> = tracing::Instrument::instrument(
             futures::stream::iter(slice.executions)
                 .map(|execution| sending.send(execution))
                 .buffer_unordered(shared.config.in_flight)
-                .collect()
-                .await;
+                .collect(),
+            span.clone(),
+        )
+        .await;
         let misconfigured = results.iter().find_map(|(_, m)| m.clone());
         let outcomes: Vec<ExecutionOutcome> = results.into_iter().map(|(o, _)| o).collect();
-        tracing::debug!(write = ?t_write, send = ?(t0.elapsed() - t_write), "slice");
+        span.in_scope(|| {
+            tracing::debug!(write = ?t_write, send = ?(t0.elapsed() - t_write), "slice sent");
+        });
         if let Some(reason) = misconfigured {
             store.record_outcomes(run.id, &outcomes, now_ms()).await?;
             notify();

@@ -16,6 +16,7 @@ const OPTIONS: NodeOptions = NodeOptions {
     engine: true,
     in_flight: 8,
     drain_seconds: 30,
+    json_logs: false,
 };
 
 #[tokio::test]

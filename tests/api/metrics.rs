@@ -198,3 +198,59 @@ async fn metrics_count_what_a_run_did() {
         .keys()
         .all(|series| !series.contains(&key) && !series.contains("campaign_id")));
 }
+
+/// JSON logs: a run's lines carry its ids in a `run` span and each slice's
+/// in a `slice` span naming its batches; keys appear by prefix only and
+/// phone numbers never in full.
+#[tokio::test]
+async fn json_logs_carry_run_and_batch_spans_and_no_secrets() {
+    use crate::process::{create_campaign, create_key, Node, NodeOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = crate::helpers::fresh_database_url(dir.path()).await;
+    let log = dir.path().join("herald.log");
+    let key = create_key(&database_url, "logs");
+    let options = NodeOptions {
+        json_logs: true,
+        ..Default::default()
+    };
+    let mut herald = Node::start(&database_url, options, &log).await;
+    let provider = serde_json::json!({"kind": "simulated", "seed": 3, "receipt_delay_ms": 0});
+    let id = create_campaign(&herald, &key, provider, 1500).await;
+    herald.start_campaign(&key, id).await;
+    herald
+        .wait_for(&key, id, 60, |c| c["status"] == "completed")
+        .await;
+    // A graceful stop: the run's last lines are written before the exit.
+    herald.terminate();
+    assert!(herald.exited(Duration::from_secs(15)).await.success());
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let finished = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "run finished")
+        .expect("a 'run finished' line");
+    let run_span = finished["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "run")
+        .expect("the run span");
+    assert_eq!(run_span["campaign"], id);
+    assert!(run_span["run"].is_i64());
+    // Each slice's line (debug, on here) is inside a span naming its batches.
+    let in_slice = lines
+        .iter()
+        .filter_map(|l| l["spans"].as_array())
+        .flatten()
+        .filter(|s| s["name"] == "slice")
+        .count();
+    assert!(in_slice > 0, "some line carries a slice span");
+    assert!(!text.contains(&key), "no full key in the logs");
+    let prefix = key.split('_').nth(1).unwrap();
+    assert!(text.contains(prefix), "keys appear by prefix");
+    assert!(!text.contains("+15550000001"), "no full phone number");
+}

@@ -21,6 +21,9 @@ pub struct NodeOptions {
     pub in_flight: u32,
     /// `--drain-seconds`.
     pub drain_seconds: u64,
+    /// JSON logs at info level, the engine's at debug (default: warnings,
+    /// as text).
+    pub json_logs: bool,
 }
 
 impl Default for NodeOptions {
@@ -29,6 +32,7 @@ impl Default for NodeOptions {
             engine: true,
             in_flight: 64,
             drain_seconds: 30,
+            json_logs: false,
         }
     }
 }
@@ -74,6 +78,11 @@ impl Node {
             .stderr(log);
         if !options.engine {
             command.env("HERALD_NO_ENGINE", "1");
+        }
+        if options.json_logs {
+            command
+                .env("HERALD_LOG_FORMAT", "json")
+                .env("RUST_LOG", "info,herald::engine=debug");
         }
         let node = Self {
             process: command.spawn().expect("herald starts"),
