@@ -351,8 +351,14 @@ impl BenchServer {
     }
 }
 
+/// A new directory per measurement: one measurement's database can still
+/// be open in a task winding down while the next one starts.
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "herald-bench-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
