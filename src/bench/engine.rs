@@ -3,7 +3,6 @@
 
 use std::time::Instant;
 
-use futures::StreamExt;
 use serde_json::json;
 
 use super::*;
@@ -261,18 +260,11 @@ async fn engine(setup: &EngineSetup) -> anyhow::Result<Measurement> {
         .await?;
     let id = campaign["id"].clone();
     println!("importing {recipients} contacts …");
-    const PER_CHUNK: u64 = 5_000;
-    let header =
-        futures::stream::once(async { Ok::<_, std::io::Error>("phone,name,day\n".to_owned()) });
-    let body = header.chain(
-        futures::stream::iter((0..recipients).step_by(PER_CHUNK as usize))
-            .map(move |first| Ok(csv_rows(first, PER_CHUNK.min(recipients - first)))),
-    );
     client
         .post(format!("{base}/v1/campaigns/{id}/contacts:import"))
         .bearer_auth(&key)
         .header("content-type", "text/csv")
-        .body(reqwest::Body::wrap_stream(body))
+        .body(csv_body(recipients))
         .send()
         .await?
         .error_for_status()?;

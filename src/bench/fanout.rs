@@ -27,7 +27,6 @@ impl FanoutArgs {
 
 pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     let (subscribers, recipients) = (args.subscribers, args.recipients);
-    use futures::StreamExt as _;
     let dir = tempfile_dir()?;
     let database_url = format!("sqlite://{}/bench.db", dir.display());
     let exe = std::env::current_exe()?;
@@ -81,52 +80,11 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     let rss_idle_server = rss_of(server_pid).unwrap_or(0);
     println!("opening {subscribers} subscribers …");
     let url = format!("ws://127.0.0.1:{port}/ws/campaigns/{id}/progress?token={key}");
-    let (latencies_tx, mut latencies_rx) = tokio::sync::mpsc::unbounded_channel::<(f64, bool)>();
-    let mut tasks = tokio::task::JoinSet::new();
-    let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    for _ in 0..subscribers {
-        let url = url.clone();
-        let tx = latencies_tx.clone();
-        let connected = connected.clone();
-        tasks.spawn(async move {
-            let Ok((mut socket, _)) = tokio_tungstenite::connect_async(&url).await else {
-                return;
-            };
-            connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            while let Some(Ok(message)) = socket.next().await {
-                let received = chrono::Utc::now().timestamp_micros() as f64 / 1000.0;
-                let tokio_tungstenite::tungstenite::Message::Text(text) = message else {
-                    continue;
-                };
-                let Ok(frame) = serde_json::from_str::<serde_json::Value>(&text) else {
-                    continue;
-                };
-                if frame["type"] != "progress_update" {
-                    continue;
-                }
-                let done = frame["data"]["status"] == "completed";
-                if let Some(ts) = frame["ts"].as_f64() {
-                    let _ = tx.send((received - ts, done));
-                }
-                if done {
-                    return;
-                }
-            }
-        });
-        // Keep the accept queue from overflowing.
-        if tasks.len() % 500 == 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    }
-    drop(latencies_tx);
-    let deadline = Instant::now() + std::time::Duration::from_secs(120);
-    while connected.load(std::sync::atomic::Ordering::Relaxed) < subscribers
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let open = connected.load(std::sync::atomic::Ordering::Relaxed);
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let Subscribers {
+        mut tasks,
+        latencies: mut latencies_rx,
+        open,
+    } = open_subscribers(&url, subscribers).await;
     let rss_connected = rss_of(server_pid).unwrap_or(0);
     println!("{open} connected; running the campaign …");
     let started = Instant::now();
@@ -249,51 +207,15 @@ async fn peer_fanout(
     frames: usize,
     spread: std::time::Duration,
 ) -> anyhow::Result<PeerFanout> {
-    use futures::StreamExt as _;
     let peer = super::peers::start_fastapi(None).await?;
     let rss_idle = rss_of(peer.pid).unwrap_or(0);
     let url = format!("{}/ws", peer.base.replacen("http", "ws", 1));
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(f64, bool)>();
-    let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
     println!("FastAPI peer: opening {subscribers} subscribers …");
-    for n in 0..subscribers {
-        let (url, tx, connected) = (url.clone(), tx.clone(), connected.clone());
-        tasks.spawn(async move {
-            let Ok((mut socket, _)) = tokio_tungstenite::connect_async(&url).await else {
-                return;
-            };
-            connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            while let Some(Ok(message)) = socket.next().await {
-                let received = chrono::Utc::now().timestamp_micros() as f64 / 1000.0;
-                let tokio_tungstenite::tungstenite::Message::Text(text) = message else {
-                    continue;
-                };
-                let Ok(frame) = serde_json::from_str::<serde_json::Value>(&text) else {
-                    continue;
-                };
-                let done = frame["data"]["status"] == "completed";
-                if let Some(ts) = frame["ts"].as_f64() {
-                    let _ = tx.send((received - ts, done));
-                }
-                if done {
-                    return;
-                }
-            }
-        });
-        if n % 500 == 499 {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    }
-    drop(tx);
-    let deadline = Instant::now() + std::time::Duration::from_secs(120);
-    while connected.load(std::sync::atomic::Ordering::Relaxed) < subscribers
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let open = connected.load(std::sync::atomic::Ordering::Relaxed);
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let Subscribers {
+        mut tasks,
+        latencies: mut rx,
+        open,
+    } = open_subscribers(&url, subscribers).await;
     let rss_connected = rss_of(peer.pid).unwrap_or(0);
     println!(
         "FastAPI peer: {open} connected; publishing {frames} frames over {:.1} s …",
@@ -345,4 +267,65 @@ async fn peer_fanout(
         per_connection: rss_connected.saturating_sub(rss_idle) as f64 / open.max(1) as f64,
         finished,
     })
+}
+
+/// Subscribers reading `progress_update` frames; each frame's commit →
+/// receipt latency (ms) arrives on `latencies`, flagged when it is final.
+struct Subscribers {
+    tasks: tokio::task::JoinSet<()>,
+    latencies: tokio::sync::mpsc::UnboundedReceiver<(f64, bool)>,
+    /// How many connected.
+    open: usize,
+}
+
+/// Opens `count` WebSocket subscribers to `url` (Herald's or the peer's, which
+/// send the same frames) and waits until they are connected.
+async fn open_subscribers(url: &str, count: usize) -> Subscribers {
+    use futures::StreamExt as _;
+    let (tx, latencies) = tokio::sync::mpsc::unbounded_channel::<(f64, bool)>();
+    let mut tasks = tokio::task::JoinSet::new();
+    let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for n in 0..count {
+        let (url, tx, connected) = (url.to_owned(), tx.clone(), connected.clone());
+        tasks.spawn(async move {
+            let Ok((mut socket, _)) = tokio_tungstenite::connect_async(&url).await else {
+                return;
+            };
+            connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            while let Some(Ok(message)) = socket.next().await {
+                let received = chrono::Utc::now().timestamp_micros() as f64 / 1000.0;
+                let tokio_tungstenite::tungstenite::Message::Text(text) = message else {
+                    continue;
+                };
+                let Ok(frame) = serde_json::from_str::<serde_json::Value>(&text) else {
+                    continue;
+                };
+                if frame["type"] != "progress_update" {
+                    continue;
+                }
+                let done = frame["data"]["status"] == "completed";
+                if let Some(ts) = frame["ts"].as_f64() {
+                    let _ = tx.send((received - ts, done));
+                }
+                if done {
+                    return;
+                }
+            }
+        });
+        // Keep the accept queue from overflowing.
+        if n % 500 == 499 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    while connected.load(std::sync::atomic::Ordering::Relaxed) < count && Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    Subscribers {
+        tasks,
+        latencies,
+        open: connected.load(std::sync::atomic::Ordering::Relaxed),
+    }
 }

@@ -257,6 +257,18 @@ fn csv_rows(first: u64, count: u64) -> String {
     out
 }
 
+/// A generated CSV of `rows` contacts (`phone,name,day`), streamed in
+/// chunks so a million rows never sit in memory at once.
+fn csv_body(rows: u64) -> reqwest::Body {
+    use futures::StreamExt as _;
+    const PER_CHUNK: u64 = 5_000;
+    let header =
+        futures::stream::once(async { Ok::<_, std::io::Error>("phone,name,day\n".to_owned()) });
+    let chunks = futures::stream::iter((0..rows).step_by(PER_CHUNK as usize))
+        .map(move |first| Ok(csv_rows(first, PER_CHUNK.min(rows - first))));
+    reqwest::Body::wrap_stream(header.chain(chunks))
+}
+
 /// Current resident set size of this process, in bytes (`VmRSS`).
 pub fn rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -111,18 +111,11 @@ pub(super) async fn run(args: &RestArgs) -> anyhow::Result<Report> {
     let uuid = uuid.as_str().unwrap_or_default().to_owned();
     let n = args.executions;
     println!("making a campaign with {n} executions (import, then run) …");
-    const PER_CHUNK: u64 = 5_000;
-    let header =
-        futures::stream::once(async { Ok::<_, std::io::Error>("phone,name,day\n".to_owned()) });
-    let body = header.chain(
-        futures::stream::iter((0..n).step_by(PER_CHUNK as usize))
-            .map(move |first| Ok(csv_rows(first, PER_CHUNK.min(n - first)))),
-    );
     client
         .post(format!("{base}/v1/campaigns/{id}/contacts:import"))
         .bearer_auth(&key)
         .header("content-type", "text/csv")
-        .body(reqwest::Body::wrap_stream(body))
+        .body(csv_body(n))
         .send()
         .await?
         .error_for_status()?;
