@@ -157,25 +157,19 @@ impl Engine {
             receipts,
         } = self;
         let receipts = tokio::spawn(receipts.run(shared.shutdown.clone()));
-        let mut runs: JoinSet<i64> = JoinSet::new();
-        // Runs this worker has a task for: it joins each run once.
-        let mut busy: std::collections::BTreeSet<i64> = Default::default();
+        let mut runs: JoinSet<()> = JoinSet::new();
+        // The run each task works: this worker joins each run once.
         let mut tasks: std::collections::HashMap<tokio::task::Id, i64> = Default::default();
         tracing::info!(worker = %shared.config.worker_id, "engine started");
         loop {
             while let Some(done) = runs.try_join_next_with_id() {
                 match done {
-                    Ok((task, run_id)) => {
-                        busy.remove(&run_id);
-                        tasks.remove(&task);
-                    }
+                    Ok((task, _)) => tasks.remove(&task),
                     Err(err) => {
                         tracing::error!(error = %err, "a run task panicked");
-                        if let Some(run_id) = tasks.remove(&err.id()) {
-                            busy.remove(&run_id);
-                        }
+                        tasks.remove(&err.id())
                     }
-                }
+                };
             }
             if shared.shutdown.is_cancelled() {
                 break;
@@ -188,7 +182,7 @@ impl Engine {
                         &shared.config.worker_id,
                         now_ms(),
                         lease,
-                        &busy.iter().copied().collect::<Vec<_>>(),
+                        &tasks.values().copied().collect::<Vec<_>>(),
                     )
                     .await
                 {
@@ -206,7 +200,6 @@ impl Engine {
                             campaign = claimed.campaign_id,
                             "run claimed"
                         );
-                        busy.insert(claimed.id);
                         // Everything the run's task logs carries its ids.
                         let span = tracing::info_span!(
                             "run",
@@ -235,9 +228,7 @@ impl Engine {
                         Ok((task, _)) => *task,
                         Err(err) => err.id(),
                     };
-                    if let Some(run_id) = tasks.remove(&task) {
-                        busy.remove(&run_id);
-                    }
+                    tasks.remove(&task);
                 }
             }
         }

@@ -17,15 +17,13 @@ use crate::store::{
 /// Rows read per pricing query.
 const PRICE_PAGE: i64 = 5000;
 
-/// Works a run until it ends or nothing of it is left for this worker;
-/// returns the run's id so the engine knows it is free to claim again.
-pub(super) async fn drive(shared: Arc<Shared>, run: RunRecord) -> i64 {
+/// Works a run until it ends or nothing of it is left for this worker.
+pub(super) async fn drive(shared: Arc<Shared>, run: RunRecord) {
     let run_id = run.id;
     if let Err(err) = drive_inner(&shared, run).await {
         // The leases will expire and a worker (maybe this one) retries.
         tracing::error!(run = run_id, error = %err, "run task failed; it will be retried");
     }
-    run_id
 }
 
 /// The value a template variable takes for an execution.
