@@ -11,7 +11,10 @@
 //!    `slice` due executions in progress in one transaction, the task sends
 //!    them with at most `in_flight` at once, and
 //!    [`EngineStore::record_outcomes`] writes every outcome and counter in
-//!    one more. Pause, cancel and a lost lease are noticed between slices.
+//!    one more. Recording one slice and claiming the slice after next is one
+//!    transaction, made while the slice between them is on the wire (a
+//!    two-stage pipeline). Pause, cancel and a lost
+//!    lease are noticed between slices.
 //! 4. When nothing is pending or in flight, the run is finished.
 //!
 //! Marking a send in progress *before* sending is what makes a crash safe:

@@ -11,11 +11,9 @@ use crate::domain::sms::sms_parts;
 use crate::domain::{CampaignStatus, Channel, ExecutionStatus, SendResult, Template};
 use crate::providers::{self, OutboundMessage, Provider};
 use crate::store::{
-    now_ms, Control, ExecutionOutcome, PendingExecution, RunEnd, RunRecord, RunSnapshot,
+    now_ms, Control, ExecutionOutcome, PendingExecution, RunEnd, RunRecord, RunSnapshot, Slice,
+    StoreError,
 };
-
-/// Rows read per pricing query.
-const PRICE_PAGE: i64 = 5000;
 
 /// Works a run until it ends or nothing of it is left for this worker.
 pub(super) async fn drive(shared: Arc<Shared>, run: RunRecord) {
@@ -111,50 +109,21 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
         template: &template,
         provider,
     };
-    // The outcomes of the last slice, written together with the next
-    // slice's claim: one transaction per slice on the hot path.
-    let mut unrecorded: Option<Vec<ExecutionOutcome>> = None;
+    let mut pipeline = Pipeline {
+        shared,
+        run_id: run.id,
+        campaign: (campaign.id, campaign.workspace_id),
+        unrecorded: None,
+        claimed: None,
+    };
     loop {
         if shared.shutdown.is_cancelled() {
-            if let Some(outcomes) = unrecorded.take() {
-                store.record_outcomes(run.id, &outcomes, now_ms()).await?;
-                notify();
-            }
+            pipeline.wind_down().await?;
             store.release_run(run.id, worker).await?;
             tracing::info!(run = run.id, "run released for shutdown");
             return Ok(());
         }
-        let now = now_ms();
-        let lease_until = now + shared.config.lease.as_millis() as i64;
-        let t0 = std::time::Instant::now();
-        let slice = match unrecorded.take() {
-            Some(outcomes) => {
-                let (_, slice) = retry_transient(|| {
-                    store.record_and_take(
-                        run.id,
-                        &outcomes,
-                        worker,
-                        now,
-                        lease_until,
-                        shared.config.slice,
-                    )
-                })
-                .await?;
-                notify();
-                slice
-            }
-            None => {
-                retry_transient(|| {
-                    store.take_slice(run.id, worker, now, lease_until, shared.config.slice)
-                })
-                .await?
-            }
-        };
-        let t_write = t0.elapsed();
-        if !slice.executions.is_empty() {
-            // Opening a batch appends its event.
-            notify();
-        }
+        let slice = pipeline.next_slice().await?;
         match slice.control {
             Control::Paused => {
                 store.release_run(run.id, worker).await?;
@@ -218,22 +187,26 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
             batches = %format!("{first_batch}..={last_batch}"),
             size = slice.executions.len()
         );
-        let results: Vec<(ExecutionOutcome, Option<String>)> = tracing::Instrument::instrument(
+        // Send this slice while the writer records the previous one's
+        // outcomes and claims the next: the database and the provider work
+        // at the same time instead of taking turns.
+        let t0 = std::time::Instant::now();
+        let sends = tracing::Instrument::instrument(
             futures::stream::iter(slice.executions)
                 .map(|execution| sending.send(execution))
                 .buffer_unordered(shared.config.in_flight)
-                .collect(),
+                .collect::<Vec<_>>(),
             span.clone(),
-        )
-        .await;
+        );
+        let (results, claimed_ahead) = tokio::join!(sends, pipeline.record_and_claim());
+        let claimed_ahead = Some(claimed_ahead?);
         let misconfigured = results.iter().find_map(|(_, m)| m.clone());
         let outcomes: Vec<ExecutionOutcome> = results.into_iter().map(|(o, _)| o).collect();
-        span.in_scope(|| {
-            tracing::debug!(write = ?t_write, send = ?(t0.elapsed() - t_write), "slice sent");
-        });
+        span.in_scope(|| tracing::debug!(elapsed = ?t0.elapsed(), "slice sent"));
+        pipeline.unrecorded = Some(outcomes);
+        pipeline.claimed = claimed_ahead;
         if let Some(reason) = misconfigured {
-            store.record_outcomes(run.id, &outcomes, now_ms()).await?;
-            notify();
+            pipeline.wind_down().await?;
             tracing::error!(run = run.id, %reason, "provider refuses every send; failing the run");
             store
                 .finish_run(
@@ -245,7 +218,90 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
             notify();
             return Ok(());
         }
-        unrecorded = Some(outcomes);
+    }
+}
+
+/// The writes around the slice being sent: the outcomes of the slice sent
+/// before it, not yet recorded, and the slice claimed after it, not yet
+/// sent. Each slice's write records the one and claims the other in one
+/// transaction, while the slice between them is on the wire.
+struct Pipeline<'a> {
+    shared: &'a Shared,
+    run_id: i64,
+    /// Campaign and workspace, for the hub.
+    campaign: (i64, i64),
+    unrecorded: Option<Vec<ExecutionOutcome>>,
+    claimed: Option<Slice>,
+}
+
+impl Pipeline<'_> {
+    /// The slice to send next: the one claimed ahead when it has work, or
+    /// else a fresh claim made after recording what is unrecorded, so an
+    /// empty slice's counters (run done? only retries left?) are current.
+    async fn next_slice(&mut self) -> Result<Slice, StoreError> {
+        if let Some(slice) = self.claimed.take() {
+            if !slice.executions.is_empty() {
+                return Ok(slice);
+            }
+        }
+        self.record_and_claim().await
+    }
+
+    /// Records the unrecorded outcomes and claims a slice, in one
+    /// transaction.
+    async fn record_and_claim(&mut self) -> Result<Slice, StoreError> {
+        let (shared, run_id) = (self.shared, self.run_id);
+        let store = &shared.store;
+        let worker = &shared.config.worker_id;
+        let now = now_ms();
+        let lease_until = now + shared.config.lease.as_millis() as i64;
+        let slice = match self.unrecorded.take() {
+            Some(outcomes) => {
+                let (_, slice) = retry_transient(|| {
+                    store.record_and_take(
+                        run_id,
+                        &outcomes,
+                        worker,
+                        now,
+                        lease_until,
+                        shared.config.slice,
+                    )
+                })
+                .await?;
+                slice
+            }
+            None => {
+                retry_transient(|| {
+                    store.take_slice(run_id, worker, now, lease_until, shared.config.slice)
+                })
+                .await?
+            }
+        };
+        // Recording moved counters; opening a batch appended its event.
+        self.notify();
+        Ok(slice)
+    }
+
+    /// Records what was sent and returns what was claimed but not sent to
+    /// pending, before the run is let go or ended.
+    async fn wind_down(&mut self) -> Result<(), StoreError> {
+        let store = &self.shared.store;
+        if let Some(outcomes) = self.unrecorded.take() {
+            retry_transient(|| store.record_outcomes(self.run_id, &outcomes, now_ms())).await?;
+        }
+        if let Some(slice) = self.claimed.take() {
+            let ids: Vec<i64> = slice.executions.iter().map(|e| e.id).collect();
+            if !ids.is_empty() {
+                retry_transient(|| store.unclaim(self.run_id, &ids, now_ms())).await?;
+            }
+        }
+        self.notify();
+        Ok(())
+    }
+
+    fn notify(&self) {
+        let (campaign, workspace) = self.campaign;
+        self.shared.hub.notify(campaign, workspace);
     }
 }
 
@@ -253,10 +309,10 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
 /// Postgres, a busy database): its transaction rolled back, so trying again
 /// is safe, and giving up would strand the slice's outcomes until the
 /// batch leases expire.
-async fn retry_transient<T, F, Fut>(mut call: F) -> Result<T, crate::store::StoreError>
+async fn retry_transient<T, F, Fut>(mut call: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
     let mut delay = Duration::from_millis(20);
     for _ in 0..5 {
@@ -282,22 +338,21 @@ async fn price(
     if snapshot.channel != Channel::Sms {
         return Ok(run.counters.total);
     }
+    // Without variables every recipient gets the same text.
+    if template.variables().is_empty() {
+        let body = template.render(|_| None).unwrap_or_default();
+        return Ok(run.counters.total * cost_of(Channel::Sms, &body));
+    }
     let mut cost = 0i64;
-    let mut after = 0i64;
-    loop {
-        let page = shared
-            .store
-            .run_executions(run.id, after, PRICE_PAGE)
-            .await?;
-        let Some(last) = page.last() else { break };
-        after = last.id;
-        for execution in &page {
+    shared
+        .store
+        .visit_executions(run.id, &mut |execution| {
             let body = template
-                .render(|v| lookup(execution, v))
+                .render(|v| lookup(&execution, v))
                 .unwrap_or_default();
             cost += cost_of(Channel::Sms, &body);
-        }
-    }
+        })
+        .await?;
     Ok(cost)
 }
 

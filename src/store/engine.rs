@@ -235,13 +235,14 @@ pub trait EngineStore: Send + Sync {
     async fn next_due_at(&self) -> StoreResult<Option<i64>>;
     /// Freezes the snapshot and creates executions and batches (idempotent).
     async fn freeze_run(&self, run_id: i64, snapshot: &RunSnapshot) -> StoreResult<RunRecord>;
-    /// Reads frozen executions after `after_id`, for pricing the run.
-    async fn run_executions(
+    /// Streams every frozen execution of a run to `visit`, in no particular
+    /// order, for pricing the run: one pass over the run's index range, with
+    /// memory bounded by the driver's row buffer rather than the run's size.
+    async fn visit_executions(
         &self,
         run_id: i64,
-        after_id: i64,
-        limit: i64,
-    ) -> StoreResult<Vec<PendingExecution>>;
+        visit: &mut (dyn FnMut(PendingExecution) + Send),
+    ) -> StoreResult<()>;
     /// Reserves `cost_units` credits and marks the run running; when the
     /// workspace cannot cover it, fails the run with the reason.
     async fn start_run(&self, run_id: i64, cost_units: i64, now: i64) -> StoreResult<RunUpdate>;
@@ -268,6 +269,11 @@ pub trait EngineStore: Send + Sync {
         outcomes: &[ExecutionOutcome],
         now: i64,
     ) -> StoreResult<RunUpdate>;
+    /// Puts executions this worker took but never sent back to pending (the
+    /// slice claimed ahead when the run stops: shutdown, a misconfigured
+    /// provider), so they are sent later rather than written off as
+    /// "outcome unknown".
+    async fn unclaim(&self, run_id: i64, execution_ids: &[i64], now: i64) -> StoreResult<()>;
     /// `record_outcomes` then `take_slice`, in one transaction: the hot loop's
     /// only write per slice.
     #[allow(clippy::too_many_arguments)]

@@ -11,7 +11,8 @@ use serde_json::Value;
 use crate::helpers::{count_by_status, fresh_database_url};
 use crate::process::{create_campaign, create_key, CountingProvider, Node, NodeOptions};
 
-/// Small in-flight: a dead node's claimed slice is 4 × 8 = 32 sends.
+/// Small in-flight: a slice is 4 × 8 = 32 sends, and a dead node holds at
+/// most two: the one on the wire and the one claimed ahead of it.
 const OPTIONS: NodeOptions = NodeOptions {
     engine: true,
     in_flight: 8,
@@ -76,7 +77,7 @@ async fn a_killed_worker_never_sends_twice_and_its_run_completes() {
         })
         .count();
     assert_eq!(unknown as i64, p["failed"].as_i64().unwrap());
-    assert!(unknown <= 32, "at most one slice is lost: {unknown}");
+    assert!(unknown <= 64, "at most two slices are lost: {unknown}");
 }
 
 /// Recipients the provider saw whose execution was written off because the
@@ -190,7 +191,7 @@ async fn a_hung_provider_cannot_hold_the_drain_past_its_grace_period() {
     let (sent, failed) = (p["sent"].as_i64().unwrap(), p["failed"].as_i64().unwrap());
     assert_eq!(sent + failed, 600);
     assert!(
-        (1..=32).contains(&failed),
-        "the hung slice is written off: {failed}"
+        (1..=64).contains(&failed),
+        "the hung slice and the one claimed ahead are written off: {failed}"
     );
 }

@@ -353,6 +353,24 @@ async fn a_run_the_workspace_cannot_pay_for_fails_at_claim() {
     );
     let credits: Value = app.get("/v1/credits").await.json().await.unwrap();
     assert_eq!(credits["balance"], 10, "nothing was taken");
+
+    // Without variables every message costs the same: 3 parts × 20. A
+    // backtick is outside GSM-7, so the 151 characters are UCS-2 (67 a part).
+    let fixed = format!("`{}", "y".repeat(150));
+    let c = app
+        .campaign_with_contacts(json!({"channel": "sms", "template": fixed}), 20)
+        .await;
+    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+        .await;
+    app.wait_status(&c["id"], "failed", 30).await;
+    let runs: Value = app
+        .get(&format!("/v1/campaigns/{}/runs", c["id"]))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let error = runs["runs"][0]["error"].as_str().unwrap();
+    assert!(error.contains("costs 60"), "{error}");
 }
 
 #[tokio::test]

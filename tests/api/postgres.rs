@@ -234,9 +234,10 @@ async fn when_one_node_is_killed_mid_run_the_other_finishes_it() {
     assert_eq!(provider.most_to_one_recipient(), 1, "no one sent twice");
     let (sent, failed) = (progress(&done, "sent"), progress(&done, "failed"));
     assert_eq!(sent + failed, 20_000);
-    // Only the slice the dead node had claimed (4 × in-flight) is written
-    // off as "outcome unknown"; some of it may have reached the provider.
-    assert!(failed <= 4 * 64, "{failed} written off");
+    // Only the two slices the dead node had claimed (4 × in-flight each:
+    // the one on the wire and the one claimed ahead) are written off as
+    // "outcome unknown"; some of them may have reached the provider.
+    assert!(failed <= 2 * 4 * 64, "{failed} written off");
     let reached = i64::from(provider.total());
     assert!(
         reached >= sent && reached <= sent + failed,

@@ -878,24 +878,43 @@ impl EngineStore for SqlStore {
         Ok(run)
     }
 
-    async fn run_executions(
+    async fn visit_executions(
         &self,
         run_id: i64,
-        after_id: i64,
-        limit: i64,
-    ) -> StoreResult<Vec<PendingExecution>> {
-        sqlx::query(sql!(
-            "SELECT id, batch_sequence, phone, name, variables, attempts FROM executions
-             WHERE run_id = ? AND id > ? ORDER BY id LIMIT ?"
+        visit: &mut (dyn FnMut(PendingExecution) + Send),
+    ) -> StoreResult<()> {
+        // Pages by primary-key range: a run's executions are inserted by
+        // one statement, so their ids are (nearly) contiguous and each page
+        // is a short range read. Keyset pages `ORDER BY id` on the run's
+        // index sorted the whole run per page: ten seconds at a million.
+        // (`+run_id` keeps SQLite from scanning the run's index instead.)
+        const PAGE: i64 = 5000;
+        let (first, last): (Option<i64>, Option<i64>) = sqlx::query_as(sql!(
+            "SELECT MIN(id), MAX(id) FROM executions WHERE run_id = ?"
         ))
         .bind(run_id)
-        .bind(after_id)
-        .bind(limit)
-        .fetch_all(&self.reader)
-        .await?
-        .iter()
-        .map(pending_from_row)
-        .collect()
+        .fetch_one(&self.reader)
+        .await?;
+        let (Some(first), Some(last)) = (first, last) else {
+            return Ok(());
+        };
+        let mut from = first;
+        while from <= last {
+            let rows = sqlx::query(sql!(
+                "SELECT id, batch_sequence, phone, name, variables, attempts FROM executions
+                 WHERE id >= ? AND id < ? AND +run_id = ?"
+            ))
+            .bind(from)
+            .bind(from + PAGE)
+            .bind(run_id)
+            .fetch_all(&self.reader)
+            .await?;
+            for row in &rows {
+                visit(pending_from_row(row)?);
+            }
+            from += PAGE;
+        }
+        Ok(())
     }
 
     async fn start_run(&self, run_id: i64, cost_units: i64, now: i64) -> StoreResult<RunUpdate> {
@@ -1023,6 +1042,32 @@ impl EngineStore for SqlStore {
         let update = record_outcomes_in(&mut tx, run_id, outcomes, now).await?;
         tx.commit().await?;
         Ok(update)
+    }
+
+    async fn unclaim(&self, run_id: i64, execution_ids: &[i64], now: i64) -> StoreResult<()> {
+        let mut tx = self.writer.begin().await?;
+        lock_run(&mut tx, run_id).await?;
+        let returned: Vec<i64> = sqlx::query_scalar(sql!(
+            "UPDATE executions SET status = 'pending', attempts = attempts - 1, updated_at = ?
+             WHERE id IN (SELECT CAST(j.value AS BIGINT) FROM {})
+               AND run_id = ? AND status = 'in_progress'
+             RETURNING batch_sequence",
+            dialect::JSON_ROWS
+        ))
+        .bind(now)
+        .bind(serde_json::to_string(execution_ids).expect("ids serialise"))
+        .bind(run_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut deltas: BTreeMap<i64, Delta> = BTreeMap::new();
+        for sequence in returned {
+            let d = deltas.entry(sequence).or_default();
+            d.processing -= 1;
+            d.pending += 1;
+        }
+        apply_deltas(&mut tx, run_id, &deltas).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn record_and_take(
