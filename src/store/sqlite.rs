@@ -94,10 +94,7 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(120))
-            .connect_with(connect.clone().pragma(
-                "cache_size",
-                std::env::var("HX_CACHE").unwrap_or("-2000".into()),
-            ))
+            .connect_with(connect.clone())
             .await?;
         super::migrate_or_check(
             &sqlx::migrate!("./migrations/sqlite"),
