@@ -2,8 +2,9 @@
 # Runs every check Herald has: formatting, lints, unit and integration tests.
 # It installs what the tests need first, so it works on a fresh machine:
 #   - Debian's chromium, for the dashboard tests;
-#   - a Python venv with `websockets` (the seeds' own clients) and `playwright`
-#     (drives the system chromium; no browser download);
+#   - a Python venv with `websockets` (the seeds' own clients), `playwright`
+#     (drives the system chromium; no browser download) and `schemathesis`
+#     (fuzzes every route from /openapi.json);
 #   - Debian's PostgreSQL server, for a throwaway cluster the integration
 #     suite runs against in a second pass (HERALD_TEST_BACKEND=postgres);
 #   - the benchmark peers (bench/setup.sh), which the benchmark smoke test runs.
@@ -30,7 +31,8 @@ venv=target/test-venv
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/pip" install --quiet --disable-pip-version-check 'websockets>=12' 'playwright>=1.40'
+"$venv/bin/pip" install --quiet --disable-pip-version-check 'websockets>=12' 'playwright>=1.40' \
+  'schemathesis>=4,<5'
 export HERALD_TEST_PYTHON="$PWD/$venv/bin/python"
 
 echo "==> Benchmark peers (bench/setup.sh: FastAPI + uvicorn in bench/.venv)"

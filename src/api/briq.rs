@@ -3,7 +3,7 @@
 //! request_id}` envelope. Runs show `claimed` as `running`; rates are
 //! 0.0–1.0 floats or null; phone numbers are E.164 digits without `+`.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::ToSchema;
 
-use super::extract::Auth;
+use super::extract::{Auth, QueryParams};
 use super::views::{rfc3339, rfc3339_opt};
 use super::{ApiError, AppState};
 use crate::domain::{Channel, ExecutionStatus, Template};
@@ -387,11 +387,12 @@ pub async fn snapshot(
     headers: HeaderMap,
     auth: Result<Auth, ApiError>,
     Path((campaign_id, run_id)): Path<(String, String)>,
-    Query(params): Query<SnapshotParams>,
+    params: Result<QueryParams<SnapshotParams>, ApiError>,
 ) -> Result<Response, BriqError> {
     let request_id = request_id(&headers);
     let answer = async {
         let campaign = campaign_for(&state, auth, &campaign_id).await?;
+        let QueryParams(params) = params?;
         let include = match params.include_recipients.as_deref() {
             None | Some("false") | Some("0") => false,
             Some("true") | Some("1") => true,

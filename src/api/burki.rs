@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use super::extract::{Auth, PageParams, Pagination};
+use super::extract::{Auth, PageParams, Pagination, QueryParams};
 use super::views::rfc3339_opt;
 use super::{ApiError, AppState};
 use crate::domain::{Channel, ExecutionStatus, Template};
@@ -170,9 +170,10 @@ pub async fn executions(
     State(state): State<AppState>,
     auth: Result<Auth, ApiError>,
     Path(campaign_id): Path<String>,
-    Query(params): Query<ExecutionParams>,
+    params: Result<QueryParams<ExecutionParams>, ApiError>,
 ) -> Result<Json<ExecutionPage>, BurkiError> {
     let auth = auth?;
+    let QueryParams(params) = params?;
     let campaign = auth.campaign(&state, &campaign_id).await?;
     let page = PageParams {
         page: params.page,

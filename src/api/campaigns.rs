@@ -1,13 +1,13 @@
 //! `/v1/campaigns`: create, list, read, edit and drive campaigns.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::extract::{ApiJson, Auth, PageParams, Pagination};
+use super::extract::{ApiJson, Auth, PageParams, Pagination, QueryParams};
 use super::views::{CampaignList, CampaignView};
 use super::{ApiError, AppState};
 use crate::domain::{
@@ -169,7 +169,7 @@ pub async fn create(
 pub async fn list(
     State(state): State<AppState>,
     auth: Auth,
-    Query(params): Query<ListParams>,
+    QueryParams(params): QueryParams<ListParams>,
 ) -> Result<Json<CampaignList>, ApiError> {
     let page = PageParams {
         page: params.page,

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, Read};
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 use utoipa::ToSchema;
 
-use super::extract::{ApiJson, Auth, PageParams, Pagination};
+use super::extract::{ApiJson, Auth, PageParams, Pagination, QueryParams};
 use super::views::{ContactList, ContactView, ImportReport};
 use super::{ApiError, AppState};
 use crate::domain::contact::{clean_value, MAX_VARIABLES};
@@ -514,7 +514,7 @@ pub async fn list(
     State(state): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,
-    Query(params): Query<PageParams>,
+    QueryParams(params): QueryParams<PageParams>,
 ) -> Result<Json<ContactList>, ApiError> {
     let campaign = auth.campaign(&state, &id).await?;
     let page = params.parse()?;

@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -20,7 +20,7 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 use utoipa::ToSchema;
 
-use super::extract::{ApiJson, Auth};
+use super::extract::{ApiJson, Auth, QueryParams};
 use super::{ApiError, AppState};
 use crate::domain::{CampaignStatus, Channel};
 use crate::store::StoredEvent;
@@ -256,7 +256,7 @@ pub async fn stream(
     State(state): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,
-    Query(params): Query<StreamParams>,
+    QueryParams(params): QueryParams<StreamParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let campaign = auth.campaign(&state, &id).await?;

@@ -99,6 +99,37 @@ async fn list_is_paginated_newest_first_and_filterable() {
     }
 }
 
+/// A query string serde cannot read (a repeated parameter, a number out of
+/// range) is Herald's JSON 422 naming the parameter, like any bad value.
+#[tokio::test]
+async fn a_malformed_query_string_is_a_json_422_naming_the_parameter() {
+    let app = spawn_app().await;
+    let c = app
+        .campaign_with_contacts(json!({"channel": "sms"}), 1)
+        .await;
+    for (path, field) in [
+        (
+            "/v1/campaigns?status=draft&status=running".to_owned(),
+            "status",
+        ),
+        ("/v1/campaigns?per_page=1&per_page=2".to_owned(), "per_page"),
+        (
+            format!("/v1/campaigns/{}/contacts?page=1&page=2", c["id"]),
+            "page",
+        ),
+        (
+            format!("/v1/campaigns/{}/events?since=1&since=2", c["id"]),
+            "since",
+        ),
+    ] {
+        let err = error_of(app.get(&path).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert_eq!(err["field"], field, "{path}: {err}");
+    }
+    // Nothing was changed by the bad requests.
+    let list: Value = app.get("/v1/campaigns").await.json().await.unwrap();
+    assert_eq!(list["campaigns"].as_array().unwrap().len(), 1);
+}
+
 #[tokio::test]
 async fn bad_fields_are_422_naming_the_field() {
     let app = spawn_app().await;

@@ -9,6 +9,7 @@ mod contacts;
 mod crash;
 mod dashboard;
 mod engine;
+mod fuzz;
 mod helpers;
 mod isolation;
 mod keys;

@@ -223,9 +223,13 @@ async fn seed_001_errors() {
         "page=-1",
         "status=exploded",
         "cursor=abc",
+        "status=queued&status=queued",
+        "page=99999999999999999999",
     ] {
         let response = app.get(&format!("{path}?{bad}")).await;
         assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+        let body: Value = response.json().await.unwrap();
+        assert!(body["detail"].is_string(), "{bad}: {body}");
     }
     let other = app.new_key("beta").await;
     let forbidden = app
