@@ -228,9 +228,55 @@ impl Pagination {
     }
 }
 
+/// Query parameters, whose rejection is Herald's JSON error (422 naming the
+/// parameter) instead of axum's plain-text 400: `?page=x`, a repeated
+/// `?status=`, a number out of range.
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        Query::<T>::try_from_uri(&parts.uri)
+            .map(|Query(params)| QueryParams(params))
+            .map_err(|rejection| {
+                let text = rejection.body_text();
+                let reason = text
+                    .strip_prefix("Failed to deserialize query string: ")
+                    .unwrap_or(&text);
+                ApiError::invalid(query_field(reason), format!("bad query string: {reason}"))
+            })
+    }
+}
+
+/// The parameter a deserialisation error names (serde writes it as
+/// `field \`name\`` or as a `name: …` prefix), or `query`.
+fn query_field(reason: &str) -> String {
+    if let Some(rest) = reason.split("field `").nth(1) {
+        if let Some((name, _)) = rest.split_once('`') {
+            return name.to_owned();
+        }
+    }
+    match reason.split_once(": ") {
+        Some((name, _))
+            if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+        {
+            name.to_owned()
+        }
+        _ => "query".to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_query_error_names_its_parameter() {
+        assert_eq!(query_field("duplicate field `status`"), "status");
+        assert_eq!(query_field("page: invalid digit found in string"), "page");
+        assert_eq!(query_field("invalid type: map, expected a string"), "query");
+    }
 
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -309,44 +355,5 @@ mod tests {
             0,
         );
         assert_eq!((empty.total_pages, empty.has_next), (0, false));
-    }
-}
-
-/// Query parameters, whose rejection is Herald's JSON error (422 naming the
-/// parameter) instead of axum's plain-text 400: `?page=x`, a repeated
-/// `?status=`, a number out of range.
-pub struct QueryParams<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        Query::<T>::try_from_uri(&parts.uri)
-            .map(|Query(params)| QueryParams(params))
-            .map_err(|rejection| {
-                let text = rejection.body_text();
-                let reason = text
-                    .strip_prefix("Failed to deserialize query string: ")
-                    .unwrap_or(&text);
-                ApiError::invalid(query_field(reason), format!("bad query string: {reason}"))
-            })
-    }
-}
-
-/// The parameter a deserialisation error names (serde writes it as
-/// `field \`name\`` or as a `name: …` prefix), or `query`.
-fn query_field(reason: &str) -> String {
-    if let Some(rest) = reason.split("field `").nth(1) {
-        if let Some((name, _)) = rest.split_once('`') {
-            return name.to_owned();
-        }
-    }
-    match reason.split_once(": ") {
-        Some((name, _))
-            if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
-        {
-            name.to_owned()
-        }
-        _ => "query".to_owned(),
     }
 }
