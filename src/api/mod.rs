@@ -66,6 +66,9 @@ pub struct StreamConfig {
     pub max_sockets_per_key: usize,
     /// Largest message a client may send.
     pub max_client_message_bytes: usize,
+    /// Messages a client may send per second, per socket (bursts of twice
+    /// that): a flood costs the server one rate check per message.
+    pub client_messages_per_second: u32,
     /// A client that does not take a frame within this is disconnected.
     pub send_timeout: Duration,
     /// Events are purged once older than this *and* beyond the newest
@@ -84,6 +87,7 @@ impl Default for StreamConfig {
             idle_timeout: Duration::from_secs(600),
             max_sockets_per_key: 10,
             max_client_message_bytes: 16 * 1024,
+            client_messages_per_second: 20,
             send_timeout: Duration::from_secs(10),
             retention_age: Duration::from_secs(24 * 3600),
             retention_events: 100_000,

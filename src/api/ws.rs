@@ -93,13 +93,24 @@ struct Session {
     live: StreamMap<i64, BroadcastStream<Arc<HubEvent>>>,
     /// Every campaign of a workspace at once (seed 003), instead of `live`.
     workspace: Option<BroadcastStream<Arc<HubEvent>>>,
+    /// Paces the client's messages; the excess is dropped.
+    inbound: governor::DefaultDirectRateLimiter,
+    /// When the client was last told it sends too fast.
+    warned_at: Option<std::time::Instant>,
 }
 
 impl Session {
     fn new(socket: WebSocket, state: AppState, format: Format) -> Self {
         metrics::gauge!("herald_stream_connections", "protocol" => protocol_name(format))
             .increment(1.0);
+        let rate = std::num::NonZeroU32::new(state.config.streams.client_messages_per_second)
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let burst = rate.saturating_mul(std::num::NonZeroU32::new(2).expect("2 > 0"));
         Self {
+            inbound: governor::RateLimiter::direct(
+                governor::Quota::per_second(rate).allow_burst(burst),
+            ),
+            warned_at: None,
             socket,
             state,
             format,
@@ -392,6 +403,25 @@ async fn client_message(
 ) -> Result<Option<ClientMessage>, End> {
     let text = match message {
         None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Err(End::Drop),
+        Some(Ok(Message::Text(_) | Message::Binary(_))) if session.inbound.check().is_err() => {
+            // One error a second at most: answering every dropped message
+            // would let a flood make the server write as fast as it reads.
+            metrics::counter!("herald_stream_client_messages_dropped_total").increment(1);
+            let now = std::time::Instant::now();
+            if session
+                .warned_at
+                .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+            {
+                session.warned_at = Some(now);
+                session
+                    .error(format!(
+                        "too many messages: at most {} a second; the excess is dropped",
+                        session.state.config.streams.client_messages_per_second
+                    ))
+                    .await?;
+            }
+            return Ok(None);
+        }
         Some(Ok(Message::Text(text))) => text,
         Some(Ok(Message::Binary(_))) => {
             session

@@ -97,6 +97,11 @@ pub struct ServeArgs {
     /// Simultaneous seed-004 WebSockets per API key.
     #[arg(long, env = "HERALD_WS_MAX_PER_KEY", default_value_t = 10)]
     pub ws_max_per_key: usize,
+    /// Messages per second a WebSocket client may send (bursts of twice
+    /// that); the rest are dropped with one error a second.
+    #[arg(long, env = "HERALD_WS_MESSAGES_PER_SECOND", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub ws_messages_per_second: u32,
     /// REST requests per second per API key (bursts of twice that; 0 = no limit).
     /// Over it: 429 with Retry-After.
     #[arg(long, env = "HERALD_RATE_LIMIT", default_value_t = 1000)]
@@ -323,6 +328,7 @@ impl ServeArgs {
                     coalesce: std::time::Duration::from_millis(self.coalesce_ms),
                     idle_timeout: std::time::Duration::from_secs(self.ws_idle_seconds),
                     max_sockets_per_key: self.ws_max_per_key,
+                    client_messages_per_second: self.ws_messages_per_second,
                     retention_age: std::time::Duration::from_secs(
                         self.event_retention_hours * 3600,
                     ),
@@ -414,6 +420,10 @@ fn config_check(global: &GlobalArgs, serve: &ServeArgs) {
         ("coalesce_ms", serve.coalesce_ms.to_string()),
         ("ws_idle_seconds", serve.ws_idle_seconds.to_string()),
         ("ws_max_per_key", serve.ws_max_per_key.to_string()),
+        (
+            "ws_messages_per_second",
+            serve.ws_messages_per_second.to_string(),
+        ),
         ("rate_limit", serve.rate_limit.to_string()),
         ("cors_origins", serve.cors_origins.join(",")),
         (

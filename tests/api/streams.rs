@@ -829,3 +829,192 @@ async fn seed_004_sends_ping_frames() {
         .unwrap();
     assert!(matches!(frame, Message::Ping(_)), "{frame:?}");
 }
+
+/// Reads replies until the socket is quiet for `quiet`.
+async fn replies_until_quiet(client: &mut Client, quiet: Duration) -> Vec<Value> {
+    let mut replies = Vec::new();
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(quiet, client.socket.next()).await {
+        if let Message::Text(text) = message {
+            replies.push(serde_json::from_str(&text).unwrap());
+        }
+    }
+    replies
+}
+
+/// A client flooding its socket is paced per connection: what is over the
+/// rate is dropped with one error a second (not one per message), another
+/// client on the same campaign is answered at once, and the flooder is
+/// answered again once it slows down.
+#[tokio::test]
+async fn a_client_flooding_its_socket_is_paced_and_others_are_not() {
+    let app = slow_engine_app(|c| c.api.streams.client_messages_per_second = 10).await;
+    let c = app.sms_campaign().await;
+    let path = format!("/ws/campaigns/{}/progress?token={}", c["id"], app.key);
+    let mut flooder = Client::connect(&app, &path).await;
+    let mut calm = Client::connect(&app, &path).await;
+    replies_until_quiet(&mut flooder, Duration::from_millis(300)).await;
+    replies_until_quiet(&mut calm, Duration::from_millis(300)).await;
+
+    let ping = Message::Text(json!({"type": "ping"}).to_string().into());
+    for _ in 0..500 {
+        flooder.socket.feed(ping.clone()).await.unwrap();
+    }
+    flooder.socket.flush().await.unwrap();
+    calm.send(json!({"type": "ping"})).await;
+    let answered = calm.until(5, |m| m["type"] == "pong").await;
+    assert!(
+        answered.iter().all(|m| m["type"] != "error"),
+        "the calm client is not paced: {answered:?}"
+    );
+
+    let replies = replies_until_quiet(&mut flooder, Duration::from_millis(700)).await;
+    let pongs = replies.iter().filter(|m| m["type"] == "pong").count();
+    let errors: Vec<&Value> = replies.iter().filter(|m| m["type"] == "error").collect();
+    // The burst (twice the rate) is answered, then about the rate.
+    assert!((20..=40).contains(&pongs), "{pongs} of 500 pings answered");
+    assert!(
+        (1..=3).contains(&errors.len()),
+        "one error a second, not one per dropped message: {errors:?}"
+    );
+    assert!(errors[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("too many messages"));
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    flooder.send(json!({"type": "ping"})).await;
+    assert_eq!(
+        flooder
+            .until(5, |m| m["type"] == "pong" || m["type"] == "error")
+            .await
+            .last()
+            .unwrap()["type"],
+        "pong",
+        "answered again once it slows down"
+    );
+}
+
+/// `VmRSS` of a process, in bytes.
+fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+/// Thousands of sockets opened and dropped as fast as a client can (from 64
+/// tasks at once, twice for a bounded 3 s) leave a `herald` process serving, with
+/// its connection gauge back at zero and its memory near where it began.
+#[tokio::test]
+async fn a_connect_disconnect_storm_leaves_connections_and_memory_at_baseline() {
+    use crate::process::{create_campaign, create_key, Node, NodeOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = crate::helpers::fresh_database_url(dir.path()).await;
+    let key = create_key(&database_url, "storm");
+    let options = NodeOptions {
+        engine: false,
+        ..NodeOptions::default()
+    };
+    let node = Node::start(&database_url, options, &dir.path().join("herald.log")).await;
+    let id = create_campaign(&node, &key, json!({"kind": "simulated"}), 10).await;
+    let url = format!(
+        "{}/ws/campaigns/{id}/progress?token={key}",
+        node.base.replacen("http", "ws", 1)
+    );
+    let cycle = |url: String| async move {
+        let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.ok()?;
+        // The first frame (the ack), so the server did set the session up.
+        socket.next().await?.ok()?;
+        Some(())
+    };
+    // Warm up the allocator and the hub before taking the baseline.
+    for _ in 0..200 {
+        cycle(url.clone()).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let baseline = rss_of(node.pid());
+
+    let storm = |url: String| async move {
+        let started = std::time::Instant::now();
+        let deadline = started + Duration::from_secs(3);
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..64 {
+            let url = url.clone();
+            tasks.spawn(async move {
+                let (mut done, mut failed) = (0u32, 0u32);
+                while std::time::Instant::now() < deadline {
+                    match cycle(url.clone()).await {
+                        Some(()) => done += 1,
+                        None => failed += 1,
+                    }
+                }
+                (done, failed)
+            });
+        }
+        let (mut cycles, mut failures) = (0, 0);
+        while let Some(counts) = tasks.join_next().await {
+            let (done, failed) = counts.unwrap();
+            cycles += done;
+            failures += failed;
+        }
+        let rate = f64::from(cycles) / started.elapsed().as_secs_f64();
+        println!("storm: {cycles} connect/disconnect cycles ({rate:.0}/s), {failures} refused");
+        assert!(cycles >= 1000, "the storm ran: {cycles} cycles");
+        assert_eq!(failures, 0, "every connection was served");
+    };
+    let open_sessions = || async {
+        let client = reqwest::Client::new();
+        let mut open = f64::NAN;
+        for _ in 0..50 {
+            let metrics = client
+                .get(format!("{}/metrics", node.base))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            open = metrics
+                .lines()
+                .filter(|l| l.starts_with("herald_stream_connections{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if open == 0.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        open
+    };
+
+    // The first storm sets the allocator's high-water mark; a second one
+    // the same size must not add to it, as a leak would.
+    storm(url.clone()).await;
+    assert_eq!(open_sessions().await, 0.0, "no session outlives its socket");
+    let after_first = rss_of(node.pid());
+    storm(url.clone()).await;
+    assert_eq!(open_sessions().await, 0.0, "no session outlives its socket");
+    let after_second = rss_of(node.pid());
+    let mib = |bytes: u64| bytes as f64 / 1048576.0;
+    println!(
+        "storm: RSS {:.1} MiB before, {:.1} MiB after one storm, {:.1} MiB after two",
+        mib(baseline),
+        mib(after_first),
+        mib(after_second)
+    );
+    assert!(
+        after_first < baseline + 24 * 1024 * 1024,
+        "one storm's high-water mark: {baseline} → {after_first} bytes"
+    );
+    assert!(
+        after_second < after_first + 4 * 1024 * 1024,
+        "a second storm adds nothing lasting: {after_first} → {after_second} bytes"
+    );
+    // Still serving.
+    let mut last = tokio_tungstenite::connect_async(&url).await.unwrap().0;
+    let ack: Value = match last.next().await.unwrap().unwrap() {
+        Message::Text(text) => serde_json::from_str(&text).unwrap(),
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(ack["type"], "connection_ack");
+}
