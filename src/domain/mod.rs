@@ -3,6 +3,7 @@
 //! without a database or a server.
 
 pub mod api_key;
+pub mod breaker;
 pub mod campaign;
 pub mod contact;
 pub mod phone;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use super::Shared;
+use crate::domain::breaker::Breaker;
 use crate::domain::run::retry_delay;
 use crate::domain::sms::sms_parts;
 use crate::domain::{CampaignStatus, Channel, ExecutionStatus, SendResult, Template};
@@ -14,6 +15,12 @@ use crate::store::{
     now_ms, Control, ExecutionOutcome, PendingExecution, RunEnd, RunRecord, RunSnapshot, Slice,
     StoreError,
 };
+
+/// Provider faults in a row (5xx, 429, timeouts) that pause a run's sends.
+const BREAKER_FAULTS: u32 = 20;
+/// The first pause; it doubles while probes keep failing.
+const BREAKER_FIRST_PAUSE: Duration = Duration::from_secs(1);
+const BREAKER_LONGEST_PAUSE: Duration = Duration::from_secs(30);
 
 /// Works a run until it ends or nothing of it is left for this worker.
 pub(super) async fn drive(shared: Arc<Shared>, run: RunRecord) {
@@ -109,8 +116,10 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
         template: &template,
         provider,
     };
+    let mut breaker = Breaker::new(BREAKER_FAULTS, BREAKER_FIRST_PAUSE, BREAKER_LONGEST_PAUSE);
     let mut pipeline = Pipeline {
         shared,
+        limit: shared.config.slice,
         run_id: run.id,
         campaign: (campaign.id, campaign.workspace_id),
         unrecorded: None,
@@ -200,11 +209,37 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
         );
         let (results, claimed_ahead) = tokio::join!(sends, pipeline.record_and_claim());
         let claimed_ahead = Some(claimed_ahead?);
-        let misconfigured = results.iter().find_map(|(_, m)| m.clone());
-        let outcomes: Vec<ExecutionOutcome> = results.into_iter().map(|(o, _)| o).collect();
+        let misconfigured = results.iter().find_map(|sent| sent.misconfigured.clone());
+        for sent in &results {
+            breaker.record(sent.provider_fault);
+        }
+        let outcomes: Vec<ExecutionOutcome> =
+            results.into_iter().map(|sent| sent.outcome).collect();
         span.in_scope(|| tracing::debug!(elapsed = ?t0.elapsed(), "slice sent"));
         pipeline.unrecorded = Some(outcomes);
         pipeline.claimed = claimed_ahead;
+        if breaker.is_open() && misconfigured.is_none() {
+            // The provider is down: stop before every recipient's attempts
+            // go into the outage. What was claimed ahead goes back unsent;
+            // after the cool-down one send probes whether it is back.
+            pipeline.wind_down().await?;
+            let pause = breaker.trip();
+            metrics::counter!("herald_provider_circuit_opened_total",
+                "provider" => snapshot.provider.kind())
+            .increment(1);
+            tracing::warn!(
+                run = run.id,
+                pause = ?pause,
+                "the provider keeps failing; sending paused, then one send probes it"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = shared.shutdown.cancelled() => {}
+            }
+            pipeline.limit = 1;
+            continue;
+        }
+        pipeline.limit = shared.config.slice;
         if let Some(reason) = misconfigured {
             pipeline.wind_down().await?;
             tracing::error!(run = run.id, %reason, "provider refuses every send; failing the run");
@@ -230,6 +265,9 @@ struct Pipeline<'a> {
     run_id: i64,
     /// Campaign and workspace, for the hub.
     campaign: (i64, i64),
+    /// Executions per claim: the configured slice, or 1 while a tripped
+    /// circuit breaker probes the provider.
+    limit: i64,
     unrecorded: Option<Vec<ExecutionOutcome>>,
     claimed: Option<Slice>,
 }
@@ -258,23 +296,14 @@ impl Pipeline<'_> {
         let slice = match self.unrecorded.take() {
             Some(outcomes) => {
                 let (_, slice) = retry_transient(|| {
-                    store.record_and_take(
-                        run_id,
-                        &outcomes,
-                        worker,
-                        now,
-                        lease_until,
-                        shared.config.slice,
-                    )
+                    store.record_and_take(run_id, &outcomes, worker, now, lease_until, self.limit)
                 })
                 .await?;
                 slice
             }
             None => {
-                retry_transient(|| {
-                    store.take_slice(run_id, worker, now, lease_until, shared.config.slice)
-                })
-                .await?
+                retry_transient(|| store.take_slice(run_id, worker, now, lease_until, self.limit))
+                    .await?
             }
         };
         // Recording moved counters; opening a batch appended its event.
@@ -356,6 +385,25 @@ async fn price(
     Ok(cost)
 }
 
+/// What one send produced, and what it says about the provider.
+struct Sent {
+    outcome: ExecutionOutcome,
+    /// The provider refuses every send (bad credentials, no such endpoint).
+    misconfigured: Option<String>,
+    /// A failure on the provider's side, for the circuit breaker.
+    provider_fault: bool,
+}
+
+impl Sent {
+    fn of(outcome: ExecutionOutcome) -> Self {
+        Self {
+            outcome,
+            misconfigured: None,
+            provider_fault: false,
+        }
+    }
+}
+
 struct Sending<'a> {
     shared: &'a Shared,
     run_uuid: String,
@@ -366,10 +414,10 @@ struct Sending<'a> {
 }
 
 impl Sending<'_> {
-    /// Sends one execution and classifies the result; the second value is
-    /// set when the provider says it is misconfigured.
-    async fn send(&self, execution: PendingExecution) -> (ExecutionOutcome, Option<String>) {
-        let (outcome, misconfigured) = self.send_once(execution).await;
+    /// Sends one execution and classifies the result.
+    async fn send(&self, execution: PendingExecution) -> Sent {
+        let sent = self.send_once(execution).await;
+        let outcome = &sent.outcome;
         let result = if outcome.status == ExecutionStatus::Pending {
             metrics::counter!("herald_retries_total", "provider" => self.snapshot.provider.kind())
                 .increment(1);
@@ -382,10 +430,10 @@ impl Sending<'_> {
             "provider" => self.snapshot.provider.kind(),
             "outcome" => result)
         .increment(1);
-        (outcome, misconfigured)
+        sent
     }
 
-    async fn send_once(&self, execution: PendingExecution) -> (ExecutionOutcome, Option<String>) {
+    async fn send_once(&self, execution: PendingExecution) -> Sent {
         let mut outcome = ExecutionOutcome {
             id: execution.id,
             batch_sequence: execution.batch_sequence,
@@ -402,7 +450,7 @@ impl Sending<'_> {
             Ok(body) => body,
             Err(missing) => {
                 outcome.error_details = Some(missing.to_string());
-                return (outcome, None);
+                return Sent::of(outcome);
             }
         };
         if let Some(limiter) = self
@@ -443,7 +491,7 @@ impl Sending<'_> {
                 if self.snapshot.channel == Channel::Sms {
                     outcome.message_status = Some("sent");
                 }
-                (outcome, None)
+                Sent::of(outcome)
             }
             SendResult::Retriable {
                 status,
@@ -471,7 +519,13 @@ impl Sending<'_> {
                     outcome.retry_reason = (max_attempts > 1)
                         .then(|| format!("gave up after {max_attempts} attempts"));
                 }
-                (outcome, None)
+                // A busy line is the recipient's answer; a retriable
+                // failure is the provider's (5xx, 429, timeout, reset).
+                Sent {
+                    outcome,
+                    misconfigured: None,
+                    provider_fault: status == ExecutionStatus::Failed,
+                }
             }
             SendResult::Permanent {
                 provider_id,
@@ -479,11 +533,15 @@ impl Sending<'_> {
             } => {
                 outcome.provider_id = provider_id;
                 outcome.error_details = Some(reason);
-                (outcome, None)
+                Sent::of(outcome)
             }
             SendResult::Misconfigured { reason } => {
                 outcome.error_details = Some(reason.clone());
-                (outcome, Some(reason))
+                Sent {
+                    outcome,
+                    misconfigured: Some(reason),
+                    provider_fault: false,
+                }
             }
         }
     }

@@ -296,3 +296,84 @@ async fn twilio_sends_the_messages_api_shape_and_verifies_status_callbacks() {
     assert_eq!(done["progress"]["delivered"], 4);
     assert_eq!(done["progress"]["failed_delivery"], 1);
 }
+
+/// A webhook that answers 503 while `down`, and `completed` otherwise,
+/// counting the requests it gets while down.
+#[derive(Clone, Default)]
+struct Outage {
+    down: Arc<std::sync::atomic::AtomicBool>,
+    during_outage: Arc<AtomicUsize>,
+}
+
+impl Respond for Outage {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        if self.down.load(Ordering::SeqCst) {
+            self.during_outage.fetch_add(1, Ordering::SeqCst);
+            return ResponseTemplate::new(503);
+        }
+        let body: Value = serde_json::from_slice(&request.body).unwrap();
+        ResponseTemplate::new(200).set_body_json(
+            json!({"id": format!("wh-{}", body["execution_id"]), "status": "completed"}),
+        )
+    }
+}
+
+/// A provider outage trips the run's circuit breaker: sending pauses after
+/// 20 faults in a row instead of spending every recipient's attempts, one
+/// send probes after each (doubling) pause, and when the provider is back
+/// the run completes with everyone sent and nobody failed.
+#[tokio::test]
+async fn a_provider_outage_pauses_sending_instead_of_burning_attempts() {
+    let app = crate::helpers::spawn_app_with(|c| {
+        if let Some(engine) = c.engine.as_mut() {
+            engine.in_flight = 8;
+            engine.slice = 32;
+        }
+    })
+    .await;
+    let fake = MockServer::start().await;
+    let outage = Outage::default();
+    outage.down.store(true, Ordering::SeqCst);
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(outage.clone())
+        .mount(&fake)
+        .await;
+    let c = app
+        .campaign_with_contacts(
+            json!({"channel": "sms", "template": "Hi {{name}}", "max_attempts": 3,
+                   "provider": {"kind": "webhook", "url": format!("{}/hook", fake.uri()), "secret": SECRET}}),
+            300,
+        )
+        .await;
+    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+        .await;
+    // Down for 2.5 s: the first slices trip the breaker, then probes at
+    // about 1 s and 3 s (pauses of 1 s and 2 s).
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let tried = outage.during_outage.load(Ordering::SeqCst);
+    outage.down.store(false, Ordering::SeqCst);
+    // Without the breaker all 300 recipients would be tried (900 requests
+    // with their retries) in these 2.5 s; with it, about two slices and a
+    // probe.
+    assert!(
+        (20..=80).contains(&tried),
+        "{tried} requests went into the outage"
+    );
+    let done = app.wait_status(&c["id"], "completed", 60).await;
+    assert_eq!(done["progress"]["sent"], 300, "{done}");
+    assert_eq!(done["progress"]["failed"], 0, "nobody lost to the outage");
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("herald_provider_circuit_opened_total{provider=\"webhook\"}"),
+        "the breaker's trips are counted"
+    );
+}
