@@ -13,6 +13,7 @@ mod fuzz;
 mod helpers;
 mod isolation;
 mod keys;
+mod licences;
 mod metrics;
 mod postgres;
 mod process;
