@@ -84,12 +84,7 @@ async fn a_10k_sms_campaign_completes_with_counters_equal_to_rows() {
     );
 
     // Batches: ten of 1000, their counts add up to the run's.
-    let runs: Value = app
-        .get(&format!("/v1/campaigns/{}/runs", c["id"]))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let runs = app.runs(&c["id"]).await;
     let run_uuid = runs["runs"][0]["uuid"].as_str().unwrap().to_owned();
     let detail = app
         .briq(&format!(
@@ -204,12 +199,7 @@ async fn a_voice_campaign_retries_then_resends_to_failures() {
         progress(&again, "sent") + progress(&again, "failed"),
         unreached
     );
-    let runs: Value = app
-        .get(&format!("/v1/campaigns/{}/runs", c["id"]))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let runs = app.runs(&c["id"]).await;
     assert_eq!(runs["runs"].as_array().unwrap().len(), 2);
     assert_eq!(runs["runs"][0]["recipients"], "failed");
     // Seed 001 pages span both runs, newest first, with nothing skipped or
@@ -338,12 +328,7 @@ async fn a_run_the_workspace_cannot_pay_for_fails_at_claim() {
     let failed = app.wait_status(&c["id"], "failed", 30).await;
     assert_eq!(progress(&failed, "skipped"), 20);
     assert_eq!(progress(&failed, "sent"), 0);
-    let runs: Value = app
-        .get(&format!("/v1/campaigns/{}/runs", c["id"]))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let runs = app.runs(&c["id"]).await;
     let error = runs["runs"][0]["error"].as_str().unwrap();
     assert!(
         error.contains("insufficient credits")
@@ -363,12 +348,7 @@ async fn a_run_the_workspace_cannot_pay_for_fails_at_claim() {
     app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
         .await;
     app.wait_status(&c["id"], "failed", 30).await;
-    let runs: Value = app
-        .get(&format!("/v1/campaigns/{}/runs", c["id"]))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let runs = app.runs(&c["id"]).await;
     let error = runs["runs"][0]["error"].as_str().unwrap();
     assert!(error.contains("costs 60"), "{error}");
 }

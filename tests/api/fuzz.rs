@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::helpers::spawn_app;
 
@@ -35,12 +35,7 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
         .await;
     app.wait_status(&c["id"], "completed", 30).await;
-    let runs: Value = app
-        .get(&format!("/v1/campaigns/{}/runs", c["id"]))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let runs = app.runs(&c["id"]).await;
     let run_uuid = runs["runs"][0]["uuid"].as_str().unwrap().to_owned();
 
     let dir = tempfile::tempdir().unwrap();

@@ -286,6 +286,15 @@ impl TestApp {
     }
 
     /// Every execution of a campaign, read page by page through seed 001.
+    /// `GET /v1/campaigns/{id}/runs`: the campaign's runs, newest first.
+    pub async fn runs(&self, id: &Value) -> Value {
+        self.get(&format!("/v1/campaigns/{id}/runs"))
+            .await
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn all_executions(&self, id: &Value) -> Vec<Value> {
         let mut all = Vec::new();
         let mut page = 1;

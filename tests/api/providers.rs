@@ -135,12 +135,7 @@ async fn a_provider_refusing_our_credentials_fails_the_run_and_refunds() {
         "it stops after the first slice: {p}"
     );
     assert!(fake.received_requests().await.unwrap().len() <= 1_000);
-    let runs: Value = app
-        .get(&format!("/v1/campaigns/{}/runs", c["id"]))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let runs = app.runs(&c["id"]).await;
     assert!(runs["runs"][0]["error"]
         .as_str()
         .unwrap()
