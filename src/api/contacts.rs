@@ -28,7 +28,7 @@ use super::views::{ContactList, ContactView, ImportReport};
 use super::{ApiError, AppState};
 use crate::domain::contact::{clean_value, MAX_VARIABLES};
 use crate::domain::{ContactError, CsvLayout, NewContact, PhoneNumber, Region, Template};
-use crate::store::{Campaign, ImportMsg};
+use crate::store::{Campaign, ImportMsg, StoreError};
 
 /// Contacts per chunk handed to the store.
 const CHUNK: usize = 1000;
@@ -184,6 +184,11 @@ where
         .await
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("import parser panicked: {e}")))?;
     match (produced, stored) {
+        // The store's own failure (a full disk, say) explains a producer
+        // that found it gone.
+        (_, Err(store_error)) if !matches!(store_error, StoreError::Aborted) => {
+            Err(store_error.into())
+        }
         (Err(Some(parse_error)), _) => Err(parse_error),
         (_, Err(store_error)) => Err(store_error.into()),
         (Err(None), Ok(_)) => Err(ApiError::Internal(anyhow::anyhow!(

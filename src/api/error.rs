@@ -191,6 +191,13 @@ impl From<StoreError> for ApiError {
                 current_status: None,
             },
             StoreError::Unavailable(why) => ApiError::Unavailable(why),
+            err if err.is_out_of_space() => {
+                tracing::error!(error = %err, "the database's disk is full");
+                ApiError::Unavailable(
+                    "the database's disk is full: nothing was written; retry once space is freed"
+                        .into(),
+                )
+            }
             err if err.is_transient() => {
                 tracing::warn!(error = %err, "transient database error");
                 ApiError::Unavailable("the database is busy; retry shortly".into())

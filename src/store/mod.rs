@@ -57,6 +57,9 @@ impl StoreError {
     /// retry: a lost deadlock or serialisation race, a lock or statement
     /// timeout, a busy database, an exhausted pool, a dropped connection.
     pub fn is_transient(&self) -> bool {
+        if self.is_out_of_space() {
+            return true;
+        }
         match self {
             StoreError::Unavailable(_) => true,
             StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => true,
@@ -68,6 +71,16 @@ impl StoreError {
             ),
             _ => false,
         }
+    }
+}
+
+impl StoreError {
+    /// The database's disk is full (SQLite `SQLITE_FULL`, Postgres
+    /// `disk_full`): the transaction rolled back, and the same write passes
+    /// once space is freed.
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(self, StoreError::Database(sqlx::Error::Database(db))
+            if matches!(db.code().as_deref(), Some("13" | "53100")))
     }
 }
 

@@ -195,3 +195,106 @@ async fn a_hung_provider_cannot_hold_the_drain_past_its_grace_period() {
         "the hung slice and the one claimed ahead are written off: {failed}"
     );
 }
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: std::path::PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&at).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .status()
+            .expect("mount runs");
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root (CI and ./test.sh run as root)"
+        );
+        Self(at)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A full disk under SQLite: writes fail with a clear 503 and roll back
+/// whole (a 50,000-row import leaves no contact behind), reads keep
+/// working, and once space is freed the same import succeeds, without a
+/// restart.
+#[tokio::test]
+async fn a_full_disk_is_a_503_that_writes_nothing_and_passes_once_space_is_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Tmpfs::mount(dir.path().join("disk"), "8m");
+    let database_url = format!("sqlite://{}/herald.db", disk.0.display());
+    let key = create_key(&database_url, "disk");
+    let options = NodeOptions {
+        engine: false,
+        ..OPTIONS
+    };
+    let node = Node::start(&database_url, options, &dir.path().join("herald.log")).await;
+    let client = reqwest::Client::new();
+    let created: Value = client
+        .post(format!("{}/v1/campaigns", node.base))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"name": "disk", "channel": "sms", "template": "Hi {{name}}"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_i64().unwrap();
+
+    // Fill the disk to the last byte.
+    let filler = disk.0.join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while file.write_all(&block).is_ok() {}
+        let _ = file.write_all(&[0u8; 512]);
+        let _ = file.sync_all();
+    }
+    let mut csv = String::from("phone,name\n");
+    for i in 0..50_000 {
+        csv.push_str(&format!("+1555{i:07},Person {i}\n"));
+    }
+    let import = |csv: String| {
+        client
+            .post(format!("{}/v1/campaigns/{id}/contacts:import", node.base))
+            .bearer_auth(&key)
+            .header("content-type", "text/csv")
+            .body(csv)
+            .send()
+    };
+    let full = import(csv.clone()).await.unwrap();
+    assert_eq!(full.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = full.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("disk is full"),
+        "{body}"
+    );
+    let campaign = node.campaign(&key, id).await;
+    assert_eq!(
+        campaign["contact_count"], 0,
+        "nothing half-written: {campaign}"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let freed = import(csv).await.unwrap();
+    assert_eq!(freed.status(), reqwest::StatusCode::OK);
+    let report: Value = freed.json().await.unwrap();
+    assert_eq!(report["imported"], 50_000, "{report}");
+    assert_eq!(node.campaign(&key, id).await["contact_count"], 50_000);
+}
