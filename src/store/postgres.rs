@@ -66,6 +66,8 @@ pub(crate) mod dialect {
     }
 
     pub const JSON_ROWS: &str = "jsonb_array_elements(CAST(? AS jsonb)) AS j(value)";
+    /// Row locks make a write transaction wait where it needs to.
+    pub const BEGIN: &str = "BEGIN";
     pub const JSON_OBJECT: &str = "json_build_object";
     pub fn json_merge(a: &str, b: &str) -> String {
         format!("CAST(CAST({a} AS jsonb) || CAST({b} AS jsonb) AS TEXT)")

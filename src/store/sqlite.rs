@@ -35,6 +35,11 @@ pub(crate) mod dialect {
 
     /// A JSON array bound as one parameter, as rows with a `j.value` column.
     pub const JSON_ROWS: &str = "json_each(?) AS j";
+    /// Write transactions take the write lock when they begin. A deferred
+    /// one that reads first cannot wait for a lock another process holds
+    /// (SQLite answers BUSY at once, to avoid a deadlock); an immediate one
+    /// waits out the busy timeout like any single statement.
+    pub const BEGIN: &str = "BEGIN IMMEDIATE";
     /// Builds a JSON object (as text) from key/value arguments.
     pub const JSON_OBJECT: &str = "json_object";
     /// `a` with the keys of `b` set on it; both JSON objects stored as text.
@@ -94,6 +99,13 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(120))
+            // SQLite rolls a transaction back by itself on some errors (a
+            // full disk); sqlx's own ROLLBACK then fails and the connection
+            // still counts a transaction. Such a connection is replaced
+            // rather than reused, or every later write would fail.
+            .before_acquire(|conn, _| {
+                Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) })
+            })
             .connect_with(connect.clone())
             .await?;
         super::migrate_or_check(

@@ -293,8 +293,74 @@ async fn a_full_disk_is_a_503_that_writes_nothing_and_passes_once_space_is_freed
 
     std::fs::remove_file(&filler).unwrap();
     let freed = import(csv).await.unwrap();
-    assert_eq!(freed.status(), reqwest::StatusCode::OK);
+    let status = freed.status();
     let report: Value = freed.json().await.unwrap();
+    assert_eq!(status, reqwest::StatusCode::OK, "{report}");
     assert_eq!(report["imported"], 50_000, "{report}");
     assert_eq!(node.campaign(&key, id).await["contact_count"], 50_000);
+}
+
+/// Another process holding SQLite's write lock (a backup tool, an operator
+/// in the `sqlite3` shell): reads carry on, a write waits out the busy
+/// timeout (10 s) and is then a 503 that changed nothing, and the same write
+/// passes once the lock is gone.
+#[tokio::test]
+async fn a_write_lock_held_elsewhere_is_a_503_for_writes_and_reads_carry_on() {
+    use sqlx::Connection as _;
+    let app = crate::helpers::spawn_sqlite_app_with(|_| {}).await;
+    let c = app.sms_campaign().await;
+    let path = format!("/v1/campaigns/{}", c["id"]);
+
+    let mut other = sqlx::SqliteConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let write = app
+        .client
+        .patch(app.url(&path))
+        .bearer_auth(&app.key)
+        .json(&serde_json::json!({"name": "renamed while locked"}))
+        .send();
+    let read = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let at = started.elapsed();
+        let read = app.get(&path).await;
+        (read.status(), started.elapsed() - at)
+    };
+    let (write, (read_status, read_took)) = tokio::join!(write, read);
+    assert_eq!(read_status, reqwest::StatusCode::OK);
+    assert!(
+        read_took < Duration::from_secs(1),
+        "reads do not wait for the lock: {read_took:?}"
+    );
+    let write = write.unwrap();
+    assert_eq!(write.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = write.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "the write waited for the lock first"
+    );
+    assert_eq!(
+        app.campaign(&c["id"]).await["name"],
+        c["name"],
+        "nothing changed"
+    );
+
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    let again = app
+        .client
+        .patch(app.url(&path))
+        .bearer_auth(&app.key)
+        .json(&serde_json::json!({"name": "renamed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), reqwest::StatusCode::OK);
+    assert_eq!(app.campaign(&c["id"]).await["name"], "renamed");
 }

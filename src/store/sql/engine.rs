@@ -723,7 +723,7 @@ impl EngineStore for SqlStore {
         lease_ms: i64,
         busy: &[i64],
     ) -> StoreResult<Option<RunRecord>> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         // A due run to freeze and start: one worker alone, under a run lease.
         let due: Option<(i64, String, i64)> = sqlx::query_as(sql!(
             "SELECT r.id, r.status, r.campaign_id FROM runs r JOIN campaigns c ON c.id = r.campaign_id
@@ -803,7 +803,7 @@ impl EngineStore for SqlStore {
     }
 
     async fn freeze_run(&self, run_id: i64, snapshot: &RunSnapshot) -> StoreResult<RunRecord> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         let run = fetch_run(&mut tx, run_id).await?;
         if run.frozen_at.is_some() {
             return Ok(run);
@@ -918,7 +918,7 @@ impl EngineStore for SqlStore {
     }
 
     async fn start_run(&self, run_id: i64, cost_units: i64, now: i64) -> StoreResult<RunUpdate> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         lock_run(&mut tx, run_id).await?;
         let run = fetch_run(&mut tx, run_id).await?;
         if run.status != RunStatus::Claimed {
@@ -1026,7 +1026,7 @@ impl EngineStore for SqlStore {
         lease_until: i64,
         limit: i64,
     ) -> StoreResult<Slice> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         let slice = take_slice_in(&mut tx, run_id, worker, now, lease_until, limit).await?;
         tx.commit().await?;
         Ok(slice)
@@ -1038,14 +1038,14 @@ impl EngineStore for SqlStore {
         outcomes: &[ExecutionOutcome],
         now: i64,
     ) -> StoreResult<RunUpdate> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         let update = record_outcomes_in(&mut tx, run_id, outcomes, now).await?;
         tx.commit().await?;
         Ok(update)
     }
 
     async fn unclaim(&self, run_id: i64, execution_ids: &[i64], now: i64) -> StoreResult<()> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         lock_run(&mut tx, run_id).await?;
         let returned: Vec<i64> = sqlx::query_scalar(sql!(
             "UPDATE executions SET status = 'pending', attempts = attempts - 1, updated_at = ?
@@ -1079,7 +1079,7 @@ impl EngineStore for SqlStore {
         lease_until: i64,
         limit: i64,
     ) -> StoreResult<(RunUpdate, Slice)> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         let update = record_outcomes_in(&mut tx, run_id, outcomes, now).await?;
         let slice = take_slice_in(&mut tx, run_id, worker, now, lease_until, limit).await?;
         tx.commit().await?;
@@ -1087,7 +1087,7 @@ impl EngineStore for SqlStore {
     }
 
     async fn finish_run(&self, run_id: i64, end: &RunEnd, now: i64) -> StoreResult<RunUpdate> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         // Workers sharing the run may all see it end: the first finalises,
         // the others find it terminal (and refund nothing twice).
         lock_run(&mut tx, run_id).await?;
@@ -1208,7 +1208,7 @@ impl EngineStore for SqlStore {
                 .collect(),
         )
         .to_string();
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         // A receipt settles a `sent` message once: repeats and late
         // contradictions match no row and are acknowledged, not counted.
         let settled: Vec<(i64, i64, String)> = sqlx::query_as(sql!(
@@ -1320,7 +1320,7 @@ impl EngineStore for SqlStore {
         amount: i64,
         note: Option<&str>,
     ) -> StoreResult<Workspace> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         let after: i64 = sqlx::query_scalar(sql!(
             "UPDATE workspaces SET credit_balance = COALESCE(credit_balance, 0) + ? WHERE id = ?
              RETURNING credit_balance"
@@ -1352,7 +1352,7 @@ impl EngineStore for SqlStore {
         finish: Option<crate::domain::CampaignStatus>,
     ) -> StoreResult<Vec<StoredEvent>> {
         let now = now_ms();
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         sqlx::query(
             sql!("UPDATE campaigns SET status = 'running', started_at = COALESCE(started_at, ?), updated_at = ?
              WHERE id = ? AND status IN ('draft', 'scheduled')"),

@@ -371,7 +371,7 @@ impl Store for SqlStore {
     }
 
     async fn update_campaign(&self, id: i64, spec: &CampaignSpec) -> StoreResult<Campaign> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         let current = self.campaign_status(&mut tx, id).await?;
         if !current.is_editable() {
             return Err(StoreError::StatusConflict { current });
@@ -397,7 +397,7 @@ impl Store for SqlStore {
     }
 
     async fn delete_campaign(&self, id: i64) -> StoreResult<()> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         let current = self.campaign_status(&mut tx, id).await?;
         if !current.is_editable() {
             return Err(StoreError::StatusConflict { current });
@@ -411,7 +411,7 @@ impl Store for SqlStore {
     }
 
     async fn transition_campaign(&self, id: i64, transition: &Transition) -> StoreResult<Campaign> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         let now = now_ms();
         let started = transition.to == CampaignStatus::Running;
         let finished = transition.to.is_terminal();
@@ -489,7 +489,7 @@ impl Store for SqlStore {
         campaign_id: i64,
         mut chunks: mpsc::Receiver<ImportMsg>,
     ) -> StoreResult<ImportCounts> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         let before: i64 =
             sqlx::query_scalar(sql!("SELECT contact_count FROM campaigns WHERE id = ?"))
                 .bind(campaign_id)
