@@ -20,4 +20,5 @@ mod process;
 mod providers;
 mod python_clients;
 mod seeds;
+mod soak;
 mod streams;
