@@ -313,3 +313,11 @@ pub async fn create_campaign(node: &Node, key: &str, provider: Value, recipients
     assert_eq!(imported.status(), StatusCode::OK);
     id
 }
+
+/// `VmRSS` of a process, in bytes.
+pub fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}

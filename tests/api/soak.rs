@@ -9,20 +9,9 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::helpers::fresh_database_url;
-use crate::process::{create_campaign, create_key, Node, NodeOptions};
+use crate::process::{create_campaign, create_key, rss_of, Node, NodeOptions};
 
 const SOAK_SECONDS: u64 = 60;
-
-fn rss_of(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 1024
-}
 
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

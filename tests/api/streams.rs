@@ -894,20 +894,12 @@ async fn a_client_flooding_its_socket_is_paced_and_others_are_not() {
     );
 }
 
-/// `VmRSS` of a process, in bytes.
-fn rss_of(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kib * 1024
-}
-
 /// Thousands of sockets opened and dropped as fast as a client can (from 64
 /// tasks at once, twice for a bounded 3 s) leave a `herald` process serving, with
 /// its connection gauge back at zero and its memory near where it began.
 #[tokio::test]
 async fn a_connect_disconnect_storm_leaves_connections_and_memory_at_baseline() {
-    use crate::process::{create_campaign, create_key, Node, NodeOptions};
+    use crate::process::{create_campaign, create_key, rss_of, Node, NodeOptions};
     let dir = tempfile::tempdir().unwrap();
     let database_url = crate::helpers::fresh_database_url(dir.path()).await;
     let key = create_key(&database_url, "storm");
