@@ -240,17 +240,7 @@ async fn a_full_disk_is_a_503_that_writes_nothing_and_passes_once_space_is_freed
     };
     let node = Node::start(&database_url, options, &dir.path().join("herald.log")).await;
     let client = reqwest::Client::new();
-    let created: Value = client
-        .post(format!("{}/v1/campaigns", node.base))
-        .bearer_auth(&key)
-        .json(&serde_json::json!({"name": "disk", "channel": "sms", "template": "Hi {{name}}"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = created["id"].as_i64().unwrap();
+    let id = create_campaign(&node, &key, serde_json::json!({"kind": "simulated"}), 0).await;
 
     // Fill the disk to the last byte.
     let filler = disk.0.join("filler");

@@ -11,7 +11,7 @@ const HERALD: &str = env!("CARGO_BIN_EXE_herald");
 
 /// Parses Prometheus text format: `name{labels} value` → value, keyed by
 /// the name and the label set as written.
-fn parse(text: &str) -> HashMap<String, f64> {
+pub fn parse(text: &str) -> HashMap<String, f64> {
     let mut samples = HashMap::new();
     for line in text.lines() {
         if line.starts_with('#') || line.trim().is_empty() {
@@ -27,7 +27,7 @@ fn parse(text: &str) -> HashMap<String, f64> {
 }
 
 /// Sums the samples of `name` whose labels include every `labels` pair.
-fn sum(samples: &HashMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub fn sum(samples: &HashMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
     samples
         .iter()
         .filter(|(series, _)| {

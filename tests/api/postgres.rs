@@ -40,22 +40,19 @@ async fn assert_counters_equal_rows(database_url: &str, view: &Value) {
     assert_eq!(count("pending") + count("in_progress"), 0, "{rows:?}");
 }
 
+/// Two nodes with default options on one database, logging to `a.log` and
+/// `b.log` in `dir`.
+async fn two_nodes(database_url: &str, dir: &std::path::Path) -> (Node, Node) {
+    let a = Node::start(database_url, NodeOptions::default(), &dir.join("a.log")).await;
+    let b = Node::start(database_url, NodeOptions::default(), &dir.join("b.log")).await;
+    (a, b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_share_a_100k_run_and_send_no_one_twice() {
     let dir = tempfile::tempdir().unwrap();
     let database_url = postgres_database_url().await;
-    let a = Node::start(
-        &database_url,
-        NodeOptions::default(),
-        &dir.path().join("a.log"),
-    )
-    .await;
-    let b = Node::start(
-        &database_url,
-        NodeOptions::default(),
-        &dir.path().join("b.log"),
-    )
-    .await;
+    let (a, b) = two_nodes(&database_url, dir.path()).await;
     let (provider, provider_settings) = CountingProvider::serve(Duration::ZERO).await;
     let key = create_key(&database_url, "multi");
     let id = create_campaign(&a, &key, provider_settings, 100_000).await;
@@ -205,18 +202,7 @@ async fn a_socket_on_one_node_streams_a_run_another_node_works_across_a_listener
 async fn when_one_node_is_killed_mid_run_the_other_finishes_it() {
     let dir = tempfile::tempdir().unwrap();
     let database_url = postgres_database_url().await;
-    let mut a = Node::start(
-        &database_url,
-        NodeOptions::default(),
-        &dir.path().join("a.log"),
-    )
-    .await;
-    let b = Node::start(
-        &database_url,
-        NodeOptions::default(),
-        &dir.path().join("b.log"),
-    )
-    .await;
+    let (mut a, b) = two_nodes(&database_url, dir.path()).await;
     let (provider, provider_settings) = CountingProvider::serve(Duration::from_millis(5)).await;
     let key = create_key(&database_url, "multi");
     let id = create_campaign(&a, &key, provider_settings, 20_000).await;

@@ -71,13 +71,7 @@ async fn a_minute_of_campaigns_and_subscribers_leaves_memory_fds_and_logs_clean(
     let mut baseline = None;
     while Instant::now() < deadline {
         let id = create_campaign(&node, &key, provider.clone(), 300).await;
-        let start = client
-            .post(format!("{}/v1/campaigns/{id}/start", node.base))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap();
-        assert!(start.status().is_success(), "{}", start.status());
+        node.start_campaign(&key, id).await;
         newest.store(id, std::sync::atomic::Ordering::Relaxed);
         campaigns.push(id);
         // The baseline is taken once everything has been exercised.

@@ -966,11 +966,11 @@ async fn a_connect_disconnect_storm_leaves_connections_and_memory_at_baseline() 
                 .text()
                 .await
                 .unwrap();
-            open = metrics
-                .lines()
-                .filter(|l| l.starts_with("herald_stream_connections{"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum();
+            open = crate::metrics::sum(
+                &crate::metrics::parse(&metrics),
+                "herald_stream_connections",
+                &[],
+            );
             if open == 0.0 {
                 break;
             }
