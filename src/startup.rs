@@ -82,6 +82,7 @@ impl Application {
                 sockets: Default::default(),
                 shutdown: stop.clone(),
                 limiter,
+                keys: Default::default(),
             },
             demo_key,
             engine: config.engine,

@@ -48,11 +48,18 @@ pub async fn authenticate(state: &AppState, raw: Option<&str>) -> Result<Auth, A
     let presented = raw
         .and_then(PresentedKey::parse)
         .ok_or(ApiError::Unauthorized)?;
-    let record = state
-        .store
-        .api_key_by_prefix(presented.prefix)
-        .await?
-        .ok_or(ApiError::Unauthorized)?;
+    let record = match state.keys.get(presented.prefix) {
+        Some(record) => record,
+        None => {
+            let record = state
+                .store
+                .api_key_by_prefix(presented.prefix)
+                .await?
+                .ok_or(ApiError::Unauthorized)?;
+            state.keys.insert(&record);
+            record
+        }
+    };
     if record.revoked_at.is_some() || !presented.matches(&record.key_hash) {
         return Err(ApiError::Unauthorized);
     }

@@ -134,6 +134,7 @@ pub async fn revoke(
             StoreError::NotFound => ApiError::NotFound(format!("API key '{id}'")),
             other => other.into(),
         })?;
+    state.keys.forget(&record.prefix);
     tracing::info!(by = %auth.key_prefix, revoked = %record.prefix, "API key revoked");
     Ok(Json(ApiKeyView::from(&record)))
 }

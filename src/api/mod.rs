@@ -13,6 +13,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 pub mod health;
+pub mod key_cache;
 pub mod keys;
 pub mod runs;
 pub mod views;
@@ -126,6 +127,8 @@ pub struct AppState {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Per-key request budget for the REST API.
     pub limiter: Option<Arc<KeyedLimiter>>,
+    /// Recently seen API keys; see [`key_cache`].
+    pub keys: Arc<key_cache::KeyCache>,
 }
 
 pub type KeyedLimiter = governor::DefaultKeyedRateLimiter<i64>;
