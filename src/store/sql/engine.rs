@@ -88,31 +88,17 @@ pub(super) async fn fetch_run(conn: &mut Conn, run_id: i64) -> StoreResult<RunRe
     run_from_row(&row)
 }
 
-/// The campaign as a subscriber needs it, read inside the transaction that
-/// appends an event, so the event carries the state it produced.
-async fn campaign_snapshot(conn: &mut Conn, campaign_id: i64) -> StoreResult<serde_json::Value> {
-    let (status, started_at, completed_at, contact_count): (String, Option<i64>, Option<i64>, i64) =
-        sqlx::query_as(sql!(
-            "SELECT status, started_at, completed_at, contact_count FROM campaigns WHERE id = ?"
-        ))
-        .bind(campaign_id)
-        .fetch_one(&mut *conn)
-        .await?;
-    let run = sqlx::query(sql!(
-        "SELECT {RUN_COLUMNS} FROM runs WHERE campaign_id = ? ORDER BY id DESC LIMIT 1"
-    ))
-    .bind(campaign_id)
-    .fetch_optional(&mut *conn)
-    .await?
-    .as_ref()
-    .map(run_from_row)
-    .transpose()?;
+/// The campaign as a subscriber needs it: its status and its latest run.
+fn campaign_snapshot(
+    row: &DbRow,
+    latest_run: Option<&RunRecord>,
+) -> StoreResult<serde_json::Value> {
     Ok(json!({
-        "status": status,
-        "started_at": started_at,
-        "completed_at": completed_at,
-        "contact_count": contact_count,
-        "run": run.map(|run| json!({
+        "status": row.try_get::<String, _>("status")?,
+        "started_at": row.try_get::<Option<i64>, _>("started_at")?,
+        "completed_at": row.try_get::<Option<i64>, _>("completed_at")?,
+        "contact_count": row.try_get::<i64, _>("contact_count")?,
+        "run": latest_run.map(|run| json!({
             "id": run.uuid,
             "status": run.status.public(),
             "counters": run.counters,
@@ -126,26 +112,43 @@ async fn campaign_snapshot(conn: &mut Conn, campaign_id: i64) -> StoreResult<ser
 /// Appends one event to a campaign's log with the next gap-free sequence.
 /// Every event carries `campaign`: the campaign's status and latest run
 /// counters as of this event, so a stream never needs another read.
+///
+/// `current_run` is a run as the caller last wrote it in this transaction:
+/// when it is the campaign's latest, the snapshot uses it instead of
+/// reading the run again (one round trip fewer per event on the hot path).
 pub(super) async fn append_event(
     conn: &mut Conn,
     campaign_id: i64,
     kind: &str,
     mut data: serde_json::Value,
     now: i64,
+    current_run: Option<&RunRecord>,
 ) -> StoreResult<StoredEvent> {
     // Taking the sequence first locks the campaign row, so on Postgres
     // concurrent appends queue here and each snapshot sees the one before.
-    let (seq, workspace_id): (i64, i64) = sqlx::query_as(sql!(
-        "UPDATE campaigns SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq, workspace_id"
+    // The same statement returns what the snapshot needs of the campaign.
+    let row = sqlx::query(sql!(
+        "UPDATE campaigns SET last_seq = last_seq + 1 WHERE id = ?
+         RETURNING last_seq, workspace_id, status, started_at, completed_at, contact_count,
+                   (SELECT MAX(r.id) FROM runs r WHERE r.campaign_id = campaigns.id) AS latest_run_id"
     ))
     .bind(campaign_id)
     .fetch_one(&mut *conn)
     .await?;
+    let seq: i64 = row.try_get("last_seq")?;
+    let workspace_id: i64 = row.try_get("workspace_id")?;
     if let serde_json::Value::Object(fields) = &mut data {
-        fields.insert(
-            "campaign".into(),
-            campaign_snapshot(conn, campaign_id).await?,
-        );
+        let latest_run_id: Option<i64> = row.try_get("latest_run_id")?;
+        let fetched;
+        let latest_run = match (latest_run_id, current_run) {
+            (Some(id), Some(run)) if run.id == id => Some(run),
+            (Some(id), _) => {
+                fetched = fetch_run(conn, id).await?;
+                Some(&fetched)
+            }
+            (None, _) => None,
+        };
+        fields.insert("campaign".into(), campaign_snapshot(&row, latest_run)?);
     }
     sqlx::query(sql!(
         "INSERT INTO events (campaign_id, seq, kind, data, created_at) VALUES (?, ?, ?, ?, ?)"
@@ -187,11 +190,25 @@ struct Delta {
     skipped: i64,
 }
 
-async fn apply_deltas(
+/// One change to a run's row: counters and the bookkeeping that moves with
+/// them, written by [`update_run`] in a single statement.
+#[derive(Default)]
+struct RunChange {
+    counters: Delta,
+    completed_batches: i64,
+    charged: i64,
+    /// Set when sends succeeded: stamps `first_sent_at`/`last_sent_at`.
+    sent_at: Option<i64>,
+    updated_at: Option<i64>,
+}
+
+/// Adds per-batch deltas to the batches' counters and returns their sum,
+/// which the caller adds to the run's counters with [`update_run`].
+async fn apply_batch_deltas(
     conn: &mut Conn,
     run_id: i64,
     deltas: &BTreeMap<i64, Delta>,
-) -> StoreResult<()> {
+) -> StoreResult<Delta> {
     let mut total = Delta::default();
     for (sequence, d) in deltas {
         sqlx::query(
@@ -214,20 +231,53 @@ async fn apply_deltas(
         total.failed += d.failed;
         total.skipped += d.skipped;
     }
-    sqlx::query(sql!(
+    Ok(total)
+}
+
+/// Applies `change` to the run's row and returns the run as it now is, so
+/// callers need no read after their write.
+async fn update_run(conn: &mut Conn, run_id: i64, change: &RunChange) -> StoreResult<RunRecord> {
+    let row = sqlx::query(sql!(
         "UPDATE runs SET pending = pending + ?, processing = processing + ?, sent = sent + ?,
-                failed = failed + ?, skipped = skipped + ?
-         WHERE id = ?"
+                failed = failed + ?, skipped = skipped + ?,
+                completed_batches = completed_batches + ?,
+                charged_credits = charged_credits + ?,
+                first_sent_at = COALESCE(first_sent_at, ?),
+                last_sent_at = COALESCE(?, last_sent_at),
+                updated_at = COALESCE(?, updated_at)
+         WHERE id = ?
+         RETURNING {RUN_COLUMNS}"
     ))
-    .bind(total.pending)
-    .bind(total.processing)
-    .bind(total.sent)
-    .bind(total.failed)
-    .bind(total.skipped)
+    .bind(change.counters.pending)
+    .bind(change.counters.processing)
+    .bind(change.counters.sent)
+    .bind(change.counters.failed)
+    .bind(change.counters.skipped)
+    .bind(change.completed_batches)
+    .bind(change.charged)
+    .bind(change.sent_at)
+    .bind(change.sent_at)
+    .bind(change.updated_at)
     .bind(run_id)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or(StoreError::NotFound)?;
+    run_from_row(&row)
+}
+
+/// Batch and run counters for `deltas`, for callers with nothing else to
+/// write to the run.
+async fn apply_deltas(
+    conn: &mut Conn,
+    run_id: i64,
+    deltas: &BTreeMap<i64, Delta>,
+) -> StoreResult<RunRecord> {
+    let counters = apply_batch_deltas(conn, run_id, deltas).await?;
+    let change = RunChange {
+        counters,
+        ..RunChange::default()
+    };
+    update_run(conn, run_id, &change).await
 }
 
 /// Moves every execution of `run_id` in `from` to `to`, keeping counters
@@ -275,9 +325,24 @@ async fn bulk_move(
     Ok(rows.len() as i64)
 }
 
-/// Closes batches with nothing left to do, appending a `batch_completed`
-/// event for each; returns how many closed.
-async fn close_finished_batches(conn: &mut Conn, run_id: i64, now: i64) -> StoreResult<i64> {
+/// A batch [`close_finished_batches`] just closed, for its event.
+struct ClosedBatch {
+    sequence: i64,
+    status: String,
+    recipients: i64,
+    sent: i64,
+    failed: i64,
+    skipped: i64,
+}
+
+/// Closes batches with nothing left to do. The caller adds their number to
+/// the run's `completed_batches` and then announces them with
+/// [`announce_closed_batches`].
+async fn close_finished_batches(
+    conn: &mut Conn,
+    run_id: i64,
+    now: i64,
+) -> StoreResult<Vec<ClosedBatch>> {
     let closed_rows: Vec<(i64, String, i64, i64, i64, i64)> = sqlx::query_as(
         sql!("UPDATE batches SET
             status = CASE WHEN sent = 0 AND (failed > 0 OR skipped > 0) THEN 'failed' ELSE 'completed' END,
@@ -297,33 +362,58 @@ async fn close_finished_batches(conn: &mut Conn, run_id: i64, now: i64) -> Store
     .bind(run_id)
     .fetch_all(&mut *conn)
     .await?;
-    let closed = closed_rows.len() as i64;
-    if closed > 0 {
-        sqlx::query(sql!(
-            "UPDATE runs SET completed_batches = completed_batches + ? WHERE id = ?"
-        ))
-        .bind(closed)
-        .bind(run_id)
-        .execute(&mut *conn)
+    Ok(closed_rows
+        .into_iter()
+        .map(
+            |(sequence, status, recipients, sent, failed, skipped)| ClosedBatch {
+                sequence,
+                status,
+                recipients,
+                sent,
+                failed,
+                skipped,
+            },
+        )
+        .collect())
+}
+
+/// Appends a `batch_completed` event for each closed batch; `run` is the
+/// run after its `completed_batches` counted them.
+async fn announce_closed_batches(
+    conn: &mut Conn,
+    run: &RunRecord,
+    closed: &[ClosedBatch],
+    now: i64,
+) -> StoreResult<()> {
+    for batch in closed {
+        append_event(
+            conn,
+            run.campaign_id,
+            "batch_completed",
+            json!({"run_id": run.uuid, "batch_sequence": batch.sequence, "status": batch.status,
+                   "recipient_count": batch.recipients, "sent": batch.sent,
+                   "failed": batch.failed, "skipped": batch.skipped}),
+            now,
+            Some(run),
+        )
         .await?;
-        let (campaign_id, run_uuid): (i64, String) =
-            sqlx::query_as(sql!("SELECT campaign_id, uuid FROM runs WHERE id = ?"))
-                .bind(run_id)
-                .fetch_one(&mut *conn)
-                .await?;
-        for (sequence, status, recipients, sent, failed, skipped) in closed_rows {
-            append_event(
-                conn,
-                campaign_id,
-                "batch_completed",
-                json!({"run_id": run_uuid, "batch_sequence": sequence, "status": status,
-                       "recipient_count": recipients, "sent": sent, "failed": failed, "skipped": skipped}),
-                now,
-            )
-            .await?;
-        }
     }
-    Ok(closed)
+    Ok(())
+}
+
+/// Closes finished batches, counts them on the run and announces them:
+/// for the paths where nothing else is written to the run alongside.
+async fn close_and_announce_batches(conn: &mut Conn, run_id: i64, now: i64) -> StoreResult<()> {
+    let closed = close_finished_batches(conn, run_id, now).await?;
+    if !closed.is_empty() {
+        let change = RunChange {
+            completed_batches: closed.len() as i64,
+            ..RunChange::default()
+        };
+        let run = update_run(conn, run_id, &change).await?;
+        announce_closed_batches(conn, &run, &closed, now).await?;
+    }
+    Ok(())
 }
 
 /// Records one change of a workspace's balance; `after` is the new balance.
@@ -394,24 +484,18 @@ async fn lease_batches(
     lease_until: i64,
     wanted: i64,
 ) -> StoreResult<Vec<i64>> {
-    sqlx::query(sql!(
+    // Renewing the leases held also says which they are.
+    let mut held: Vec<(i64, i64)> = sqlx::query_as(sql!(
         "UPDATE batches SET lease_expires_at = ?
-         WHERE run_id = ? AND lease_owner = ? AND status IN ('pending', 'running')"
+         WHERE run_id = ? AND lease_owner = ? AND status IN ('pending', 'running')
+         RETURNING batch_sequence, pending"
     ))
     .bind(lease_until)
     .bind(run_id)
     .bind(worker)
-    .execute(&mut *conn)
-    .await?;
-    let mut held: Vec<(i64, i64)> = sqlx::query_as(sql!(
-        "SELECT batch_sequence, pending FROM batches
-         WHERE run_id = ? AND lease_owner = ? AND status IN ('pending', 'running')
-         ORDER BY batch_sequence"
-    ))
-    .bind(run_id)
-    .bind(worker)
     .fetch_all(&mut *conn)
     .await?;
+    held.sort_unstable();
     while held.iter().map(|(_, pending)| pending).sum::<i64>() < wanted {
         let free: Option<(i64, Option<String>, i64)> = sqlx::query_as(sql!(
             "SELECT batch_sequence, lease_owner, pending FROM batches
@@ -458,7 +542,7 @@ async fn lease_batches(
                     lost,
                     "took over a batch; in-flight sends marked failed"
                 );
-                close_finished_batches(conn, run_id, now).await?;
+                close_and_announce_batches(conn, run_id, now).await?;
             }
         }
         held.push((sequence, pending));
@@ -467,7 +551,8 @@ async fn lease_batches(
 }
 
 /// Renews and takes batch leases and marks up to `limit` due executions of
-/// the worker's batches in progress, inside the caller's transaction.
+/// the worker's batches in progress, inside the caller's transaction,
+/// which holds the run's lock ([`lock_run`]).
 async fn take_slice_in(
     conn: &mut Conn,
     run_id: i64,
@@ -476,7 +561,6 @@ async fn take_slice_in(
     lease_until: i64,
     limit: i64,
 ) -> StoreResult<Slice> {
-    lock_run(conn, run_id).await?;
     let campaign_status: String = sqlx::query_scalar(sql!(
         "SELECT c.status FROM runs r JOIN campaigns c ON c.id = r.campaign_id WHERE r.id = ?"
     ))
@@ -490,6 +574,7 @@ async fn take_slice_in(
     };
     let mut executions = Vec::new();
     let mut next_retry_at: Option<i64> = None;
+    let mut counters = None;
     if control == Control::Continue {
         let held = lease_batches(conn, run_id, worker, now, lease_until, limit).await?;
         // One index range per held batch (usually one or two), so the cost
@@ -549,52 +634,44 @@ async fn take_slice_in(
                 d.pending -= 1;
                 d.processing += 1;
             }
+            // A batch's first slice opens it; its size comes back for the
+            // `batch_started` event.
             let mut started = Vec::new();
             for sequence in deltas.keys() {
-                let opened = sqlx::query(sql!(
+                let opened: Option<i64> = sqlx::query_scalar(sql!(
                     "UPDATE batches SET status = 'running', started_at = COALESCE(started_at, ?)
-                     WHERE run_id = ? AND batch_sequence = ? AND status = 'pending'"
+                     WHERE run_id = ? AND batch_sequence = ? AND status = 'pending'
+                     RETURNING recipient_count"
                 ))
                 .bind(now)
                 .bind(run_id)
                 .bind(sequence)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-                if opened > 0 {
-                    started.push(*sequence);
-                }
-            }
-            apply_deltas(&mut *conn, run_id, &deltas).await?;
-            if !started.is_empty() {
-                let (campaign_id, run_uuid, total_batches): (i64, String, i64) = sqlx::query_as(
-                    sql!("SELECT campaign_id, uuid, total_batches FROM runs WHERE id = ?"),
-                )
-                .bind(run_id)
-                .fetch_one(&mut *conn)
+                .fetch_optional(&mut *conn)
                 .await?;
-                for sequence in started {
-                    let size: i64 = sqlx::query_scalar(
-                        sql!("SELECT recipient_count FROM batches WHERE run_id = ? AND batch_sequence = ?"),
-                    )
-                    .bind(run_id)
-                    .bind(sequence)
-                    .fetch_one(&mut *conn)
-                    .await?;
-                    append_event(
-                        &mut *conn,
-                        campaign_id,
-                        "batch_started",
-                        json!({"run_id": run_uuid, "batch_sequence": sequence,
-                               "total_batches": total_batches, "recipient_count": size}),
-                        now,
-                    )
-                    .await?;
+                if let Some(size) = opened {
+                    started.push((*sequence, size));
                 }
             }
+            let run = apply_deltas(&mut *conn, run_id, &deltas).await?;
+            for (sequence, size) in started {
+                append_event(
+                    &mut *conn,
+                    run.campaign_id,
+                    "batch_started",
+                    json!({"run_id": run.uuid, "batch_sequence": sequence,
+                           "total_batches": run.total_batches, "recipient_count": size}),
+                    now,
+                    Some(&run),
+                )
+                .await?;
+            }
+            counters = Some(run.counters);
         }
     }
-    let counters = fetch_run(&mut *conn, run_id).await?.counters;
+    let counters = match counters {
+        Some(counters) => counters,
+        None => fetch_run(&mut *conn, run_id).await?.counters,
+    };
     Ok(Slice {
         control,
         executions,
@@ -604,14 +681,14 @@ async fn take_slice_in(
 }
 
 /// Records send outcomes, counters, batch completion, metrics and an event,
-/// inside the caller's transaction.
+/// inside the caller's transaction, which holds the run's lock
+/// ([`lock_run`]). The run's row is written once, by [`update_run`].
 async fn record_outcomes_in(
     conn: &mut Conn,
     run_id: i64,
     outcomes: &[ExecutionOutcome],
     now: i64,
 ) -> StoreResult<RunUpdate> {
-    lock_run(conn, run_id).await?;
     let payload: Vec<serde_json::Value> = outcomes
         .iter()
         .map(|o| {
@@ -667,25 +744,17 @@ async fn record_outcomes_in(
             failures += 1;
         }
     }
-    apply_deltas(&mut *conn, run_id, &deltas).await?;
-    sqlx::query(
-        sql!("UPDATE runs SET charged_credits = charged_credits + ?,
-                first_sent_at = CASE WHEN ? > 0 THEN COALESCE(first_sent_at, ?) ELSE first_sent_at END,
-                last_sent_at = CASE WHEN ? > 0 THEN ? ELSE last_sent_at END,
-                updated_at = ?
-         WHERE id = ?"),
-    )
-    .bind(charged)
-    .bind(successes)
-    .bind(now)
-    .bind(successes)
-    .bind(now)
-    .bind(now)
-    .bind(run_id)
-    .execute(&mut *conn)
-    .await?;
-    close_finished_batches(&mut *conn, run_id, now).await?;
-    let run = fetch_run(&mut *conn, run_id).await?;
+    let counters = apply_batch_deltas(&mut *conn, run_id, &deltas).await?;
+    let closed = close_finished_batches(&mut *conn, run_id, now).await?;
+    let change = RunChange {
+        counters,
+        completed_batches: closed.len() as i64,
+        charged,
+        sent_at: (successes > 0).then_some(now),
+        updated_at: Some(now),
+    };
+    let run = update_run(&mut *conn, run_id, &change).await?;
+    announce_closed_batches(&mut *conn, &run, &closed, now).await?;
     if successes + failures > 0 {
         sqlx::query(
             sql!("INSERT INTO metrics_minutes (campaign_id, minute, completed, failed) VALUES (?, ?, ?, ?)
@@ -706,6 +775,7 @@ async fn record_outcomes_in(
         "progress",
         run_event_data(&run),
         now,
+        Some(&run),
     )
     .await?;
     Ok(RunUpdate {
@@ -989,6 +1059,7 @@ impl EngineStore for SqlStore {
             "run_started",
             run_event_data(&run),
             now,
+            Some(&run),
         )
         .await?;
         tx.commit().await?;
@@ -1027,6 +1098,7 @@ impl EngineStore for SqlStore {
         limit: i64,
     ) -> StoreResult<Slice> {
         let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
+        lock_run(&mut tx, run_id).await?;
         let slice = take_slice_in(&mut tx, run_id, worker, now, lease_until, limit).await?;
         tx.commit().await?;
         Ok(slice)
@@ -1039,6 +1111,7 @@ impl EngineStore for SqlStore {
         now: i64,
     ) -> StoreResult<RunUpdate> {
         let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
+        lock_run(&mut tx, run_id).await?;
         let update = record_outcomes_in(&mut tx, run_id, outcomes, now).await?;
         tx.commit().await?;
         Ok(update)
@@ -1080,6 +1153,7 @@ impl EngineStore for SqlStore {
         limit: i64,
     ) -> StoreResult<(RunUpdate, Slice)> {
         let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
+        lock_run(&mut tx, run_id).await?;
         let update = record_outcomes_in(&mut tx, run_id, outcomes, now).await?;
         let slice = take_slice_in(&mut tx, run_id, worker, now, lease_until, limit).await?;
         tx.commit().await?;
@@ -1123,7 +1197,7 @@ impl EngineStore for SqlStore {
             now,
         )
         .await?;
-        close_finished_batches(&mut tx, run_id, now).await?;
+        close_and_announce_batches(&mut tx, run_id, now).await?;
 
         // Refund what was reserved and not spent.
         let refund = (before.reserved_credits - before.charged_credits).max(0);
@@ -1182,6 +1256,7 @@ impl EngineStore for SqlStore {
             &format!("run_{status}"),
             data,
             now,
+            Some(&run),
         )
         .await?;
         tx.commit().await?;
@@ -1247,11 +1322,12 @@ impl EngineStore for SqlStore {
         // every engine transaction locks them in.
         let mut campaigns = Vec::new();
         for (run_id, (delivered, failed)) in &per_run {
-            let (campaign_id, workspace_id): (i64, i64) = sqlx::query_as(sql!(
+            let row = sqlx::query(sql!(
                 "UPDATE runs SET delivered = delivered + ?, failed_delivery = failed_delivery + ?,
                         updated_at = ?
                  WHERE id = ?
-                 RETURNING campaign_id, (SELECT workspace_id FROM campaigns c WHERE c.id = runs.campaign_id)"
+                 RETURNING {RUN_COLUMNS},
+                    (SELECT workspace_id FROM campaigns c WHERE c.id = runs.campaign_id) AS workspace_id"
             ))
             .bind(delivered)
             .bind(failed)
@@ -1259,7 +1335,8 @@ impl EngineStore for SqlStore {
             .bind(run_id)
             .fetch_one(&mut *tx)
             .await?;
-            campaigns.push((campaign_id, workspace_id, delivered + failed));
+            let workspace_id: i64 = row.try_get("workspace_id")?;
+            campaigns.push((run_from_row(&row)?, workspace_id, delivered + failed));
         }
         for ((run_id, sequence), (delivered, failed)) in per_batch {
             sqlx::query(sql!(
@@ -1273,17 +1350,21 @@ impl EngineStore for SqlStore {
             .execute(&mut *tx)
             .await?;
         }
-        for (campaign_id, _, receipts) in &campaigns {
+        for (run, _, receipts) in &campaigns {
             append_event(
                 &mut tx,
-                *campaign_id,
+                run.campaign_id,
                 "progress",
                 json!({"receipts": receipts}),
                 now,
+                Some(run),
             )
             .await?;
         }
-        let campaigns = campaigns.into_iter().map(|(c, w, _)| (c, w)).collect();
+        let campaigns = campaigns
+            .into_iter()
+            .map(|(run, workspace_id, _)| (run.campaign_id, workspace_id))
+            .collect();
         let applied = settled.len() as u64;
         let unknown_ids: Vec<String> = if applied < receipts.len() as u64 {
             sqlx::query_scalar(
@@ -1364,7 +1445,7 @@ impl EngineStore for SqlStore {
         .await?;
         let mut stored = Vec::with_capacity(events.len());
         for (kind, data) in events {
-            stored.push(append_event(&mut tx, campaign_id, kind, data.clone(), now).await?);
+            stored.push(append_event(&mut tx, campaign_id, kind, data.clone(), now, None).await?);
         }
         if let Some(end) = finish {
             let changed = sqlx::query(sql!(
@@ -1386,6 +1467,7 @@ impl EngineStore for SqlStore {
                         "campaign_status",
                         json!({"status": end.as_str()}),
                         now,
+                        None,
                     )
                     .await?,
                 );

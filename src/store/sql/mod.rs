@@ -477,6 +477,7 @@ impl Store for SqlStore {
             "campaign_status",
             serde_json::json!({"from": transition.from.as_str(), "status": transition.to.as_str()}),
             now,
+            None,
         )
         .await?;
         let campaign = self.fetch_campaign(&mut tx, id).await?;
