@@ -95,7 +95,12 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(Duration::from_secs(10))
+            // sqlx hands rows from its SQLite thread to the async side over a
+            // bounded channel (50 by default). A slice moves 1000 rows at once,
+            // and every time the channel fills the two threads wait on each
+            // other; room for a whole slice keeps the SQLite thread running.
+            .row_buffer_size(2048);
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(120))
