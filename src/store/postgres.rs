@@ -85,16 +85,13 @@ pub(crate) mod dialect {
     /// Workers leasing batches of one run at once each take a different one.
     pub const BATCH_CLAIM_LOCK: &str = "FOR UPDATE SKIP LOCKED";
 
-    /// Tells every node's listener that the campaign has new events. Sent
-    /// at commit; Postgres folds identical payloads of one transaction.
-    pub async fn announce(conn: &mut Conn, campaign_id: i64, workspace_id: i64) -> StoreResult<()> {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(super::EVENTS_CHANNEL)
-            .bind(format!("{campaign_id}:{workspace_id}"))
-            .execute(&mut *conn)
-            .await?;
-        Ok(())
-    }
+    /// Added to the `RETURNING` of the statement that takes an event's
+    /// sequence: tells every node's listener that the campaign has new
+    /// events, without a round trip of its own. Sent at commit; Postgres
+    /// folds identical payloads of one transaction. The channel is
+    /// [`EVENTS_CHANNEL`](super::EVENTS_CHANNEL).
+    pub const ANNOUNCE: &str = ", pg_notify('herald_events', \
+        CAST(campaigns.id AS TEXT) || ':' || CAST(campaigns.workspace_id AS TEXT)) IS NULL AS announced";
 
     /// Listens for announcements from every node. When the listening
     /// connection drops, it reconnects and sends [`Change::Resync`], so the
@@ -175,6 +172,12 @@ pub(crate) mod dialect {
             );
             assert_eq!(placeholders("a = ?2 AND b = ?1"), "a = $2 AND b = $1");
             assert_eq!(placeholders("'it''s ?' = ?"), "'it''s ?' = $1");
+        }
+
+        #[test]
+        fn events_are_announced_on_the_channel_listeners_hear() {
+            let quoted = format!("'{}'", super::super::EVENTS_CHANNEL);
+            assert!(super::ANNOUNCE.contains(&quoted));
         }
     }
 }

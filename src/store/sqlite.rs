@@ -62,13 +62,7 @@ pub(crate) mod dialect {
     pub const BATCH_CLAIM_LOCK: &str = "";
 
     /// A single process sees its own writes; nothing to announce.
-    pub async fn announce(
-        _conn: &mut Conn,
-        _campaign_id: i64,
-        _workspace_id: i64,
-    ) -> crate::store::StoreResult<()> {
-        Ok(())
-    }
+    pub const ANNOUNCE: &str = "";
 
     /// No other process writes: the hub hears of every change locally.
     pub async fn watch_changes(

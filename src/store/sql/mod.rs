@@ -402,6 +402,12 @@ impl Store for SqlStore {
         if !current.is_editable() {
             return Err(StoreError::StatusConflict { current });
         }
+        // Executions do not cascade from runs on Postgres (no foreign key,
+        // see migration 0005), so they go first, by hand.
+        sqlx::query(sql!("DELETE FROM executions WHERE campaign_id = ?"))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(sql!("DELETE FROM campaigns WHERE id = ?"))
             .bind(id)
             .execute(&mut *tx)
