@@ -22,6 +22,7 @@ pub mod cli;
 pub mod domain;
 pub mod engine;
 pub mod providers;
+pub mod retention;
 pub mod startup;
 pub mod store;
 pub mod streams;

@@ -24,6 +24,8 @@ pub struct ServerConfig {
     /// Pool size, statement timeout, migrations at start.
     pub store: StoreOptions,
     pub api: ApiConfig,
+    /// How long events, executions and metrics are kept.
+    pub retention: crate::retention::RetentionConfig,
     /// Create a demo workspace and print its key when the database is new.
     pub demo: bool,
     /// Run workers in this process; `None` serves the API only.
@@ -66,9 +68,9 @@ impl Application {
         let stop = CancellationToken::new();
         let hub =
             crate::streams::Hub::start(store.clone(), config.api.streams.coalesce, stop.clone());
-        tokio::spawn(crate::streams::purge_loop(
+        tokio::spawn(crate::retention::purge_loop(
             store.clone(),
-            config.api.streams.clone(),
+            config.retention,
             stop.clone(),
         ));
         Ok(Self {

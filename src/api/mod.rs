@@ -72,12 +72,6 @@ pub struct StreamConfig {
     pub client_messages_per_second: u32,
     /// A client that does not take a frame within this is disconnected.
     pub send_timeout: Duration,
-    /// Events are purged once older than this *and* beyond the newest
-    /// `retention_events` of their campaign.
-    pub retention_age: Duration,
-    pub retention_events: i64,
-    /// How often the purge runs.
-    pub purge_interval: Duration,
 }
 
 impl Default for StreamConfig {
@@ -90,9 +84,6 @@ impl Default for StreamConfig {
             max_client_message_bytes: 16 * 1024,
             client_messages_per_second: 20,
             send_timeout: Duration::from_secs(10),
-            retention_age: Duration::from_secs(24 * 3600),
-            retention_events: 100_000,
-            purge_interval: Duration::from_secs(60),
         }
     }
 }

@@ -333,6 +333,7 @@ impl BenchServer {
                 rate_limit_per_key: 0,
                 ..ApiConfig::default()
             },
+            retention: Default::default(),
             demo: false,
             engine,
             public_url: None,

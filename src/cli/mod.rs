@@ -9,6 +9,7 @@ mod remote;
 mod watch;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -110,11 +111,23 @@ pub struct ServeArgs {
     #[arg(long, env = "HERALD_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
     /// Keep events at least this many hours…
-    #[arg(long, env = "HERALD_EVENT_RETENTION_HOURS", default_value_t = 24)]
+    #[arg(long, env = "HERALD_EVENT_RETENTION_HOURS", default_value_t = 24,
+          value_parser = clap::value_parser!(u64).range(0..=876_000))]
     pub event_retention_hours: u64,
     /// …and at least this many newest events per campaign.
-    #[arg(long, env = "HERALD_EVENT_RETENTION_COUNT", default_value_t = 100_000)]
+    #[arg(long, env = "HERALD_EVENT_RETENTION_COUNT", default_value_t = 100_000,
+          value_parser = clap::value_parser!(i64).range(0..))]
     pub event_retention_count: i64,
+    /// Delete the executions (per-recipient rows) of runs that ended this
+    /// many days ago; run counters and credits stay. 0 keeps them for ever.
+    #[arg(long, env = "HERALD_EXECUTION_RETENTION_DAYS", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=36_500))]
+    pub execution_retention_days: u32,
+    /// Delete per-minute send counts (throughput charts) older than this
+    /// many days. 0 keeps them for ever.
+    #[arg(long, env = "HERALD_METRICS_RETENTION_DAYS", default_value_t = 90,
+          value_parser = clap::value_parser!(u32).range(0..=36_500))]
+    pub metrics_retention_days: u32,
     /// Serve the API only; run workers elsewhere with `herald worker`.
     #[arg(long, env = "HERALD_NO_ENGINE", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_engine: bool,
@@ -166,6 +179,11 @@ impl EngineArgs {
             ..EngineConfig::default()
         }
     }
+}
+
+/// A retention in days, where 0 means "keep for ever".
+fn days(n: u32) -> Option<Duration> {
+    (n > 0).then(|| Duration::from_secs(u64::from(n) * 24 * 3600))
 }
 
 fn parse_region(s: &str) -> Result<Region, String> {
@@ -329,10 +347,6 @@ impl ServeArgs {
                     idle_timeout: std::time::Duration::from_secs(self.ws_idle_seconds),
                     max_sockets_per_key: self.ws_max_per_key,
                     client_messages_per_second: self.ws_messages_per_second,
-                    retention_age: std::time::Duration::from_secs(
-                        self.event_retention_hours * 3600,
-                    ),
-                    retention_events: self.event_retention_count,
                     ..Default::default()
                 },
                 rate_limit_per_key: self.rate_limit,
@@ -343,6 +357,13 @@ impl ServeArgs {
                     .map(|o| o.trim().to_owned())
                     .filter(|o| !o.is_empty())
                     .collect(),
+            },
+            retention: crate::retention::RetentionConfig {
+                event_age: Duration::from_secs(self.event_retention_hours * 3600),
+                event_count: self.event_retention_count,
+                execution_age: days(self.execution_retention_days),
+                metrics_age: days(self.metrics_retention_days),
+                ..Default::default()
             },
             demo: !self.no_demo,
             engine: (!self.no_engine).then(|| self.engine.into_config()),
@@ -433,6 +454,14 @@ fn config_check(global: &GlobalArgs, serve: &ServeArgs) {
         (
             "event_retention_count",
             serve.event_retention_count.to_string(),
+        ),
+        (
+            "execution_retention_days",
+            serve.execution_retention_days.to_string(),
+        ),
+        (
+            "metrics_retention_days",
+            serve.metrics_retention_days.to_string(),
         ),
         ("in_flight", e.in_flight.to_string()),
         ("max_runs", e.max_runs.to_string()),

@@ -364,6 +364,16 @@ pub trait ReportStore: Send + Sync {
     /// than `older_than` (Unix ms) and not among the newest `keep_last` of
     /// their campaign. Returns how many went.
     async fn purge_events(&self, older_than: i64, keep_last: i64, limit: i64) -> StoreResult<u64>;
+    /// Deletes up to `limit` executions of the oldest run that ended before
+    /// `ended_before` (Unix ms) and whose campaign has no older run still
+    /// kept, so what remains of a campaign is always its newest executions
+    /// (offsets counted from the newest stay right). The run stops counting
+    /// its executions at once; its counters stay. Returns the rows deleted
+    /// (at least 1 while there was work), 0 when nothing is due.
+    async fn purge_executions(&self, ended_before: i64, limit: i64) -> StoreResult<u64>;
+    /// Deletes up to `limit` per-minute send counts before `before_minute`
+    /// (Unix minutes). Returns how many went.
+    async fn purge_metrics(&self, before_minute: i64, limit: i64) -> StoreResult<u64>;
     /// The newest sequence number of a campaign's log (0 when empty).
     async fn last_seq(&self, campaign_id: i64) -> StoreResult<i64>;
     /// The oldest sequence number still in the log, if any.

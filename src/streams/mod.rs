@@ -72,38 +72,6 @@ impl HubEvent {
     }
 }
 
-/// Purges old events on an interval until `shutdown`; see
-/// [`crate::store::ReportStore::purge_events`].
-pub async fn purge_loop(
-    store: Arc<dyn Store>,
-    config: crate::api::StreamConfig,
-    shutdown: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(config.purge_interval) => {}
-        }
-        let older_than = crate::store::now_ms() - config.retention_age.as_millis() as i64;
-        loop {
-            match store
-                .purge_events(older_than, config.retention_events, 5000)
-                .await
-            {
-                Ok(0) => break,
-                Ok(n) => tracing::debug!(deleted = n, "purged old events"),
-                Err(err) => {
-                    tracing::warn!(error = %err, "purging events failed");
-                    break;
-                }
-            }
-            if shutdown.is_cancelled() {
-                return;
-            }
-        }
-    }
-}
-
 /// Whether an event may be merged into a later one of the same kind.
 pub fn is_coalescable(kind: &str) -> bool {
     kind == "progress"

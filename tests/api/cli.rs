@@ -721,6 +721,18 @@ fn configuration_layers_are_file_then_environment_then_flags() {
     assert_eq!(value(&database, "database_statement_timeout_ms"), "1500");
     assert_eq!(value(&database, "no_migrate"), "true");
 
+    std::fs::write(
+        dir.path().join("retention.toml"),
+        "execution_retention_days = 30\nmetrics_retention_days = 7\n",
+    )
+    .unwrap();
+    let retention = check(
+        &[("HERALD_METRICS_RETENTION_DAYS", "14")],
+        &["--config", "retention.toml"],
+    );
+    assert_eq!(value(&retention, "execution_retention_days"), "30");
+    assert_eq!(value(&retention, "metrics_retention_days"), "14");
+
     for (file, needle) in [
         ("adress = 1\n", "unknown key 'adress'"),
         ("in_flight = \"many\"\n", "many"),
@@ -732,6 +744,13 @@ fn configuration_layers_are_file_then_environment_then_flags() {
         ),
         ("no_migrate = \"perhaps\"\n", "perhaps"),
         ("drain_seconds = 0\n", "0 is not in 1..=3600"),
+        ("execution_retention_days = -1\n", "-1"),
+        ("metrics_retention_days = \"forever\"\n", "forever"),
+        ("event_retention_count = -5\n", "-5"),
+        (
+            "event_retention_hours = 9999999\n",
+            "9999999 is not in 0..=876000",
+        ),
     ] {
         std::fs::write(dir.path().join("bad.toml"), file).unwrap();
         let out = Command::new(HERALD)

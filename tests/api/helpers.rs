@@ -124,6 +124,7 @@ async fn spawn_app_on(
         database_url: database_url.clone(),
         store: herald::store::StoreOptions::default(),
         api: ApiConfig::default(),
+        retention: Default::default(),
         demo: false,
         engine: Some(test_engine()),
         public_url: None,

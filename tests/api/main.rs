@@ -19,6 +19,7 @@ mod postgres;
 mod process;
 mod providers;
 mod python_clients;
+mod retention;
 mod seeds;
 mod soak;
 mod streams;

@@ -707,9 +707,9 @@ async fn sse_streams_events_and_resumes_from_last_event_id() {
 #[tokio::test]
 async fn purged_events_make_replay_say_so() {
     let app = slow_engine_app(|c| {
-        c.api.streams.retention_age = Duration::ZERO;
-        c.api.streams.retention_events = 2;
-        c.api.streams.purge_interval = Duration::from_millis(100);
+        c.retention.event_age = Duration::ZERO;
+        c.retention.event_count = 2;
+        c.retention.interval = Duration::from_millis(100);
     })
     .await;
     let c = external_campaign(&app).await;

@@ -193,8 +193,9 @@ impl ReportStore for SqlStore {
             // The runs' totals are exact and need no scan.
             None => {
                 sqlx::query_scalar(sql!(
-                "SELECT CAST(COALESCE(SUM(total), 0) AS BIGINT) FROM runs WHERE campaign_id = ?"
-            ))
+                    "SELECT CAST(COALESCE(SUM(total), 0) AS BIGINT) FROM runs
+                 WHERE campaign_id = ? AND executions_state = 'kept'"
+                ))
                 .bind(campaign_id)
                 .fetch_one(&self.reader)
                 .await?
@@ -329,6 +330,70 @@ impl ReportStore for SqlStore {
         ))
         .bind(older_than)
         .bind(keep_last)
+        .bind(limit)
+        .execute(&self.writer)
+        .await?
+        .rows_affected();
+        Ok(deleted)
+    }
+
+    async fn purge_executions(&self, ended_before: i64, limit: i64) -> StoreResult<u64> {
+        // A run taken earlier and not finished yet comes first; otherwise
+        // the next one due is taken.
+        let purging: Option<i64> = sqlx::query_scalar(sql!(
+            "SELECT id FROM runs WHERE executions_state = 'purging' ORDER BY id LIMIT 1"
+        ))
+        .fetch_optional(&self.writer)
+        .await?;
+        let run_id = match purging {
+            Some(id) => id,
+            None => {
+                let taken: Option<i64> = sqlx::query_scalar(sql!(
+                    "UPDATE runs SET executions_state = 'purging' WHERE id = (
+                         SELECT r.id FROM runs r
+                         WHERE r.executions_state = 'kept'
+                           AND r.status IN ('completed', 'failed', 'cancelled')
+                           AND r.completed_at < ?
+                           AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.campaign_id = r.campaign_id
+                                             AND o.id < r.id AND o.executions_state = 'kept')
+                         ORDER BY r.id LIMIT 1)
+                     RETURNING id"
+                ))
+                .bind(ended_before)
+                .fetch_optional(&self.writer)
+                .await?;
+                match taken {
+                    Some(id) => id,
+                    None => return Ok(0),
+                }
+            }
+        };
+        let deleted = sqlx::query(sql!(
+            "DELETE FROM executions WHERE id IN (
+                 SELECT id FROM executions WHERE run_id = ? LIMIT ?)"
+        ))
+        .bind(run_id)
+        .bind(limit)
+        .execute(&self.writer)
+        .await?
+        .rows_affected();
+        if (deleted as i64) < limit {
+            sqlx::query(sql!(
+                "UPDATE runs SET executions_state = 'purged' WHERE id = ?"
+            ))
+            .bind(run_id)
+            .execute(&self.writer)
+            .await?;
+        }
+        Ok(deleted.max(1))
+    }
+
+    async fn purge_metrics(&self, before_minute: i64, limit: i64) -> StoreResult<u64> {
+        let deleted = sqlx::query(sql!(
+            "DELETE FROM metrics_minutes WHERE (campaign_id, minute) IN (
+                 SELECT campaign_id, minute FROM metrics_minutes WHERE minute < ? LIMIT ?)"
+        ))
+        .bind(before_minute)
         .bind(limit)
         .execute(&self.writer)
         .await?
