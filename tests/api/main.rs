@@ -7,6 +7,7 @@ mod campaigns;
 mod cli;
 mod contacts;
 mod crash;
+mod crash_matrix;
 mod dashboard;
 mod engine;
 mod fuzz;
