@@ -22,3 +22,4 @@ mod python_clients;
 mod seeds;
 mod soak;
 mod streams;
+mod traces;
