@@ -23,6 +23,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     ("no_migrate", "HERALD_NO_MIGRATE"),
     ("log_format", "HERALD_LOG_FORMAT"),
+    ("otlp_endpoint", "HERALD_OTLP_ENDPOINT"),
     ("max_body_bytes", "HERALD_MAX_BODY_BYTES"),
     ("max_import_bytes", "HERALD_MAX_IMPORT_BYTES"),
     ("default_region", "HERALD_DEFAULT_REGION"),

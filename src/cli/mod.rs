@@ -18,7 +18,7 @@ use crate::domain::Region;
 use crate::engine::EngineConfig;
 use crate::startup::{shutdown_signal, Application, ServerConfig};
 use crate::store::StoreOptions;
-use crate::telemetry::{self, LogFormat};
+use crate::telemetry::{self, LogFormat, OtlpEndpoint};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -70,6 +70,12 @@ pub struct GlobalArgs {
     /// Log format on stderr; the level comes from RUST_LOG (default info).
     #[arg(long, env = "HERALD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// Export traces (request, run and slice spans) over OTLP/HTTP to this
+    /// collector, e.g. http://localhost:4318 (/v1/traces is added to a URL
+    /// without a path). Unset: no export.
+    #[arg(long, env = "HERALD_OTLP_ENDPOINT", global = true, value_name = "URL",
+          value_parser = OtlpEndpoint::parse)]
+    pub otlp_endpoint: Option<OtlpEndpoint>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -425,6 +431,13 @@ fn config_check(global: &GlobalArgs, serve: &ServeArgs) {
             "log_format",
             format!("{:?}", global.log_format).to_lowercase(),
         ),
+        (
+            "otlp_endpoint",
+            global
+                .otlp_endpoint
+                .as_ref()
+                .map_or_else(|| "(none: no trace export)".into(), OtlpEndpoint::redacted),
+        ),
         ("addr", serve.addr.clone()),
         ("max_body_bytes", serve.max_body_bytes.to_string()),
         ("max_import_bytes", serve.max_import_bytes.to_string()),
@@ -483,7 +496,18 @@ fn config_check(global: &GlobalArgs, serve: &ServeArgs) {
 
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.global.log_format);
+    // `config check` only prints the endpoint; every other command exports.
+    let otlp = match cli.command {
+        Some(Command::Config(_)) => None,
+        _ => cli.global.otlp_endpoint.as_ref(),
+    };
+    let telemetry = match telemetry::init(cli.global.log_format, otlp) {
+        Ok(telemetry) => telemetry,
+        Err(err) => {
+            eprintln!("herald: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {
         None => done(serve(cli.serve.into_config(&cli.global), None).await),
@@ -524,6 +548,9 @@ pub async fn main() -> ExitCode {
             remote,
         }) => watch::watch(remote, campaign, json).await,
     };
+    // After the command, including serve's drain on SIGTERM: the last
+    // spans are exported before the process exits.
+    telemetry.shutdown().await;
     match result {
         Ok(code) => code,
         Err(err) => {

@@ -24,3 +24,4 @@ mod retention;
 mod seeds;
 mod soak;
 mod streams;
+mod traces;

@@ -58,6 +58,18 @@ impl Node {
         options: NodeOptions,
         log: &std::path::Path,
     ) -> Self {
+        Self::start_with_env(database_url, port, options, log, &[]).await
+    }
+
+    /// Starts a node on `port` with more environment variables (set last,
+    /// so they win over the ones `options` sets).
+    pub async fn start_with_env(
+        database_url: &str,
+        port: u16,
+        options: NodeOptions,
+        log: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -84,6 +96,7 @@ impl Node {
                 .env("HERALD_LOG_FORMAT", "json")
                 .env("RUST_LOG", "info,herald::engine=debug");
         }
+        command.envs(env.iter().copied());
         let node = Self {
             process: command.spawn().expect("herald starts"),
             base: format!("http://127.0.0.1:{port}"),
