@@ -73,6 +73,7 @@ impl Application {
             config.retention,
             stop.clone(),
         ));
+        let receipts = crate::engine::receipts::ReceiptBatcher::start(store.clone(), hub.clone());
         Ok(Self {
             listener,
             state: AppState {
@@ -85,6 +86,7 @@ impl Application {
                 shutdown: stop.clone(),
                 limiter,
                 keys: Default::default(),
+                receipts,
             },
             demo_key,
             engine: config.engine,

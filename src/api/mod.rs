@@ -120,6 +120,8 @@ pub struct AppState {
     pub limiter: Option<Arc<KeyedLimiter>>,
     /// Recently seen API keys; see [`key_cache`].
     pub keys: Arc<key_cache::KeyCache>,
+    /// Writes providers' delivery callbacks by group commit.
+    pub receipts: crate::engine::receipts::ReceiptBatcher,
 }
 
 pub type KeyedLimiter = governor::DefaultKeyedRateLimiter<i64>;

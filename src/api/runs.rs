@@ -158,6 +158,34 @@ pub async fn credits(State(state): State<AppState>, auth: Auth) -> Result<Json<C
     }))
 }
 
+/// How long a callback naming no recorded message waits for it: a provider
+/// can call back before the engine has written the send's outcome (it
+/// records a slice once all of it is answered).
+const UNRECORDED_SEND_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The run of a message, waiting up to [`UNRECORDED_SEND_WAIT`] for the
+/// send of anything shaped like a Twilio message or call sid to be recorded.
+async fn run_of_message(
+    state: &AppState,
+    sid: &str,
+) -> Result<Option<crate::store::RunRecord>, ApiError> {
+    let wait = if twilio::is_sid(sid) {
+        UNRECORDED_SEND_WAIT
+    } else {
+        std::time::Duration::ZERO
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if let Some(run) = state.store.run_of_message(sid).await? {
+            return Ok(Some(run));
+        }
+        if tokio::time::Instant::now() >= deadline || state.shutdown.is_cancelled() {
+            return Ok(None);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 #[utoipa::path(post, path = "/v1/providers/twilio/status", tag = "providers",
     request_body(content = String, content_type = "application/x-www-form-urlencoded",
         description = "Twilio status callback: MessageSid, MessageStatus, ErrorCode…"),
@@ -166,6 +194,7 @@ pub async fn credits(State(state): State<AppState>, auth: Auth) -> Result<Json<C
         (status = 403, description = "X-Twilio-Signature does not match"),
         (status = 415, description = "Not a form post"),
         (status = 422, description = "No MessageSid or CallSid", body = super::ErrorBody),
+        (status = 503, description = "The receipt could not be written: try again", body = super::ErrorBody),
     ))]
 pub async fn twilio_status(
     State(state): State<AppState>,
@@ -181,7 +210,7 @@ pub async fn twilio_status(
     let Some(sid) = field("MessageSid").or_else(|| field("CallSid")) else {
         return Err(ApiError::invalid("MessageSid", "MessageSid is required"));
     };
-    let Some(run) = state.store.run_of_message(sid).await? else {
+    let Some(run) = run_of_message(&state, sid).await? else {
         // Acknowledge, so Twilio does not retry a message we never sent.
         tracing::warn!(sid, "Twilio status for an unknown message acknowledged");
         return Ok(StatusCode::NO_CONTENT);
@@ -214,24 +243,21 @@ pub async fn twilio_status(
         .unwrap_or("");
     if let Some(delivered) = twilio::receipt_of(status) {
         let error = field("ErrorCode").map(|code| format!("Twilio error {code}: {status}"));
-        let report = state
-            .store
-            .record_receipts(
-                &[Receipt {
-                    provider_id: sid.to_owned(),
-                    delivered,
-                    error: if delivered {
-                        None
-                    } else {
-                        error.or(Some(status.to_owned()))
-                    },
-                }],
-                crate::store::now_ms(),
-            )
+        // Answered once the receipt is written (a 503 otherwise, so
+        // Twilio's retry is not lost), in a transaction shared with the
+        // callbacks that arrived meanwhile.
+        state
+            .receipts
+            .record(Receipt {
+                provider_id: sid.to_owned(),
+                delivered,
+                error: if delivered {
+                    None
+                } else {
+                    error.or(Some(status.to_owned()))
+                },
+            })
             .await?;
-        for (campaign, workspace) in report.campaigns {
-            state.hub.notify(campaign, workspace);
-        }
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -25,7 +25,7 @@
 //! [`EngineStore::take_slice`]: crate::store::EngineStore::take_slice
 //! [`EngineStore::record_outcomes`]: crate::store::EngineStore::record_outcomes
 
-mod receipts;
+pub mod receipts;
 mod run;
 
 use std::collections::HashMap;

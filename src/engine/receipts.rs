@@ -146,3 +146,72 @@ impl ReceiptQueue {
         }
     }
 }
+
+/// Receipts a provider calls back with (Twilio's status callbacks), written
+/// by group commit: each callback waits for the transaction that records
+/// it — so a provider is only told "taken" once it is — but the callbacks
+/// that arrive while one transaction is being written share the next one.
+/// One transaction per callback serialised them all on their run's row
+/// (on Postgres a 20,000-message run took minutes to settle).
+#[derive(Clone)]
+pub struct ReceiptBatcher {
+    incoming: mpsc::Sender<(
+        Receipt,
+        tokio::sync::oneshot::Sender<crate::store::StoreResult<()>>,
+    )>,
+}
+
+impl ReceiptBatcher {
+    /// Starts the writer task; it ends when every handle is dropped.
+    pub fn start(store: Arc<dyn Store>, hub: Hub) -> Self {
+        let (incoming, mut receiver) = mpsc::channel::<(
+            Receipt,
+            tokio::sync::oneshot::Sender<crate::store::StoreResult<()>>,
+        )>(MAX_PER_WRITE * 2);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(MAX_PER_WRITE);
+            while receiver.recv_many(&mut batch, MAX_PER_WRITE).await > 0 {
+                let receipts: Vec<Receipt> = batch.iter().map(|(r, _)| r.clone()).collect();
+                let written = store.record_receipts(&receipts, now_ms()).await;
+                match written {
+                    Ok(report) => {
+                        metrics::counter!("herald_receipts_total", "result" => "applied")
+                            .increment(report.applied);
+                        metrics::counter!("herald_receipts_total", "result" => "duplicate")
+                            .increment(report.duplicate);
+                        metrics::counter!("herald_receipts_total", "result" => "unknown")
+                            .increment(report.unknown);
+                        for (campaign, workspace) in report.campaigns {
+                            hub.notify(campaign, workspace);
+                        }
+                        for (_, reply) in batch.drain(..) {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                    Err(err) => {
+                        // Every callback of the batch is answered 503, so
+                        // the provider tries again; nothing was written.
+                        tracing::warn!(error = %err, receipts = batch.len(), "writing receipts failed");
+                        for (_, reply) in batch.drain(..) {
+                            let _ = reply.send(Err(crate::store::StoreError::Unavailable(
+                                format!("receipts could not be written: {err}"),
+                            )));
+                        }
+                    }
+                }
+            }
+        });
+        Self { incoming }
+    }
+
+    /// Records one receipt; returns once the transaction holding it commits.
+    pub async fn record(&self, receipt: Receipt) -> crate::store::StoreResult<()> {
+        let (reply, written) = tokio::sync::oneshot::channel();
+        let closed = || crate::store::StoreError::Unavailable("the node is shutting down".into());
+        self.incoming
+            .send((receipt, reply))
+            .await
+            .map_err(|_| closed())?;
+        written.await.map_err(|_| closed())?
+    }
+}

@@ -132,9 +132,27 @@ impl Provider for Twilio {
     }
 }
 
+/// Whether `s` has the shape of a Twilio message or call sid: `SM`, `MM`
+/// or `CA` and 32 hex digits.
+pub fn is_sid(s: &str) -> bool {
+    s.len() == 34
+        && ["SM", "MM", "CA"].iter().any(|p| s.starts_with(p))
+        && s[2..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sids_are_recognised_by_shape() {
+        assert!(is_sid("SM0123456789abcdef0123456789ABCDEF"));
+        assert!(is_sid("CA00000000000000000000000000000001"));
+        assert!(!is_sid("SMunknown"));
+        assert!(!is_sid("XX0123456789abcdef0123456789abcdef"));
+        assert!(!is_sid("SM0123456789abcdef0123456789abcdeg"));
+        assert!(!is_sid("SMé123456789abcdef0123456789abcde"));
+    }
 
     /// The example from Twilio's security documentation.
     #[test]

@@ -292,6 +292,53 @@ async fn twilio_sends_the_messages_api_shape_and_verifies_status_callbacks() {
     assert_eq!(done["progress"]["failed_delivery"], 1);
 }
 
+/// A status callback can overtake the write that records its send: it
+/// waits for it, then counts, and only then is answered.
+#[tokio::test]
+async fn a_twilio_callback_that_overtakes_its_send_is_counted() {
+    let app = spawn_app().await;
+    let fake = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/2010-04-01/Accounts/AC123/Messages.json"))
+        .respond_with(
+            ResponseTemplate::new(201)
+                .set_body_json(json!({"sid": format!("SM{:032}", 7), "status": "queued"}))
+                // Long enough for the callback below to arrive first.
+                .set_delay(std::time::Duration::from_millis(800)),
+        )
+        .mount(&fake)
+        .await;
+    let c = app
+        .campaign_with_contacts(
+            json!({"channel": "sms", "template": "Hi {{name}}",
+                   "provider": {"kind": "twilio", "base_url": fake.uri(), "account_sid": "AC123",
+                                "auth_token": "tok-secret", "from": "+15550009999"}}),
+            1,
+        )
+        .await;
+    let callback = format!("{}/v1/providers/twilio/status", app.base);
+    let params = vec![
+        ("MessageSid".to_owned(), format!("SM{:032}", 7)),
+        ("MessageStatus".to_owned(), "delivered".to_owned()),
+    ];
+    let signature = herald::providers::twilio::signature("tok-secret", &callback, &params);
+    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+        .await;
+    let early = app
+        .client
+        .post(&callback)
+        .header("X-Twilio-Signature", signature)
+        .form(&params)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(early.status(), StatusCode::NO_CONTENT);
+    // Answered after it was written: the count is already there.
+    let done = app.campaign(&c["id"]).await;
+    assert_eq!(done["progress"]["sent"], 1, "{done}");
+    assert_eq!(done["progress"]["delivered"], 1, "{done}");
+}
+
 /// A webhook that answers 503 while `down`, and `completed` otherwise,
 /// counting the requests it gets while down.
 #[derive(Clone, Default)]
