@@ -297,6 +297,22 @@ async fn twenty_kills_at_chosen_moments_send_no_one_twice_and_lose_nothing() {
             assert_eq!(view["status"], "paused", "kill {kill}: {view}");
             assert_eq!(cluster.post("resume").await, StatusCode::OK);
         }
+        // The restarted node (or the other one) takes the run up again.
+        let at_restart = cluster.campaign().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let now = cluster.campaign().await;
+            if now["progress"]["sent"] != at_restart["progress"]["sent"]
+                || now["status"] == "completed"
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "kill {kill} ({point:?}): the run did not resume: {now}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let view = cluster.campaign().await;
         assert_ne!(
             view["status"], "completed",
