@@ -210,7 +210,7 @@ async fn twenty_kills_at_chosen_moments_send_no_one_twice_and_lose_nothing() {
     let recipients: usize = std::env::var("HERALD_CRASH_RECIPIENTS")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(20_000);
+        .unwrap_or(60_000);
     let dir = tempfile::tempdir().unwrap();
     let database_url = fresh_database_url(dir.path()).await;
     let key = create_key(&database_url, "crash-matrix");
