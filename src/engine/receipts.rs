@@ -123,27 +123,30 @@ impl ReceiptQueue {
                             tries + 1,
                         )));
                     }
-                    metrics::counter!("herald_receipts_total", "result" => "applied")
-                        .increment(report.applied);
-                    metrics::counter!("herald_receipts_total", "result" => "unknown")
-                        .increment(given_up);
-                    metrics::counter!("herald_receipts_total", "result" => "duplicate")
-                        .increment(report.duplicate);
                     if given_up > 0 {
                         tracing::warn!(
                             unknown = given_up,
                             "receipts for unknown messages acknowledged"
                         );
                     }
-                    for (campaign, workspace) in report.campaigns {
-                        self.hub.notify(campaign, workspace);
-                    }
+                    publish(&self.hub, report, given_up);
                 }
                 Err(err) => {
                     tracing::error!(error = %err, lost = batch.len(), "writing receipts failed")
                 }
             }
         }
+    }
+}
+
+/// Counts a written batch of receipts (`unknown`: those given up on) and
+/// tells the hub of every campaign whose counters moved.
+fn publish(hub: &Hub, report: crate::store::ReceiptReport, unknown: u64) {
+    metrics::counter!("herald_receipts_total", "result" => "applied").increment(report.applied);
+    metrics::counter!("herald_receipts_total", "result" => "duplicate").increment(report.duplicate);
+    metrics::counter!("herald_receipts_total", "result" => "unknown").increment(unknown);
+    for (campaign, workspace) in report.campaigns {
+        hub.notify(campaign, workspace);
     }
 }
 
@@ -175,15 +178,8 @@ impl ReceiptBatcher {
                 let written = store.record_receipts(&receipts, now_ms()).await;
                 match written {
                     Ok(report) => {
-                        metrics::counter!("herald_receipts_total", "result" => "applied")
-                            .increment(report.applied);
-                        metrics::counter!("herald_receipts_total", "result" => "duplicate")
-                            .increment(report.duplicate);
-                        metrics::counter!("herald_receipts_total", "result" => "unknown")
-                            .increment(report.unknown);
-                        for (campaign, workspace) in report.campaigns {
-                            hub.notify(campaign, workspace);
-                        }
+                        let unknown = report.unknown;
+                        publish(&hub, report, unknown);
                         for (_, reply) in batch.drain(..) {
                             let _ = reply.send(Ok(()));
                         }

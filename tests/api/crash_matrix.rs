@@ -6,12 +6,12 @@
 //! credits charged equal the messages sent, and the event log has no gap.
 //!
 //! On SQLite one node is killed and restarted; on Postgres two nodes share
-//! the run and the kills alternate between them. The run has 10,000
-//! recipients in CI; `HERALD_CRASH_RECIPIENTS=100000` runs the full size.
+//! the run and the kills alternate between them. The run has 60,000
+//! recipients by default; `HERALD_CRASH_RECIPIENTS=100000` runs the full size.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -20,7 +20,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::{backend_is_postgres, count_by_status, fresh_database_url, HERALD};
-use crate::process::{create_campaign, create_key, Node, NodeOptions};
+use crate::process::{create_campaign, create_key, CountingProvider, Node, NodeOptions};
 
 const OPTIONS: NodeOptions = NodeOptions {
     engine: true,
@@ -29,14 +29,13 @@ const OPTIONS: NodeOptions = NodeOptions {
     json_logs: false,
 };
 
-/// A fake Twilio Messages API. It counts sends per recipient, answers each
-/// after a delay with a new sid, and then posts that message's `delivered`
+/// A fake Twilio Messages API. It counts sends per recipient and answers
+/// each after a delay (both kept by a [`CountingProvider`]) with a new sid, and then posts that message's `delivered`
 /// status callback, signed as Twilio signs it, to the URL the send named,
 /// retrying until Herald takes it (the node may be dead for a while).
 #[derive(Clone, Default)]
 struct FakeTwilio {
-    sends: Arc<Mutex<HashMap<String, u32>>>,
-    delay_ms: Arc<AtomicU64>,
+    sends: CountingProvider,
     /// Sends received and not yet answered.
     unanswered: Arc<AtomicI64>,
     /// Status callbacks Herald has accepted.
@@ -49,7 +48,7 @@ const AUTH_TOKEN: &str = "crash-matrix-token";
 impl FakeTwilio {
     async fn serve() -> (Self, Value) {
         let fake = Self::default();
-        fake.delay_ms.store(3, Ordering::Relaxed);
+        fake.sends.set_delay(NORMAL_DELAY);
         let app = axum::Router::new()
             .route(
                 "/2010-04-01/Accounts/AC1/Messages.json",
@@ -63,40 +62,18 @@ impl FakeTwilio {
                               "auth_token": AUTH_TOKEN, "from": "+15550009999"});
         (fake, settings)
     }
-
-    fn total(&self) -> i64 {
-        self.sends
-            .lock()
-            .unwrap()
-            .values()
-            .map(|&n| i64::from(n))
-            .sum()
-    }
-
-    fn most_to_one_recipient(&self) -> u32 {
-        self.sends
-            .lock()
-            .unwrap()
-            .values()
-            .copied()
-            .max()
-            .unwrap_or(0)
-    }
 }
+
+/// The delay of an ordinary send; `BetweenSendAndRecord` slows it down.
+const NORMAL_DELAY: Duration = Duration::from_millis(3);
 
 async fn send(
     State(fake): State<FakeTwilio>,
     axum::Form(form): axum::Form<HashMap<String, String>>,
 ) -> (axum::http::StatusCode, axum::Json<Value>) {
-    *fake
-        .sends
-        .lock()
-        .unwrap()
-        .entry(form["To"].clone())
-        .or_default() += 1;
+    fake.sends.count(&form["To"]);
     fake.unanswered.fetch_add(1, Ordering::SeqCst);
-    let delay = fake.delay_ms.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(delay)).await;
+    tokio::time::sleep(fake.sends.delay()).await;
     fake.unanswered.fetch_sub(1, Ordering::SeqCst);
     let sid = format!("SM{:032}", fake.next_sid.fetch_add(1, Ordering::SeqCst));
     let callback = form["StatusCallback"].clone();
@@ -138,6 +115,11 @@ async fn send(
         axum::http::StatusCode::CREATED,
         axum::Json(json!({"sid": sid, "status": "queued"})),
     )
+}
+
+/// Sends the fake has received so far.
+fn sent_so_far(twilio: &FakeTwilio) -> i64 {
+    i64::from(twilio.sends.total())
 }
 
 /// Where in the run a kill lands.
@@ -252,19 +234,25 @@ async fn twenty_kills_at_chosen_moments_send_no_one_twice_and_lose_nothing() {
     for kill in 0..20 {
         let point = KILL_POINTS[kill % KILL_POINTS.len()];
         let victim = kill % node_count;
-        let sent_before = twilio.total();
+        let sent_before = sent_so_far(&twilio);
         let mut paused = false;
         match point {
             KillPoint::AfterClaim => {
-                until("a send after the claim", || twilio.total() > sent_before).await;
+                until("a send after the claim", || {
+                    sent_so_far(&twilio) > sent_before
+                })
+                .await;
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(0..50))).await;
             }
             KillPoint::MidBatch => {
                 let more = rng.gen_range(50..400);
-                until("sends mid-batch", || twilio.total() >= sent_before + more).await;
+                until("sends mid-batch", || {
+                    sent_so_far(&twilio) >= sent_before + more
+                })
+                .await;
             }
             KillPoint::BetweenSendAndRecord => {
-                twilio.delay_ms.store(400, Ordering::Relaxed);
+                twilio.sends.set_delay(Duration::from_millis(400));
                 until("sends on the wire", || {
                     twilio.unanswered.load(Ordering::SeqCst) > 0
                 })
@@ -286,9 +274,9 @@ async fn twenty_kills_at_chosen_moments_send_no_one_twice_and_lose_nothing() {
             }
         }
         cluster.nodes[victim].kill();
-        twilio.delay_ms.store(3, Ordering::Relaxed);
+        twilio.sends.set_delay(NORMAL_DELAY);
         assert!(
-            twilio.most_to_one_recipient() <= 1,
+            twilio.sends.most_to_one_recipient() <= 1,
             "kill {kill} ({point:?}): a recipient was sent twice"
         );
         cluster.restart(victim).await;
@@ -322,7 +310,7 @@ async fn twenty_kills_at_chosen_moments_send_no_one_twice_and_lose_nothing() {
         eprintln!(
             "kill {kill} ({point:?}) at {:?}: provider saw {}, progress {}",
             started.elapsed(),
-            twilio.total(),
+            sent_so_far(&twilio),
             view["progress"]
         );
     }
@@ -339,7 +327,7 @@ async fn twenty_kills_at_chosen_moments_send_no_one_twice_and_lose_nothing() {
         .await;
     let p = &done["progress"];
     let (sent, failed) = (p["sent"].as_i64().unwrap(), p["failed"].as_i64().unwrap());
-    assert_eq!(twilio.most_to_one_recipient(), 1, "no one sent twice");
+    assert_eq!(twilio.sends.most_to_one_recipient(), 1, "no one sent twice");
     assert_eq!(sent + failed, recipients as i64);
     assert_eq!(p["delivered"].as_i64().unwrap(), sent, "one receipt each");
 
@@ -364,14 +352,14 @@ async fn twenty_kills_at_chosen_moments_send_no_one_twice_and_lose_nothing() {
         written_off <= 20 * 2 * 4 * i64::from(OPTIONS.in_flight),
         "at most two slices lost per kill: {written_off}"
     );
-    let seen = twilio.sends.lock().unwrap().clone();
+    let seen = twilio.sends.counts();
     let written_off_but_sent = executions
         .iter()
         .filter(|e| {
             e["status"] == "failed" && seen.contains_key(e["contact_phone"].as_str().unwrap())
         })
         .count() as i64;
-    assert_eq!(twilio.total(), sent + written_off_but_sent);
+    assert_eq!(sent_so_far(&twilio), sent + written_off_but_sent);
 
     // Credits: charged once per message sent, the rest refunded.
     let credits: Value = reqwest::Client::new()

@@ -235,14 +235,8 @@ impl CountingProvider {
             axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
                 let counts = counts.clone();
                 async move {
-                    *counts
-                        .sends
-                        .lock()
-                        .unwrap()
-                        .entry(body["to"].as_str().unwrap_or_default().to_owned())
-                        .or_default() += 1;
-                    let delay = counts.delay_ms.load(std::sync::atomic::Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    counts.count(body["to"].as_str().unwrap_or_default());
+                    tokio::time::sleep(counts.delay()).await;
                     axum::Json(json!({"id": body["id"], "status": "sent"}))
                 }
             }),
@@ -260,6 +254,16 @@ impl CountingProvider {
             delay.as_millis() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+    }
+
+    /// Counts one send to `to`.
+    pub fn count(&self, to: &str) {
+        *self.sends.lock().unwrap().entry(to.to_owned()).or_default() += 1;
+    }
+
+    /// How long a send takes to answer now.
+    pub fn delay(&self) -> Duration {
+        Duration::from_millis(self.delay_ms.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Sends per recipient so far.

@@ -193,6 +193,18 @@ async fn rejected_and_flaky_sends_end_failed_after_their_attempts() {
     }
 }
 
+/// An SMS campaign of `n` contacts sending through the fake Twilio at
+/// `fake` (account AC123, auth token `tok-secret`).
+async fn twilio_campaign(app: &crate::helpers::TestApp, fake: &MockServer, n: usize) -> Value {
+    app.campaign_with_contacts(
+        json!({"channel": "sms", "template": "Hi {{name}}",
+               "provider": {"kind": "twilio", "base_url": fake.uri(), "account_sid": "AC123",
+                            "auth_token": "tok-secret", "from": "+15550009999"}}),
+        n,
+    )
+    .await
+}
+
 #[tokio::test]
 async fn twilio_sends_the_messages_api_shape_and_verifies_status_callbacks() {
     let app = spawn_app().await;
@@ -212,14 +224,7 @@ async fn twilio_sends_the_messages_api_shape_and_verifies_status_callbacks() {
         .respond_with(responder)
         .mount(&fake)
         .await;
-    let c = app
-        .campaign_with_contacts(
-            json!({"channel": "sms", "template": "Hi {{name}}",
-                   "provider": {"kind": "twilio", "base_url": fake.uri(), "account_sid": "AC123",
-                                "auth_token": "tok-secret", "from": "+15550009999"}}),
-            5,
-        )
-        .await;
+    let c = twilio_campaign(&app, &fake, 5).await;
     app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
         .await;
     app.wait_status(&c["id"], "completed", 30).await;
@@ -308,14 +313,7 @@ async fn a_twilio_callback_that_overtakes_its_send_is_counted() {
         )
         .mount(&fake)
         .await;
-    let c = app
-        .campaign_with_contacts(
-            json!({"channel": "sms", "template": "Hi {{name}}",
-                   "provider": {"kind": "twilio", "base_url": fake.uri(), "account_sid": "AC123",
-                                "auth_token": "tok-secret", "from": "+15550009999"}}),
-            1,
-        )
-        .await;
+    let c = twilio_campaign(&app, &fake, 1).await;
     let callback = format!("{}/v1/providers/twilio/status", app.base);
     let params = vec![
         ("MessageSid".to_owned(), format!("SM{:032}", 7)),
