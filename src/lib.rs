@@ -12,6 +12,7 @@
 //!   Twilio providers.
 //! - [`api`]: the HTTP layer: routers, extractors, one error type, OpenAPI.
 //! - [`startup`]: builds the application and serves it until shutdown.
+//! - [`http`]: the accept loop, with the header-read timeout axum's lacks.
 //! - [`cli`]: the `herald` command line (serve, keys, bench).
 //! - [`bench`]: benchmarks that print figures (never timed tests).
 //! - [`telemetry`]: logging set-up.
@@ -21,6 +22,7 @@ pub mod bench;
 pub mod cli;
 pub mod domain;
 pub mod engine;
+pub mod http;
 pub mod providers;
 pub mod retention;
 pub mod startup;

@@ -133,18 +133,17 @@ impl Application {
             );
             tokio::spawn(engine.run())
         });
+        let header_read_timeout = self.state.config.header_read_timeout;
         let app = api::app(self.state);
         let signal = stop.clone();
-        let served = axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move {
-                tokio::select! {
-                    () = shutdown => {}
-                    () = signal.cancelled() => {}
-                }
-                signal.cancel();
-            })
-            .await
-            .context("serving HTTP");
+        crate::http::serve(self.listener, app, header_read_timeout, async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = signal.cancelled() => {}
+            }
+            signal.cancel();
+        })
+        .await;
         stop.cancel();
         if let (Some(engine), Some(grace)) = (engine, grace) {
             match tokio::time::timeout(grace, engine).await {
@@ -156,7 +155,7 @@ impl Application {
                 ),
             }
         }
-        served
+        Ok(())
     }
 
     pub fn public_url(&self) -> &str {
@@ -176,7 +175,14 @@ async fn create_demo_workspace(
     store
         .set_workspace_region(workspace.id, config.api.default_region.code())
         .await?;
-    let (_, key) = api::keys::issue_key(store, workspace.id, Some("demo")).await?;
+    // The operator's own key: every scope, recipients included.
+    let (_, key) = api::keys::issue_key(
+        store,
+        workspace.id,
+        Some("demo"),
+        &crate::domain::Scope::ALL,
+    )
+    .await?;
     Ok(Some(key))
 }
 

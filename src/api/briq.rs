@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use super::extract::{Auth, QueryParams};
 use super::views::{rfc3339, rfc3339_opt};
 use super::{ApiError, AppState};
-use crate::domain::{Channel, ExecutionStatus, Template};
+use crate::domain::{Channel, ExecutionStatus, Scope, Template};
 use crate::store::{Campaign, ExecutionQuery, RunRecord};
 
 /// Recipients listed in a run detail; `recipient_summary` stays exact past it.
@@ -364,7 +364,8 @@ pub async fn run_detail(
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct SnapshotParams {
-    /// `true` adds the recipients' phone numbers (PII); default false.
+    /// `true` adds the recipients' phone numbers (PII; the key needs the
+    /// `pii` scope); default false.
     include_recipients: Option<String>,
 }
 
@@ -377,7 +378,7 @@ pub struct SnapshotParams {
     responses(
         (status = 200, description = "The frozen dispatch state; recipients only when asked", body = Envelope),
         (status = 401, description = "Missing or invalid X-API-Key", body = Envelope),
-        (status = 403, description = "Another workspace's campaign", body = Envelope),
+        (status = 403, description = "Another workspace's campaign, or recipients asked for by a key without the `pii` scope", body = Envelope),
         (status = 404, description = "No such campaign or run, or no snapshot frozen yet", body = Envelope),
         (status = 422, description = "include_recipients is not true or false", body = Envelope),
     ),
@@ -391,7 +392,8 @@ pub async fn snapshot(
 ) -> Result<Response, BriqError> {
     let request_id = request_id(&headers);
     let answer = async {
-        let campaign = campaign_for(&state, auth, &campaign_id).await?;
+        let auth = auth?;
+        let campaign = auth.campaign(&state, &campaign_id).await?;
         let QueryParams(params) = params?;
         let include = match params.include_recipients.as_deref() {
             None | Some("false") | Some("0") => false,
@@ -403,6 +405,10 @@ pub async fn snapshot(
                 ))
             }
         };
+        if include {
+            // Phone numbers are for admin-tier, server-to-server reads.
+            auth.require(Scope::Pii, "include_recipients")?;
+        }
         let run = run_of(&state, &campaign, &run_id).await?;
         let snapshot = run
             .snapshot

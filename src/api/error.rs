@@ -25,6 +25,12 @@ pub enum ApiError {
     Unauthorized,
     #[error("this API key's workspace does not own {0}")]
     Forbidden(String),
+    /// The key is the workspace's but was not given the scope this needs.
+    #[error("this API key lacks the '{scope}' scope that {field} needs; make one with `herald keys create --workspace NAME --scope {scope}` or POST /v1/keys {{\"scopes\": [\"{scope}\"]}}")]
+    MissingScope {
+        scope: crate::domain::Scope,
+        field: String,
+    },
     #[error("{0} not found")]
     NotFound(String),
     /// The action does not fit the resource's current status.
@@ -86,7 +92,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Forbidden(_) | ApiError::MissingScope { .. } => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -103,6 +109,7 @@ impl ApiError {
             ApiError::BadRequest { .. } => "bad_request",
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
+            ApiError::MissingScope { .. } => "missing_scope",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict { .. } => "conflict",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
@@ -125,7 +132,9 @@ impl ApiError {
     pub fn field(&self) -> Option<&str> {
         match self {
             ApiError::BadRequest { field, .. } => field.as_deref(),
-            ApiError::Unprocessable { field, .. } => Some(field),
+            ApiError::Unprocessable { field, .. } | ApiError::MissingScope { field, .. } => {
+                Some(field)
+            }
             ApiError::Conflict { .. } => Some("status"),
             _ => None,
         }

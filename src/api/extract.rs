@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::{ApiError, AppState};
-use crate::domain::PresentedKey;
+use crate::domain::{PresentedKey, Scope};
 use crate::store::{Campaign, CampaignRef};
 
 /// The caller, authenticated by API key.
@@ -18,6 +18,7 @@ pub struct Auth {
     pub key_id: i64,
     /// Safe to log: the key's public prefix.
     pub key_prefix: String,
+    pub scopes: Vec<Scope>,
 }
 
 #[derive(Deserialize)]
@@ -67,6 +68,7 @@ pub async fn authenticate(state: &AppState, raw: Option<&str>) -> Result<Auth, A
         workspace_id: record.workspace_id,
         key_id: record.id,
         key_prefix: record.prefix,
+        scopes: record.scopes,
     })
 }
 
@@ -88,6 +90,18 @@ impl FromRequestParts<AppState> for Auth {
 }
 
 impl Auth {
+    /// 403 naming `field` unless the key was given `scope`.
+    pub fn require(&self, scope: Scope, field: &str) -> Result<(), ApiError> {
+        if self.scopes.contains(&scope) {
+            Ok(())
+        } else {
+            Err(ApiError::MissingScope {
+                scope,
+                field: field.to_owned(),
+            })
+        }
+    }
+
     /// Loads a campaign named by a path segment (integer id or uuid):
     /// 404 when there is none, 403 when another workspace owns it.
     pub async fn campaign(&self, state: &AppState, segment: &str) -> Result<Campaign, ApiError> {

@@ -60,6 +60,7 @@ mod tests {
             prefix: prefix.to_owned(),
             key_hash: vec![0; 32],
             label: None,
+            scopes: vec![],
             created_at: 0,
             revoked_at: None,
         }

@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 use super::extract::{parse_json, ApiJson, Auth};
 use super::views::{ApiKeyList, ApiKeyView, CreatedApiKey, WorkspaceView};
 use super::{ApiError, AppState};
-use crate::domain::{NewApiKey, Region};
+use crate::domain::{NewApiKey, Region, Scope};
 use crate::store::{ApiKeyRecord, Store, StoreError};
 use axum::body::Bytes;
 
@@ -26,6 +26,10 @@ pub fn router() -> Router<AppState> {
 pub struct CreateKey {
     /// A note to tell keys apart, e.g. "ci" or "dashboard".
     label: Option<String>,
+    /// Extra powers, e.g. `["pii"]`; only scopes the calling key has can
+    /// be given.
+    #[serde(default)]
+    scopes: Vec<Scope>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -41,11 +45,12 @@ pub async fn issue_key(
     store: &dyn Store,
     workspace_id: i64,
     label: Option<&str>,
+    scopes: &[Scope],
 ) -> Result<(ApiKeyRecord, String), StoreError> {
     loop {
         let key = NewApiKey::generate(&mut rand::thread_rng());
         match store
-            .insert_api_key(workspace_id, label, &key.prefix, &key.hash)
+            .insert_api_key(workspace_id, label, scopes, &key.prefix, &key.hash)
             .await
         {
             Ok(record) => return Ok((record, key.plaintext)),
@@ -73,6 +78,7 @@ fn check_label(label: Option<&str>) -> Result<Option<String>, ApiError> {
         (status = 201, description = "The new key; `key` is shown only this once", body = CreatedApiKey),
         (status = 400, description = "Malformed JSON", body = super::ErrorBody),
         (status = 401, description = "Missing or invalid key", body = super::ErrorBody),
+        (status = 403, description = "A scope the calling key does not have was asked for", body = super::ErrorBody),
         (status = 422, description = "Invalid field", body = super::ErrorBody),
     ),
     security(("bearer" = []), ("api_key" = [])))]
@@ -88,8 +94,17 @@ pub async fn create(
         parse_json(&body)?
     };
     let label = check_label(body.label.as_deref())?;
-    let (record, key) =
-        issue_key(state.store.as_ref(), auth.workspace_id, label.as_deref()).await?;
+    // A key cannot make a key more powerful than itself.
+    for &scope in &body.scopes {
+        auth.require(scope, "scopes")?;
+    }
+    let (record, key) = issue_key(
+        state.store.as_ref(),
+        auth.workspace_id,
+        label.as_deref(),
+        &body.scopes,
+    )
+    .await?;
     tracing::info!(by = %auth.key_prefix, new = %record.prefix, "API key created");
     Ok((
         StatusCode::CREATED,

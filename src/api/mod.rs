@@ -52,6 +52,9 @@ pub struct ApiConfig {
     pub rate_limit_per_key: u32,
     /// Origins allowed to call the API from a browser; empty = CORS off.
     pub cors_origins: Vec<String>,
+    /// How long a client may take to send a request's headers before its
+    /// connection is closed (half-open sockets, slowloris).
+    pub header_read_timeout: Duration,
 }
 
 /// Limits and timings of the live streams.
@@ -97,6 +100,8 @@ impl Default for ApiConfig {
             streams: StreamConfig::default(),
             rate_limit_per_key: 1000,
             cors_origins: Vec::new(),
+            // Hyper's own default, were it given a timer.
+            header_read_timeout: Duration::from_secs(30),
         }
     }
 }

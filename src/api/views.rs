@@ -172,6 +172,8 @@ pub struct ApiKeyView {
     /// Public part of the key, safe to show and log.
     pub prefix: String,
     pub label: Option<String>,
+    /// Extra powers: `pii` reads recipients in run snapshots.
+    pub scopes: Vec<crate::domain::Scope>,
     pub created_at: String,
     pub revoked_at: Option<String>,
 }
@@ -182,6 +184,7 @@ impl From<&ApiKeyRecord> for ApiKeyView {
             id: k.id,
             prefix: k.prefix.clone(),
             label: k.label.clone(),
+            scopes: k.scopes.clone(),
             created_at: rfc3339(k.created_at),
             revoked_at: rfc3339_opt(k.revoked_at),
         }

@@ -342,7 +342,7 @@ impl BenchServer {
         let base = format!("http://{}", app.local_addr());
         let store = app.store();
         let workspace = store.ensure_workspace("bench").await?;
-        let (_, key) = crate::api::keys::issue_key(store.as_ref(), workspace.id, None).await?;
+        let (_, key) = crate::api::keys::issue_key(store.as_ref(), workspace.id, None, &[]).await?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until_stopped(async {
             let _ = stopped.await;

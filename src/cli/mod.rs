@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::api::ApiConfig;
-use crate::domain::Region;
+use crate::domain::{Region, Scope};
 use crate::engine::EngineConfig;
 use crate::startup::{shutdown_signal, Application, ServerConfig};
 use crate::store::StoreOptions;
@@ -309,6 +309,10 @@ pub enum KeysCommand {
         /// A note to tell keys apart.
         #[arg(long)]
         label: Option<String>,
+        /// An extra power for the key; repeatable. `pii`: read recipients'
+        /// phone numbers from run snapshots (`include_recipients=true`).
+        #[arg(long = "scope", value_name = "SCOPE", value_parser = crate::domain::Scope::parse)]
+        scopes: Vec<crate::domain::Scope>,
     },
     /// List a workspace's keys (prefixes only; secrets are never stored).
     List {
@@ -363,6 +367,7 @@ impl ServeArgs {
                     .map(|o| o.trim().to_owned())
                     .filter(|o| !o.is_empty())
                     .collect(),
+                ..Default::default()
             },
             retention: crate::retention::RetentionConfig {
                 event_age: Duration::from_secs(self.event_retention_hours * 3600),
@@ -574,7 +579,8 @@ async fn serve(config: ServerConfig, demo_contacts: Option<u64>) -> anyhow::Resu
         let store = app.store();
         let workspace = store.ensure_workspace("demo").await?;
         let (_, key) =
-            crate::api::keys::issue_key(store.as_ref(), workspace.id, Some("demo")).await?;
+            crate::api::keys::issue_key(store.as_ref(), workspace.id, Some("demo"), &Scope::ALL)
+                .await?;
         let base = format!("http://{addr}");
         let serving = tokio::spawn(app.run_until_stopped(shutdown_signal()));
         let id = start_demo_campaign(base.clone(), key.clone(), contacts).await?;
@@ -702,12 +708,17 @@ async fn credits(global: &GlobalArgs, cmd: CreditsCommand) -> anyhow::Result<()>
 async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Result<()> {
     let store = global.connect().await?;
     match cmd {
-        KeysCommand::Create { workspace, label } => {
+        KeysCommand::Create {
+            workspace,
+            label,
+            scopes,
+        } => {
             let name = workspace.trim();
             anyhow::ensure!(!name.is_empty(), "--workspace must not be empty");
             let ws = store.ensure_workspace(name).await?;
             let (_, key) =
-                crate::api::keys::issue_key(store.as_ref(), ws.id, label.as_deref()).await?;
+                crate::api::keys::issue_key(store.as_ref(), ws.id, label.as_deref(), &scopes)
+                    .await?;
             println!("{key}");
         }
         KeysCommand::List { workspace } => {
@@ -716,12 +727,13 @@ async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Result<()> {
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("no workspace named '{workspace}'"))?;
             println!(
-                "{:<6} {:<12} {:<10} {:<26} LABEL",
-                "ID", "PREFIX", "STATUS", "CREATED"
+                "{:<6} {:<12} {:<10} {:<8} {:<26} LABEL",
+                "ID", "PREFIX", "STATUS", "SCOPES", "CREATED"
             );
             for key in store.list_api_keys(ws.id).await? {
+                let scopes = Scope::join(&key.scopes);
                 println!(
-                    "{:<6} {:<12} {:<10} {:<26} {}",
+                    "{:<6} {:<12} {:<10} {:<8} {:<26} {}",
                     key.id,
                     key.prefix,
                     if key.revoked_at.is_some() {
@@ -729,6 +741,7 @@ async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Result<()> {
                     } else {
                         "active"
                     },
+                    if scopes.is_empty() { "-" } else { &scopes },
                     crate::api::views::rfc3339(key.created_at),
                     key.label.unwrap_or_default()
                 );

@@ -10,6 +10,72 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 const PREFIX_LEN: usize = 10;
+
+/// What a key may do beyond its workspace's everyday reads and writes.
+/// A key is given scopes when it is made and never gains one later.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Read recipients' phone numbers from run snapshots
+    /// (`include_recipients=true`): a server-to-server, admin-tier read.
+    Pii,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 1] = [Scope::Pii];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Pii => "pii",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|scope| scope.as_str() == s)
+            .ok_or_else(|| format!("unknown scope '{s}'; the scopes are: pii"))
+    }
+
+    /// Scopes as stored: names joined by commas, sorted, no repeats.
+    pub fn join(scopes: &[Scope]) -> String {
+        let mut scopes = scopes.to_vec();
+        scopes.sort_unstable();
+        scopes.dedup();
+        scopes
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Reads stored scopes; names this build does not know are dropped, so
+    /// an older binary never grants a newer scope.
+    pub fn split(stored: &str) -> Vec<Scope> {
+        stored
+            .split(',')
+            .filter_map(|name| Scope::parse(name.trim()).ok())
+            .collect()
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 const SECRET_LEN: usize = 32;
 
 /// A key as the user holds it; only ever shown once, when created.
@@ -73,6 +139,17 @@ fn hash_key(key: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scopes_round_trip_through_storage_and_unknown_names_grant_nothing() {
+        assert_eq!(Scope::join(&[Scope::Pii, Scope::Pii]), "pii");
+        assert_eq!(Scope::join(&[]), "");
+        assert_eq!(Scope::split("pii"), vec![Scope::Pii]);
+        assert_eq!(Scope::split(""), vec![]);
+        assert_eq!(Scope::split("admin,pii"), vec![Scope::Pii]);
+        assert!(Scope::parse("PII").is_err());
+        assert!(Scope::parse("admin").unwrap_err().contains("'admin'"));
+    }
 
     #[test]
     fn generated_key_verifies_against_its_hash() {

@@ -11,7 +11,7 @@ pub mod run;
 pub mod sms;
 pub mod template;
 
-pub use api_key::{NewApiKey, PresentedKey};
+pub use api_key::{NewApiKey, PresentedKey, Scope};
 pub use campaign::{
     Action, CampaignName, CampaignStatus, Channel, IllegalTransition, MaxAttempts,
     ProviderSettings, Sender,

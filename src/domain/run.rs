@@ -149,7 +149,8 @@ pub enum SendResult {
         provider_id: Option<String>,
         duration_seconds: Option<i64>,
     },
-    /// Did not reach them; worth another attempt (no answer, busy, 429, 5xx, timeout).
+    /// Did not reach them; worth another attempt (no answer, busy, 429,
+    /// 5xx, the provider could not be reached at all).
     Retriable {
         status: ExecutionStatus,
         provider_id: Option<String>,
@@ -160,6 +161,11 @@ pub enum SendResult {
         provider_id: Option<String>,
         reason: String,
     },
+    /// The request may have reached the provider but no answer came (a
+    /// timeout or a reset after it was sent): the message may be on its
+    /// way. Never resent, so no one is contacted twice; it counts as
+    /// failed ("outcome unknown") and as a provider fault.
+    Unknown { reason: String },
     /// The provider refuses every send (bad credentials, unknown account):
     /// the run fails instead of burning every recipient.
     Misconfigured { reason: String },

@@ -66,6 +66,9 @@ pub struct EngineConfig {
     /// recorded; past it the node exits and their batches' leases expire
     /// (another worker writes them off as "outcome unknown").
     pub drain_grace: Duration,
+    /// Longest a provider request may take. A send that times out is
+    /// written off as "outcome unknown", never resent.
+    pub provider_timeout: Duration,
 }
 
 impl Default for EngineConfig {
@@ -81,6 +84,7 @@ impl Default for EngineConfig {
             retry_cap: Duration::from_secs(600),
             sender_rate: None,
             drain_grace: Duration::from_secs(30),
+            provider_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -137,11 +141,12 @@ impl Engine {
         shutdown: CancellationToken,
     ) -> Self {
         let (receipts, sender) = receipts::ReceiptQueue::new(store.clone(), hub.clone());
+        let providers = ProviderContext::new(sender, public_url, config.provider_timeout);
         Self {
             shared: Arc::new(Shared {
                 store,
                 config,
-                providers: ProviderContext::new(sender, public_url),
+                providers,
                 shutdown,
                 hub,
                 limiters: Mutex::new(HashMap::new()),

@@ -535,6 +535,16 @@ impl Sending<'_> {
                 outcome.error_details = Some(reason);
                 Sent::of(outcome)
             }
+            SendResult::Unknown { reason } => {
+                outcome.error_details = Some(format!(
+                    "outcome unknown: {reason}; not resent so no recipient is contacted twice"
+                ));
+                Sent {
+                    outcome,
+                    misconfigured: None,
+                    provider_fault: true,
+                }
+            }
             SendResult::Misconfigured { reason } => {
                 outcome.error_details = Some(reason.clone());
                 Sent {

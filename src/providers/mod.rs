@@ -51,10 +51,10 @@ pub struct ProviderContext {
 }
 
 impl ProviderContext {
-    pub fn new(receipts: ReceiptSender, public_url: String) -> Self {
+    pub fn new(receipts: ReceiptSender, public_url: String, timeout: Duration) -> Self {
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .connect_timeout(Duration::from_secs(5))
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(64)
             .build()
             .expect("HTTP client builds");
@@ -124,18 +124,26 @@ pub(crate) fn classify_http_status(status: reqwest::StatusCode, detail: &str) ->
     }
 }
 
+/// Classifies a request that got no HTTP answer. Only a failure to
+/// connect proves the provider never saw the send, so only that is
+/// retried; a timeout or a reset after the request went out may have left
+/// the message on its way, and sending it again could reach the recipient
+/// twice.
 pub(crate) fn transport_error(err: &reqwest::Error) -> SendResult {
+    if err.is_connect() {
+        return SendResult::Retriable {
+            status: crate::domain::ExecutionStatus::Failed,
+            provider_id: None,
+            reason: "could not connect to the provider".into(),
+        };
+    }
     let what = if err.is_timeout() {
-        "timed out"
-    } else if err.is_connect() {
-        "could not connect"
+        "the provider did not answer in time"
     } else {
-        "failed"
+        "the connection to the provider failed mid-request"
     };
-    SendResult::Retriable {
-        status: crate::domain::ExecutionStatus::Failed,
-        provider_id: None,
-        reason: format!("provider request {what}"),
+    SendResult::Unknown {
+        reason: what.into(),
     }
 }
 

@@ -187,6 +187,7 @@ pub struct ApiKeyRecord {
     pub prefix: String,
     pub key_hash: Vec<u8>,
     pub label: Option<String>,
+    pub scopes: Vec<crate::domain::Scope>,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
 }
@@ -340,6 +341,7 @@ pub trait Store: EngineStore + ReportStore + Send + Sync + 'static {
         &self,
         workspace_id: i64,
         label: Option<&str>,
+        scopes: &[crate::domain::Scope],
         prefix: &str,
         key_hash: &[u8],
     ) -> StoreResult<ApiKeyRecord>;

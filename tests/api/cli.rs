@@ -49,6 +49,12 @@ async fn keys_create_prints_only_the_key_and_revoke_takes_effect() {
     let workspace: serde_json::Value = ok.json().await.unwrap();
     assert_eq!(workspace["name"], "gamma");
 
+    let pii = herald(
+        &app.database_url,
+        &["keys", "create", "--workspace", "gamma", "--scope", "pii"],
+    );
+    assert!(pii.status.success());
+    let pii_key = String::from_utf8(pii.stdout).unwrap().trim().to_owned();
     let listed = herald(&app.database_url, &["keys", "list", "--workspace", "gamma"]);
     let listing = String::from_utf8(listed.stdout).unwrap();
     let prefix = &key[3..13];
@@ -56,6 +62,12 @@ async fn keys_create_prints_only_the_key_and_revoke_takes_effect() {
         listing.contains(prefix) && listing.contains("active"),
         "{listing}"
     );
+    let scopes_of = |prefix: &str| {
+        let line = listing.lines().find(|l| l.contains(prefix)).unwrap();
+        line.split_whitespace().nth(3).unwrap().to_owned()
+    };
+    assert_eq!(scopes_of(prefix), "-", "{listing}");
+    assert_eq!(scopes_of(&pii_key[3..13]), "pii", "{listing}");
     assert!(!listing.contains(key), "list never shows a secret");
 
     let revoked = herald(
@@ -96,6 +108,16 @@ async fn keys_commands_refuse_bad_input() {
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no workspace named 'nobody'"));
     let empty = herald(&url, &["keys", "create", "--workspace", "  "]);
     assert!(!empty.status.success());
+    let bad_scope = herald(
+        &url,
+        &["keys", "create", "--workspace", "w", "--scope", "root"],
+    );
+    assert!(!bad_scope.status.success());
+    let stderr = String::from_utf8_lossy(&bad_scope.stderr);
+    assert!(
+        stderr.contains("--scope") && stderr.contains("unknown scope 'root'"),
+        "{stderr}"
+    );
     let missing_arg = herald(&url, &["keys", "create"]);
     assert!(!missing_arg.status.success());
     assert!(String::from_utf8_lossy(&missing_arg.stderr).contains("--workspace"));

@@ -161,7 +161,16 @@ impl TestApp {
     /// Creates a key (and the workspace, if new) straight in the store.
     pub async fn new_key(&self, workspace: &str) -> String {
         let ws = self.store.ensure_workspace(workspace).await.unwrap();
-        herald::api::keys::issue_key(self.store.as_ref(), ws.id, None)
+        herald::api::keys::issue_key(self.store.as_ref(), ws.id, None, &[])
+            .await
+            .unwrap()
+            .1
+    }
+
+    /// Like [`Self::new_key`], with scopes.
+    pub async fn new_key_with(&self, workspace: &str, scopes: &[herald::domain::Scope]) -> String {
+        let ws = self.store.ensure_workspace(workspace).await.unwrap();
+        herald::api::keys::issue_key(self.store.as_ref(), ws.id, None, scopes)
             .await
             .unwrap()
             .1

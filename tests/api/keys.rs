@@ -141,6 +141,65 @@ async fn keys_are_created_listed_and_revoked_at_once() {
 }
 
 #[tokio::test]
+async fn a_key_gives_only_scopes_it_has_and_unknown_scopes_are_refused() {
+    let app = spawn_app().await;
+    // The everyday key has no scopes, so it cannot mint a `pii` key.
+    let escalation = app
+        .request(Method::POST, "/v1/keys")
+        .json(&json!({"scopes": ["pii"]}))
+        .send()
+        .await
+        .unwrap();
+    let err = error_of(escalation, StatusCode::FORBIDDEN).await;
+    assert_eq!(err["code"], "missing_scope");
+    assert_eq!(err["field"], "scopes");
+    let listed: Value = app.get("/v1/keys").await.json().await.unwrap();
+    assert_eq!(listed["keys"].as_array().unwrap().len(), 1, "nothing made");
+
+    // A `pii` key can hand its scope on, and the list shows it.
+    let admin = app
+        .new_key_with("alpha", &[herald::domain::Scope::Pii])
+        .await;
+    let made = app
+        .request_as(&admin, Method::POST, "/v1/keys")
+        .json(&json!({"label": "exporter", "scopes": ["pii"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status(), StatusCode::CREATED);
+    let made: Value = made.json().await.unwrap();
+    assert_eq!(made["scopes"], json!(["pii"]));
+    let plain: Value = app
+        .request_as(&admin, Method::POST, "/v1/keys")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(plain["scopes"], json!([]), "scopes are never implied");
+
+    for bad in [
+        json!({"scopes": ["admin"]}),
+        json!({"scopes": "pii"}),
+        json!({"scopes": [1]}),
+    ] {
+        let refused = app
+            .request_as(&admin, Method::POST, "/v1/keys")
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        let err = error_of(refused, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert!(
+            err["field"].as_str().unwrap().starts_with("scopes"),
+            "{bad}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn the_workspace_is_readable() {
     let app = spawn_app().await;
     let ws: Value = app.get("/v1/workspace").await.json().await.unwrap();

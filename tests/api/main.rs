@@ -5,6 +5,7 @@
 
 mod campaigns;
 mod cli;
+mod connections;
 mod contacts;
 mod crash;
 mod crash_matrix;

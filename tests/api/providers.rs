@@ -417,3 +417,120 @@ async fn a_provider_outage_pauses_sending_instead_of_burning_attempts() {
         "the breaker's trips are counted"
     );
 }
+
+/// Spawns an app whose provider requests time out after 300 ms.
+async fn spawn_app_with_short_provider_timeout() -> crate::helpers::TestApp {
+    crate::helpers::spawn_app_with(|c| {
+        c.engine.as_mut().unwrap().provider_timeout = std::time::Duration::from_millis(300)
+    })
+    .await
+}
+
+/// Starts a webhook campaign of `n` contacts at `url`, allowing 3 attempts,
+/// and waits for it to end failed; returns its executions.
+async fn failed_webhook_run(app: &crate::helpers::TestApp, url: &str, n: usize) -> Vec<Value> {
+    let c = app
+        .campaign_with_contacts(
+            json!({"channel": "sms", "template": "Hi {{name}}", "max_attempts": 3,
+                   "provider": {"kind": "webhook", "url": url, "secret": SECRET}}),
+            n,
+        )
+        .await;
+    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+        .await;
+    let failed = app.wait_status(&c["id"], "failed", 30).await;
+    assert_eq!(failed["progress"]["failed"], n as i64, "{failed}");
+    app.all_executions(&c["id"]).await
+}
+
+fn error_details(execution: &Value) -> &str {
+    execution["execution_data"]["error_details"]
+        .as_str()
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_send_that_times_out_is_written_off_not_resent() {
+    let app = spawn_app_with_short_provider_timeout().await;
+    let fake = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_delay(std::time::Duration::from_secs(2)))
+        .mount(&fake)
+        .await;
+    let executions = failed_webhook_run(&app, &format!("{}/slow", fake.uri()), 5).await;
+    for e in &executions {
+        assert!(
+            error_details(e).starts_with("outcome unknown: the provider did not answer in time"),
+            "{e}"
+        );
+        assert_eq!(e["execution_data"]["attempts"], 1, "never resent: {e}");
+    }
+    let requests = fake.received_requests().await.unwrap().len();
+    assert_eq!(requests, 5, "the provider saw each recipient once");
+}
+
+#[tokio::test]
+async fn a_connection_reset_after_the_request_is_written_off_not_resent() {
+    let app = spawn_app().await;
+    // Reads each request, then hangs up without answering.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/send", listener.local_addr().unwrap());
+    let requests = Arc::new(AtomicUsize::new(0));
+    let seen = requests.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = socket.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    // The JSON body ends the request.
+                    if request.ends_with(b"}") {
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        return; // dropped: the connection closes unanswered
+                    }
+                }
+            });
+        }
+    });
+    let executions = failed_webhook_run(&app, &url, 4).await;
+    for e in &executions {
+        assert!(
+            error_details(e).starts_with("outcome unknown: the connection to the provider failed"),
+            "{e}"
+        );
+        assert_eq!(e["execution_data"]["attempts"], 1, "never resent: {e}");
+    }
+    assert_eq!(requests.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn a_provider_that_cannot_be_reached_is_retried_up_to_max_attempts() {
+    let app = spawn_app().await;
+    // A port with nothing listening: the connection is refused, so the
+    // provider never saw the send and trying again is safe.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/send", closed.local_addr().unwrap());
+    drop(closed);
+    let executions = failed_webhook_run(&app, &url, 3).await;
+    for e in &executions {
+        assert_eq!(e["execution_data"]["attempts"], 3, "{e}");
+        assert!(
+            error_details(e).contains("could not connect to the provider"),
+            "{e}"
+        );
+        assert!(
+            e["execution_data"]["retry_reason"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("gave up after 3 attempts"),
+            "{e}"
+        );
+    }
+}

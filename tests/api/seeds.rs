@@ -401,11 +401,33 @@ async fn seed_002_run_detail_and_snapshot_match_the_documented_shape() {
         snapshot["cost"],
         json!({"total_cost": 1200, "currency_units": "sms_parts"})
     );
-    let with_pii = app
-        .briq(&format!(
-            "/v1/campaign/{uuid}/runs/{run_id}/snapshot?include_recipients=true"
-        ))
+    // Recipients are PII: a key needs the `pii` scope to read them.
+    let pii_path = format!("/v1/campaign/{uuid}/runs/{run_id}/snapshot?include_recipients=true");
+    let get_with = |path: &str, key: &str| {
+        app.client
+            .get(app.url(path))
+            .header("X-API-Key", key)
+            .send()
+    };
+    let refused = envelope_error(
+        get_with(&pii_path, &app.key).await.unwrap(),
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    assert_eq!(refused["errors"][0]["field"], "include_recipients");
+    assert_eq!(refused["errors"][0]["code"], "missing_scope");
+    let message = refused["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("'pii' scope") && message.contains("include_recipients"),
+        "{refused}"
+    );
+    assert!(!refused.to_string().contains("15550000000"), "{refused}");
+    let pii_key = app
+        .new_key_with("alpha", &[herald::domain::Scope::Pii])
         .await;
+    let response = get_with(&pii_path, &pii_key).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let with_pii = response.json::<Value>().await.unwrap()["data"].clone();
     let phones = with_pii["recipients"].as_array().unwrap();
     assert_eq!(phones.len(), 1200);
     assert_eq!(phones[0], "15550000000");

@@ -59,6 +59,7 @@ fn api_key_from_row(row: &DbRow) -> StoreResult<ApiKeyRecord> {
         prefix: row.try_get("prefix")?,
         key_hash: row.try_get("key_hash")?,
         label: row.try_get("label")?,
+        scopes: crate::domain::Scope::split(&row.try_get::<String, _>("scopes")?),
         created_at: row.try_get("created_at")?,
         revoked_at: row.try_get("revoked_at")?,
     })
@@ -218,17 +219,19 @@ impl Store for SqlStore {
         &self,
         workspace_id: i64,
         label: Option<&str>,
+        scopes: &[crate::domain::Scope],
         prefix: &str,
         key_hash: &[u8],
     ) -> StoreResult<ApiKeyRecord> {
         let row = sqlx::query(sql!(
-            "INSERT INTO api_keys (workspace_id, prefix, key_hash, label, created_at)
-             VALUES (?, ?, ?, ?, ?) RETURNING *"
+            "INSERT INTO api_keys (workspace_id, prefix, key_hash, label, scopes, created_at)
+             VALUES (?, ?, ?, ?, ?, ?) RETURNING *"
         ))
         .bind(workspace_id)
         .bind(prefix)
         .bind(key_hash)
         .bind(label)
+        .bind(crate::domain::Scope::join(scopes))
         .bind(now_ms())
         .fetch_one(&self.writer)
         .await
