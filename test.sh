@@ -115,8 +115,5 @@ cargo test --quiet
 
 echo "==> cargo test --test api (Postgres: every integration test again)"
 # tests/api/postgres.rs always runs on Postgres; it ran in the first pass.
-# The two-node crash matrix is not yet reliable on Postgres (issue #9: the
-# other node can finish the run before the twentieth kill, and callbacks
-# have stalled for a minute); it runs on SQLite in the first pass.
-HERALD_TEST_BACKEND=postgres cargo test --quiet --test api -- --skip postgres:: \
-  --skip crash_matrix
+# Here the crash matrix runs with two nodes sharing the run.
+HERALD_TEST_BACKEND=postgres cargo test --quiet --test api -- --skip postgres::
