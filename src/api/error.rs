@@ -209,7 +209,7 @@ impl From<StoreError> for ApiError {
             }
             err if err.is_transient() => {
                 tracing::warn!(error = %err, "transient database error");
-                ApiError::Unavailable("the database is busy; retry shortly".into())
+                ApiError::Unavailable("the database is busy or unreachable; retry shortly".into())
             }
             other => ApiError::Internal(anyhow::Error::new(other)),
         }

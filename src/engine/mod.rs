@@ -168,6 +168,7 @@ impl Engine {
         let mut runs: JoinSet<()> = JoinSet::new();
         // The run each task works: this worker joins each run once.
         let mut tasks: std::collections::HashMap<tokio::task::Id, i64> = Default::default();
+        let mut task_number: u64 = 0;
         tracing::info!(worker = %shared.config.worker_id, "engine started");
         loop {
             while let Some(done) = runs.try_join_next_with_id() {
@@ -184,10 +185,18 @@ impl Engine {
             }
             if runs.len() < shared.config.max_runs {
                 let lease = shared.config.lease.as_millis() as i64;
+                // Each run task leases under its own name, so when a task
+                // fails (its database went away, say) the next task of this
+                // node takes its expired batches over like any other
+                // worker's, writing off what it had in flight, instead of
+                // renewing them as its own and waiting for ever on sends
+                // no one will record.
+                task_number += 1;
+                let owner = format!("{}/{task_number}", shared.config.worker_id);
                 match shared
                     .store
                     .claim_run(
-                        &shared.config.worker_id,
+                        &owner,
                         now_ms(),
                         lease,
                         &tasks.values().copied().collect::<Vec<_>>(),
@@ -216,7 +225,7 @@ impl Engine {
                         );
                         let task = runs
                             .spawn(tracing::Instrument::instrument(
-                                run::drive(shared.clone(), claimed.clone()),
+                                run::drive(shared.clone(), claimed.clone(), owner),
                                 span,
                             ))
                             .id();

@@ -23,9 +23,10 @@ const BREAKER_FIRST_PAUSE: Duration = Duration::from_secs(1);
 const BREAKER_LONGEST_PAUSE: Duration = Duration::from_secs(30);
 
 /// Works a run until it ends or nothing of it is left for this worker.
-pub(super) async fn drive(shared: Arc<Shared>, run: RunRecord) {
+/// `owner` names this task in leases (`{worker id}/{task number}`).
+pub(super) async fn drive(shared: Arc<Shared>, run: RunRecord, owner: String) {
     let run_id = run.id;
-    if let Err(err) = drive_inner(&shared, run).await {
+    if let Err(err) = drive_inner(&shared, run, &owner).await {
         // The leases will expire and a worker (maybe this one) retries.
         tracing::error!(run = run_id, error = %err, "run task failed; it will be retried");
     }
@@ -51,9 +52,9 @@ fn cost_of(channel: Channel, body: &str) -> i64 {
     }
 }
 
-async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
+async fn drive_inner(shared: &Shared, run: RunRecord, owner: &str) -> anyhow::Result<()> {
     let store = &shared.store;
-    let worker = &shared.config.worker_id;
+    let worker = owner;
     let campaign = store
         .campaign_of_run(run.id)
         .await?
@@ -119,6 +120,7 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
     let mut breaker = Breaker::new(BREAKER_FAULTS, BREAKER_FIRST_PAUSE, BREAKER_LONGEST_PAUSE);
     let mut pipeline = Pipeline {
         shared,
+        owner,
         limit: shared.config.slice,
         run_id: run.id,
         campaign: (campaign.id, campaign.workspace_id),
@@ -262,6 +264,8 @@ async fn drive_inner(shared: &Shared, run: RunRecord) -> anyhow::Result<()> {
 /// transaction, while the slice between them is on the wire.
 struct Pipeline<'a> {
     shared: &'a Shared,
+    /// The task's name in leases.
+    owner: &'a str,
     run_id: i64,
     /// Campaign and workspace, for the hub.
     campaign: (i64, i64),
@@ -290,7 +294,7 @@ impl Pipeline<'_> {
     async fn record_and_claim(&mut self) -> Result<Slice, StoreError> {
         let (shared, run_id) = (self.shared, self.run_id);
         let store = &shared.store;
-        let worker = &shared.config.worker_id;
+        let worker = self.owner;
         let now = now_ms();
         let lease_until = now + shared.config.lease.as_millis() as i64;
         let slice = match self.unrecorded.take() {

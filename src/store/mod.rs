@@ -63,12 +63,22 @@ impl StoreError {
         match self {
             StoreError::Unavailable(_) => true,
             StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => true,
-            StoreError::Database(sqlx::Error::Database(db)) => matches!(
-                db.code().as_deref(),
+            StoreError::Database(sqlx::Error::Database(db)) => match db.code().as_deref() {
                 // Postgres: deadlock, serialisation, lock timeout, statement
-                // timeout, server shutting down. SQLite: BUSY, LOCKED.
-                Some("40P01" | "40001" | "55P03" | "57014" | "57P01" | "5" | "6" | "261" | "517")
-            ),
+                // timeout, server shutting down or crashed or starting up,
+                // too many connections, any connection exception (class
+                // 08). SQLite: BUSY, LOCKED.
+                Some(
+                    "40P01" | "40001" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "53300"
+                    | "5" | "6" | "261" | "517",
+                ) => true,
+                Some(code) if code.starts_with("08") && code.len() == 5 => true,
+                // A database that refuses new connections for now
+                // (`ALLOW_CONNECTIONS false`, as during maintenance); the
+                // same code also names mistakes, hence the message check.
+                Some("55000") => db.message().contains("not currently accepting connections"),
+                _ => false,
+            },
             _ => false,
         }
     }
