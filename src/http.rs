@@ -46,11 +46,14 @@ pub async fn serve(
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
+                // A connection reset before it was accepted: the client's
+                // business.
+                Err(err) if is_connection_error(&err) => continue,
                 Err(err) => {
-                    // Out of file descriptors, or a connection reset before
-                    // it was accepted: back off briefly, as axum does.
-                    tracing::warn!(error = %err, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of file descriptors, most likely: back off for a
+                    // second, as axum::serve does, instead of spinning.
+                    tracing::error!(error = %err, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             },
@@ -83,4 +86,12 @@ pub async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+fn is_connection_error(err: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(
+        err.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
 }
