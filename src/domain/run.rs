@@ -156,6 +156,12 @@ pub enum SendResult {
         provider_id: Option<String>,
         reason: String,
     },
+    /// Throttled or down, and the provider said when to come back (a 429
+    /// or 503 with `Retry-After`): retried no sooner than `wait`.
+    RetryAfter {
+        wait: std::time::Duration,
+        reason: String,
+    },
     /// Will never succeed for this recipient (invalid number, 4xx).
     Permanent {
         provider_id: Option<String>,

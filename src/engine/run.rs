@@ -21,6 +21,9 @@ const BREAKER_FAULTS: u32 = 20;
 /// The first pause; it doubles while probes keep failing.
 const BREAKER_FIRST_PAUSE: Duration = Duration::from_secs(1);
 const BREAKER_LONGEST_PAUSE: Duration = Duration::from_secs(30);
+/// A provider's `Retry-After` is obeyed up to this, so a bogus value cannot
+/// park a recipient for days.
+const LONGEST_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// Works a run until it ends or nothing of it is left for this worker.
 /// `owner` names this task in leases (`{worker id}/{task number}`).
@@ -481,7 +484,6 @@ impl Sending<'_> {
         let provider = self.snapshot.provider.kind();
         metrics::histogram!("herald_provider_latency_seconds", "provider" => provider)
             .record(sent_at.elapsed().as_secs_f64());
-        let max_attempts = i64::from(self.snapshot.max_attempts);
         match result {
             SendResult::Delivered {
                 status,
@@ -503,32 +505,28 @@ impl Sending<'_> {
                 reason,
             } => {
                 outcome.provider_id = provider_id;
-                outcome.error_details = Some(reason.clone());
-                if execution.attempt < max_attempts {
-                    let delay = retry_delay(
-                        self.shared.config.retry_base,
-                        execution.attempt as u32,
-                        self.shared.config.retry_cap,
-                        rand::random::<f64>(),
-                    );
-                    outcome.status = ExecutionStatus::Pending;
-                    outcome.next_attempt_at = Some(now_ms() + delay.as_millis() as i64);
-                    outcome.retry_reason = Some(format!(
-                        "{reason}; will retry in {} (attempt {} of {max_attempts})",
-                        human(delay),
-                        execution.attempt + 1
-                    ));
-                } else {
-                    outcome.status = status;
-                    outcome.retry_reason = (max_attempts > 1)
-                        .then(|| format!("gave up after {max_attempts} attempts"));
-                }
+                self.retry_later(&mut outcome, &execution, status, reason, Duration::ZERO);
                 // A busy line is the recipient's answer; a retriable
-                // failure is the provider's (5xx, 429, timeout, reset).
+                // failure is the provider's (5xx, 429, no connection).
                 Sent {
                     outcome,
                     misconfigured: None,
                     provider_fault: status == ExecutionStatus::Failed,
+                }
+            }
+            SendResult::RetryAfter { wait, reason } => {
+                let wait = wait.min(LONGEST_RETRY_AFTER);
+                self.retry_later(
+                    &mut outcome,
+                    &execution,
+                    ExecutionStatus::Failed,
+                    reason,
+                    wait,
+                );
+                Sent {
+                    outcome,
+                    misconfigured: None,
+                    provider_fault: true,
                 }
             }
             SendResult::Permanent {
@@ -557,6 +555,42 @@ impl Sending<'_> {
                     provider_fault: false,
                 }
             }
+        }
+    }
+}
+
+impl Sending<'_> {
+    /// Schedules another attempt, after the backoff and no sooner than
+    /// `at_least`, or gives up with `final_status` after `max_attempts`.
+    fn retry_later(
+        &self,
+        outcome: &mut ExecutionOutcome,
+        execution: &PendingExecution,
+        final_status: ExecutionStatus,
+        reason: String,
+        at_least: Duration,
+    ) {
+        let max_attempts = i64::from(self.snapshot.max_attempts);
+        outcome.error_details = Some(reason.clone());
+        if execution.attempt < max_attempts {
+            let delay = retry_delay(
+                self.shared.config.retry_base,
+                execution.attempt as u32,
+                self.shared.config.retry_cap,
+                rand::random::<f64>(),
+            )
+            .max(at_least);
+            outcome.status = ExecutionStatus::Pending;
+            outcome.next_attempt_at = Some(now_ms() + delay.as_millis() as i64);
+            outcome.retry_reason = Some(format!(
+                "{reason}; will retry in {} (attempt {} of {max_attempts})",
+                human(delay),
+                execution.attempt + 1
+            ));
+        } else {
+            outcome.status = final_status;
+            outcome.retry_reason =
+                (max_attempts > 1).then(|| format!("gave up after {max_attempts} attempts"));
         }
     }
 }

@@ -104,15 +104,28 @@ pub fn build(
     }
 }
 
-/// Classifies an HTTP failure the way every HTTP provider should.
-pub(crate) fn classify_http_status(status: reqwest::StatusCode, detail: &str) -> SendResult {
+/// Classifies an HTTP failure the way every HTTP provider should. A 429
+/// or 503 may say when to come back (`Retry-After`); the retry waits at
+/// least that long.
+pub(crate) fn classify_http_status(
+    status: reqwest::StatusCode,
+    headers: &reqwest::header::HeaderMap,
+    detail: &str,
+) -> SendResult {
     use crate::domain::ExecutionStatus;
     let reason = format!("provider answered {status}: {}", truncate(detail, 200));
     if status == reqwest::StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-        SendResult::Retriable {
-            status: ExecutionStatus::Failed,
-            provider_id: None,
-            reason,
+        match headers
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| retry_after(v, chrono::Utc::now()))
+        {
+            Some(wait) => SendResult::RetryAfter { wait, reason },
+            None => SendResult::Retriable {
+                status: ExecutionStatus::Failed,
+                provider_id: None,
+                reason,
+            },
         }
     } else if matches!(status.as_u16(), 401 | 403 | 404) {
         SendResult::Misconfigured { reason }
@@ -122,6 +135,20 @@ pub(crate) fn classify_http_status(status: reqwest::StatusCode, detail: &str) ->
             reason,
         }
     }
+}
+
+/// Reads a `Retry-After` value: seconds, or an HTTP date (RFC 9110).
+fn retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    Some(
+        (at.with_timezone(&chrono::Utc) - now)
+            .to_std()
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// Classifies a request that got no HTTP answer. Only a failure to
@@ -151,5 +178,30 @@ fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
         None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_an_http_date() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-30T08:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(retry_after(" 0 ", now), Some(Duration::ZERO));
+        assert_eq!(
+            retry_after("Mon, 30 Nov 2026 08:00:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        // A date already past means "now".
+        assert_eq!(
+            retry_after("Mon, 30 Nov 2026 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon", now), None);
+        assert_eq!(retry_after("-5", now), None);
     }
 }

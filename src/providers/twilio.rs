@@ -113,9 +113,10 @@ impl Provider for Twilio {
             Err(err) => return transport_error(&err),
         };
         let status = response.status();
+        let headers = response.headers().clone();
         let text = response.text().await.unwrap_or_default();
         if !status.is_success() {
-            return classify_http_status(status, &text);
+            return classify_http_status(status, &headers, &text);
         }
         match serde_json::from_str::<Created>(&text) {
             Ok(created) => SendResult::Delivered {

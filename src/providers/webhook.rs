@@ -66,9 +66,10 @@ impl Provider for Webhook {
             Err(err) => return transport_error(&err),
         };
         let status = response.status();
+        let headers = response.headers().clone();
         let text = response.text().await.unwrap_or_default();
         if !status.is_success() {
-            return classify_http_status(status, &text);
+            return classify_http_status(status, &headers, &text);
         }
         let reply: Reply =
             if text.trim().is_empty() {

@@ -534,3 +534,66 @@ async fn a_provider_that_cannot_be_reached_is_retried_up_to_max_attempts() {
         );
     }
 }
+
+/// Answers each recipient's first send 429 with `Retry-After: 2`, then
+/// accepts it; remembers when each send came.
+#[derive(Clone, Default)]
+struct Throttling {
+    seen: Arc<Mutex<HashMap<String, Vec<std::time::Instant>>>>,
+}
+
+impl Respond for Throttling {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let body: Value = serde_json::from_slice(&request.body).unwrap();
+        let mut seen = self.seen.lock().unwrap();
+        let sends = seen
+            .entry(body["to"].as_str().unwrap().to_owned())
+            .or_default();
+        sends.push(std::time::Instant::now());
+        if sends.len() == 1 {
+            ResponseTemplate::new(429)
+                .insert_header("retry-after", "2")
+                .set_body_string("slow down")
+        } else {
+            ResponseTemplate::new(200).set_body_json(
+                json!({"id": format!("wh-{}", body["execution_id"]), "status": "sent"}),
+            )
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_is_retried_no_sooner_than_it_says() {
+    // The test engine's own backoff is 20 ms: only Retry-After makes the
+    // second attempt wait.
+    let app = spawn_app().await;
+    let fake = MockServer::start().await;
+    let throttling = Throttling::default();
+    Mock::given(method("POST"))
+        .respond_with(throttling.clone())
+        .mount(&fake)
+        .await;
+    let c = app
+        .campaign_with_contacts(
+            json!({"channel": "sms", "template": "Hi {{name}}", "max_attempts": 3,
+                   "provider": {"kind": "webhook", "url": format!("{}/send", fake.uri()), "secret": SECRET}}),
+            3,
+        )
+        .await;
+    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+        .await;
+    let done = app.wait_status(&c["id"], "completed", 30).await;
+    assert_eq!(done["progress"]["sent"], 3, "{done}");
+    for (to, sends) in throttling.seen.lock().unwrap().iter() {
+        assert_eq!(sends.len(), 2, "{to}: throttled once, then sent");
+        let waited = sends[1] - sends[0];
+        assert!(
+            waited >= std::time::Duration::from_millis(1900),
+            "{to}: retried after {waited:?}, before Retry-After's 2 s"
+        );
+    }
+    for e in app.all_executions(&c["id"]).await {
+        assert_eq!(e["status"], "completed");
+        assert_eq!(e["execution_data"]["attempts"], 2);
+    }
+}
