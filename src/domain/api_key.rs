@@ -45,7 +45,10 @@ impl Scope {
         Self::ALL
             .into_iter()
             .find(|scope| scope.as_str() == s)
-            .ok_or_else(|| format!("unknown scope '{s}'; the scopes are: pii"))
+            .ok_or_else(|| {
+                let known: Vec<&str> = Self::ALL.iter().map(|scope| scope.as_str()).collect();
+                format!("unknown scope '{s}'; the scopes are: {}", known.join(", "))
+            })
     }
 
     /// Scopes as stored: names joined by commas, sorted, no repeats.

@@ -57,7 +57,6 @@ fn cost_of(channel: Channel, body: &str) -> i64 {
 
 async fn drive_inner(shared: &Shared, run: RunRecord, owner: &str) -> anyhow::Result<()> {
     let store = &shared.store;
-    let worker = owner;
     let campaign = store
         .campaign_of_run(run.id)
         .await?
@@ -133,14 +132,14 @@ async fn drive_inner(shared: &Shared, run: RunRecord, owner: &str) -> anyhow::Re
     loop {
         if shared.shutdown.is_cancelled() {
             pipeline.wind_down().await?;
-            store.release_run(run.id, worker).await?;
+            store.release_run(run.id, owner).await?;
             tracing::info!(run = run.id, "run released for shutdown");
             return Ok(());
         }
         let slice = pipeline.next_slice().await?;
         match slice.control {
             Control::Paused => {
-                store.release_run(run.id, worker).await?;
+                store.release_run(run.id, owner).await?;
                 tracing::info!(run = run.id, "campaign paused; run released");
                 return Ok(());
             }
@@ -297,19 +296,19 @@ impl Pipeline<'_> {
     async fn record_and_claim(&mut self) -> Result<Slice, StoreError> {
         let (shared, run_id) = (self.shared, self.run_id);
         let store = &shared.store;
-        let worker = self.owner;
+        let owner = self.owner;
         let now = now_ms();
         let lease_until = now + shared.config.lease.as_millis() as i64;
         let slice = match self.unrecorded.take() {
             Some(outcomes) => {
                 let (_, slice) = retry_transient(|| {
-                    store.record_and_take(run_id, &outcomes, worker, now, lease_until, self.limit)
+                    store.record_and_take(run_id, &outcomes, owner, now, lease_until, self.limit)
                 })
                 .await?;
                 slice
             }
             None => {
-                retry_transient(|| store.take_slice(run_id, worker, now, lease_until, self.limit))
+                retry_transient(|| store.take_slice(run_id, owner, now, lease_until, self.limit))
                     .await?
             }
         };

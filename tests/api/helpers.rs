@@ -193,7 +193,11 @@ impl TestApp {
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> Response {
-        self.request(Method::POST, path)
+        self.post_as(&self.key, path, body).await
+    }
+
+    pub async fn post_as(&self, key: &str, path: &str, body: &Value) -> Response {
+        self.request_as(key, Method::POST, path)
             .json(body)
             .send()
             .await

@@ -144,12 +144,7 @@ async fn keys_are_created_listed_and_revoked_at_once() {
 async fn a_key_gives_only_scopes_it_has_and_unknown_scopes_are_refused() {
     let app = spawn_app().await;
     // The everyday key has no scopes, so it cannot mint a `pii` key.
-    let escalation = app
-        .request(Method::POST, "/v1/keys")
-        .json(&json!({"scopes": ["pii"]}))
-        .send()
-        .await
-        .unwrap();
+    let escalation = app.post("/v1/keys", &json!({"scopes": ["pii"]})).await;
     let err = error_of(escalation, StatusCode::FORBIDDEN).await;
     assert_eq!(err["code"], "missing_scope");
     assert_eq!(err["field"], "scopes");
@@ -161,20 +156,18 @@ async fn a_key_gives_only_scopes_it_has_and_unknown_scopes_are_refused() {
         .new_key_with("alpha", &[herald::domain::Scope::Pii])
         .await;
     let made = app
-        .request_as(&admin, Method::POST, "/v1/keys")
-        .json(&json!({"label": "exporter", "scopes": ["pii"]}))
-        .send()
-        .await
-        .unwrap();
+        .post_as(
+            &admin,
+            "/v1/keys",
+            &json!({"label": "exporter", "scopes": ["pii"]}),
+        )
+        .await;
     assert_eq!(made.status(), StatusCode::CREATED);
     let made: Value = made.json().await.unwrap();
     assert_eq!(made["scopes"], json!(["pii"]));
     let plain: Value = app
-        .request_as(&admin, Method::POST, "/v1/keys")
-        .json(&json!({}))
-        .send()
+        .post_as(&admin, "/v1/keys", &json!({}))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -185,12 +178,7 @@ async fn a_key_gives_only_scopes_it_has_and_unknown_scopes_are_refused() {
         json!({"scopes": "pii"}),
         json!({"scopes": [1]}),
     ] {
-        let refused = app
-            .request_as(&admin, Method::POST, "/v1/keys")
-            .json(&bad)
-            .send()
-            .await
-            .unwrap();
+        let refused = app.post_as(&admin, "/v1/keys", &bad).await;
         let err = error_of(refused, StatusCode::UNPROCESSABLE_ENTITY).await;
         assert!(
             err["field"].as_str().unwrap().starts_with("scopes"),

@@ -40,6 +40,30 @@ async fn assert_counters_equal_rows(database_url: &str, view: &Value) {
     assert_eq!(count("pending") + count("in_progress"), 0, "{rows:?}");
 }
 
+/// Waits for the campaign's run to complete after a fault, then checks what
+/// every fault must leave: no one sent twice, every recipient sent or
+/// failed, at most the two slices in hand (4 × in-flight each: the one on
+/// the wire and the one claimed ahead) written off as "outcome unknown",
+/// and counters equal to rows. Returns the final view.
+async fn assert_recovered_at_most_once(
+    node: &Node,
+    key: &str,
+    id: i64,
+    recipients: i64,
+    provider: &CountingProvider,
+    database_url: &str,
+) -> Value {
+    let done = node
+        .wait_for(key, id, 120, |v| v["status"] == "completed")
+        .await;
+    assert_eq!(provider.most_to_one_recipient(), 1, "no one sent twice");
+    let (sent, failed) = (progress(&done, "sent"), progress(&done, "failed"));
+    assert_eq!(sent + failed, recipients);
+    assert!(failed <= 2 * 4 * 64, "{failed} written off");
+    assert_counters_equal_rows(database_url, &done).await;
+    done
+}
+
 /// Two nodes with default options on one database, logging to `a.log` and
 /// `b.log` in `dir`.
 async fn two_nodes(database_url: &str, dir: &std::path::Path) -> (Node, Node) {
@@ -215,22 +239,15 @@ async fn when_one_node_is_killed_mid_run_the_other_finishes_it() {
     let sent_at_kill = provider.total();
     assert!(sent_at_kill < 20_000, "the kill came mid-run");
 
-    let done = b
-        .wait_for(&key, id, 120, |v| v["status"] == "completed")
-        .await;
-    assert_eq!(provider.most_to_one_recipient(), 1, "no one sent twice");
+    // Only the two slices the dead node had claimed are written off;
+    // some of them may have reached the provider.
+    let done = assert_recovered_at_most_once(&b, &key, id, 20_000, &provider, &database_url).await;
     let (sent, failed) = (progress(&done, "sent"), progress(&done, "failed"));
-    assert_eq!(sent + failed, 20_000);
-    // Only the two slices the dead node had claimed (4 × in-flight each:
-    // the one on the wire and the one claimed ahead) are written off as
-    // "outcome unknown"; some of them may have reached the provider.
-    assert!(failed <= 2 * 4 * 64, "{failed} written off");
     let reached = i64::from(provider.total());
     assert!(
         reached >= sent && reached <= sent + failed,
         "{reached} reached, {sent} sent"
     );
-    assert_counters_equal_rows(&database_url, &done).await;
     drop(b);
 }
 
@@ -441,14 +458,7 @@ async fn postgres_going_away_under_load_is_503s_then_recovers_by_itself() {
         .execute(&mut admin)
         .await
         .unwrap();
-    let done = node
-        .wait_for(&key, id, 120, |v| v["status"] == "completed")
-        .await;
-    assert_eq!(provider.most_to_one_recipient(), 1, "no one sent twice");
-    let (sent, failed) = (progress(&done, "sent"), progress(&done, "failed"));
-    assert_eq!(sent + failed, 20_000);
-    assert!(failed <= 2 * 4 * 64, "{failed} written off");
-    assert_counters_equal_rows(&database_url, &done).await;
+    assert_recovered_at_most_once(&node, &key, id, 20_000, &provider, &database_url).await;
     let ready = client
         .get(format!("{}/readyz", node.base))
         .send()
