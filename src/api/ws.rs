@@ -63,10 +63,13 @@ pub struct WsParams {
     since: Option<String>,
 }
 
-/// Small buffers keep an idle connection cheap; frames are short.
+/// Small buffers keep an idle connection cheap: tungstenite zero-fills its
+/// whole read buffer before every read, so all of it stays resident for as
+/// long as the connection waits for a client message. Client messages are
+/// short (subscribe, ping); a longer one grows the buffer as it arrives.
 fn upgrade(ws: WebSocketUpgrade, state: &AppState) -> WebSocketUpgrade {
     let max = state.config.streams.max_client_message_bytes;
-    ws.read_buffer_size(4 * 1024)
+    ws.read_buffer_size(1024)
         .write_buffer_size(4 * 1024)
         .max_message_size(max * 4)
         .max_frame_size(max * 4)

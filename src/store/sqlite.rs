@@ -82,8 +82,33 @@ pub(crate) mod dialect {
     }
 }
 
+/// SQLite keeps memory statistics by default, behind one process-wide
+/// mutex taken on every allocation: every column of every row read takes it,
+/// so the reader pool's threads queue on it (a quarter of the CPU of a page
+/// of executions under load). Herald never reads the statistics. The switch
+/// only takes effect before SQLite initialises, so it is made once, before
+/// the first connection; later calls are refused by SQLite and harmless.
+fn disable_memory_statistics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sqlite3_config is called before any connection is opened
+        // by this process (the Once runs ahead of the first connect), with
+        // the one int argument SQLITE_CONFIG_MEMSTATUS takes.
+        let rc = unsafe {
+            libsqlite3_sys::sqlite3_config(
+                libsqlite3_sys::SQLITE_CONFIG_MEMSTATUS,
+                0 as std::os::raw::c_int,
+            )
+        };
+        if rc != libsqlite3_sys::SQLITE_OK {
+            tracing::debug!(rc, "SQLite memory statistics stay on (already initialised)");
+        }
+    });
+}
+
 impl SqliteStore {
     pub async fn connect(url: &str, options: &StoreOptions) -> anyhow::Result<Self> {
+        disable_memory_statistics();
         let connect = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
