@@ -233,7 +233,7 @@ pub struct StreamParams {
 fn sse_event(event: &StoredEvent) -> Event {
     let data = HubEvent::new(event.clone())
         .frame(Format::Sse)
-        .map(|f| f.to_string())
+        .map(|f| f.as_str().to_owned())
         .unwrap_or_else(|| "{}".into());
     Event::default()
         .id(event.seq.to_string())

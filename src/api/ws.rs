@@ -100,6 +100,8 @@ struct Session {
     inbound: governor::DefaultDirectRateLimiter,
     /// When the client was last told it sends too fast.
     warned_at: Option<std::time::Instant>,
+    /// Messages sent, resolved once: ten thousand sockets count every frame.
+    messages: metrics::Counter,
 }
 
 impl Session {
@@ -114,6 +116,8 @@ impl Session {
                 governor::Quota::per_second(rate).allow_burst(burst),
             ),
             warned_at: None,
+            messages: metrics::counter!("herald_stream_messages_total",
+                "protocol" => protocol_name(format)),
             socket,
             state,
             format,
@@ -128,10 +132,29 @@ impl Session {
     }
 
     async fn send_text(&mut self, text: Utf8Bytes) -> Result<(), End> {
-        metrics::counter!("herald_stream_messages_total", "protocol" => protocol_name(self.format))
-            .increment(1);
+        self.queue_text(text).await?;
+        self.flush().await
+    }
+
+    /// Buffers a message without writing it out yet (unless the buffer is
+    /// full): [`Session::flush`] then writes everything queued at once.
+    async fn queue_text(&mut self, text: Utf8Bytes) -> Result<(), End> {
+        self.messages.increment(1);
         let timeout = self.state.config.streams.send_timeout;
-        match tokio::time::timeout(timeout, self.socket.send(Message::Text(text))).await {
+        let queued = futures::SinkExt::feed(&mut self.socket, Message::Text(text));
+        Self::within_send_timeout(tokio::time::timeout(timeout, queued).await)
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        let timeout = self.state.config.streams.send_timeout;
+        let flushed = futures::SinkExt::flush(&mut self.socket);
+        Self::within_send_timeout(tokio::time::timeout(timeout, flushed).await)
+    }
+
+    fn within_send_timeout(
+        result: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>,
+    ) -> Result<(), End> {
+        match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::Drop),
             Err(_) => Err(End::Close(CLOSE_TOO_SLOW, "client too slow to read")),
@@ -157,6 +180,15 @@ impl Session {
 
     /// Sends an event if it is newer than what this campaign last got.
     async fn deliver(&mut self, event: &HubEvent) -> Result<bool, End> {
+        let queued = self.queue(event).await?;
+        if queued {
+            self.flush().await?;
+        }
+        Ok(queued)
+    }
+
+    /// [`Session::deliver`] without the flush.
+    async fn queue(&mut self, event: &HubEvent) -> Result<bool, End> {
         let last = self
             .sent
             .get(&event.event.campaign_id)
@@ -168,7 +200,7 @@ impl Session {
         self.sent.insert(event.event.campaign_id, event.seq());
         match event.frame(self.format) {
             Some(frame) => {
-                self.send_text(Utf8Bytes::from(frame.as_ref())).await?;
+                self.queue_text(frame).await?;
                 Ok(true)
             }
             None => Ok(false),
@@ -555,6 +587,48 @@ trait Protocol: Send {
     ) -> impl std::future::Future<Output = Result<(), End>> + Send;
 }
 
+/// At most this many frames go out in one write, so one socket far behind
+/// does not hold its worker thread from the others for long.
+const MOST_FRAMES_PER_WRITE: usize = 64;
+
+/// Sends what the hub has for a socket: the event, and with it every event
+/// already waiting, in one write rather than a system call each (sockets
+/// fall behind when ten thousand share a busy server); or, after a lag, a
+/// catch-up from the log.
+async fn on_live(session: &mut Session, live: Live) -> Result<(), End> {
+    use futures::FutureExt as _;
+    let mut next = Some(live);
+    let mut queued = 0;
+    while let Some(live) = next.take() {
+        match live {
+            Live::Event(event) => {
+                session.queue(&event).await?;
+                queued += 1;
+                if queued < MOST_FRAMES_PER_WRITE {
+                    next = next_live(&mut session.live, &mut session.workspace).now_or_never();
+                }
+            }
+            Live::Lagged(Some(id)) => {
+                session.flush().await?;
+                session.catch_up(id).await?;
+            }
+            Live::Lagged(None) => {
+                session.flush().await?;
+                let ids: Vec<i64> = session.sent.keys().copied().collect();
+                for id in ids {
+                    session.catch_up(id).await?;
+                }
+            }
+            Live::Ended => {
+                session.flush().await?;
+                return Err(End::Close(CLOSE_INTERNAL, "stream ended"));
+            }
+            Live::Nothing => {}
+        }
+    }
+    session.flush().await
+}
+
 /// Runs a socket until it ends, for every protocol: server shutdown (1001),
 /// the client's messages (each handed to `protocol`), live events, pings,
 /// and with `idle` a timeout that each delivered event resets.
@@ -575,23 +649,12 @@ async fn serve(
                     protocol.on_message(session, message).await?;
                 }
             }
-            live = next_live(&mut session.live, &mut session.workspace) => match live {
-                Live::Event(event) => {
-                    if let Some(idle) = idle {
-                        idle_until = Instant::now() + idle;
-                    }
-                    session.deliver(&event).await?;
+            live = next_live(&mut session.live, &mut session.workspace) => {
+                if let (Live::Event(_), Some(idle)) = (&live, idle) {
+                    idle_until = Instant::now() + idle;
                 }
-                Live::Lagged(Some(id)) => session.catch_up(id).await?,
-                Live::Lagged(None) => {
-                    let ids: Vec<i64> = session.sent.keys().copied().collect();
-                    for id in ids {
-                        session.catch_up(id).await?;
-                    }
-                }
-                Live::Ended => return Err(End::Close(CLOSE_INTERNAL, "stream ended")),
-                Live::Nothing => {}
-            },
+                on_live(session, live).await?;
+            }
             () = sleep_until(next_ping) => {
                 next_ping = Instant::now() + ping_every;
                 session.socket.send(Message::Ping(Default::default())).await.map_err(|_| End::Drop)?;

@@ -27,6 +27,8 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use axum::extract::ws::Utf8Bytes;
+
 use crate::store::{Change, Store, StoredEvent};
 
 /// Per-campaign channel capacity: a receiver further behind than this
@@ -44,11 +46,14 @@ pub enum Format {
     Sse = 3,
 }
 
-/// One event of a campaign, with its renderings cached.
+/// One event of a campaign, with its renderings cached. A rendering is
+/// WebSocket text (`Utf8Bytes`, reference-counted): every subscriber sends
+/// the same buffer, so a frame costs one serialisation and no copy per
+/// subscriber before the socket's own.
 #[derive(Debug)]
 pub struct HubEvent {
     pub event: StoredEvent,
-    frames: [OnceLock<Option<Arc<str>>>; 4],
+    frames: [OnceLock<Option<Utf8Bytes>>; 4],
 }
 
 impl HubEvent {
@@ -65,9 +70,11 @@ impl HubEvent {
 
     /// The event in `format`, serialised once; `None` when that protocol
     /// has no message for this kind of event.
-    pub fn frame(&self, format: Format) -> Option<Arc<str>> {
+    pub fn frame(&self, format: Format) -> Option<Utf8Bytes> {
         self.frames[format as usize]
-            .get_or_init(|| protocol::render(&self.event, format).map(|v| Arc::from(v.to_string())))
+            .get_or_init(|| {
+                protocol::render(&self.event, format).map(|v| Utf8Bytes::from(v.to_string()))
+            })
             .clone()
     }
 }
