@@ -358,6 +358,16 @@ struct Subscribers {
     open: usize,
 }
 
+/// tungstenite zero-fills its whole read buffer (128 KiB by default) before
+/// every read: with ten thousand subscribers that memset was half of the
+/// client's CPU, taken from the two cores the server runs on. Frames are
+/// short; 4 KiB reads them in one go.
+pub(crate) fn small_buffers() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(4 * 1024)
+}
+
 /// Opens `count` WebSocket subscribers to `url` (Herald's or the peer's, which
 /// send the same frames) and waits until they are connected.
 async fn open_subscribers(url: &str, count: usize) -> Subscribers {
@@ -368,7 +378,10 @@ async fn open_subscribers(url: &str, count: usize) -> Subscribers {
     for n in 0..count {
         let (url, tx, connected) = (url.to_owned(), tx.clone(), connected.clone());
         tasks.spawn(async move {
-            let Ok((mut socket, _)) = tokio_tungstenite::connect_async(&url).await else {
+            let Ok((mut socket, _)) =
+                tokio_tungstenite::connect_async_with_config(&url, Some(small_buffers()), false)
+                    .await
+            else {
                 return;
             };
             connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
