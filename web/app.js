@@ -166,7 +166,15 @@ async function campaign(id) {
     <div class="actions"><button id="prev" class="secondary">Previous</button><span id="pageinfo" class="muted"></span><button id="next" class="secondary">Next</button></div>
     <h2>Runs</h2><div id="runs"></div>`;
 
+  let shownStatus = c.status;
   function showCounts(s, p) {
+    // A new status (started, completed, paused…) changes the runs and the
+    // recipients' rows: reload them now rather than at the next poll.
+    if (s !== shownStatus) {
+      shownStatus = s;
+      loadRuns().catch(() => {});
+      loadRecipients().catch(() => {});
+    }
     $("#status").textContent = s;
     $("#status").className = `status ${s}`;
     $("#bar").innerHTML = progressBar(p.progress_percentage);
