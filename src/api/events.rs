@@ -231,14 +231,11 @@ pub struct StreamParams {
 }
 
 fn sse_event(event: &StoredEvent) -> Event {
-    let data = HubEvent::new(event.clone())
-        .frame(Format::Sse)
-        .map(|f| f.as_str().to_owned())
-        .unwrap_or_else(|| "{}".into());
+    let frame = HubEvent::new(event.clone()).frame(Format::Sse);
     Event::default()
         .id(event.seq.to_string())
         .event(event.kind.clone())
-        .data(data)
+        .data(frame.as_ref().map_or("{}", |f| f.as_str()))
 }
 
 #[utoipa::path(get, path = "/v1/campaigns/{id}/events", tag = "streams",

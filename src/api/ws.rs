@@ -178,16 +178,8 @@ impl Session {
             .await
     }
 
-    /// Sends an event if it is newer than what this campaign last got.
-    async fn deliver(&mut self, event: &HubEvent) -> Result<bool, End> {
-        let queued = self.queue(event).await?;
-        if queued {
-            self.flush().await?;
-        }
-        Ok(queued)
-    }
-
-    /// [`Session::deliver`] without the flush.
+    /// Queues an event if it is newer than what this campaign last got;
+    /// the caller flushes (see [`Session::queue_text`]).
     async fn queue(&mut self, event: &HubEvent) -> Result<bool, End> {
         let last = self
             .sent
@@ -232,9 +224,11 @@ impl Session {
                 .filter(|e| until.is_none_or(|u| e.seq <= u))
                 .collect();
             let reached_until = until.is_some_and(|u| from >= u);
+            // A page of the log goes out in one write, like live events.
             for event in coalesce(events) {
-                self.deliver(&HubEvent::new(event)).await?;
+                self.queue(&HubEvent::new(event)).await?;
             }
+            self.flush().await?;
             if !full || reached_until {
                 return Ok(());
             }
@@ -608,12 +602,9 @@ async fn on_live(session: &mut Session, live: Live) -> Result<(), End> {
                     next = next_live(&mut session.live, &mut session.workspace).now_or_never();
                 }
             }
-            Live::Lagged(Some(id)) => {
-                session.flush().await?;
-                session.catch_up(id).await?;
-            }
+            // Frames already queued go out ahead of the replay, which flushes.
+            Live::Lagged(Some(id)) => session.catch_up(id).await?,
             Live::Lagged(None) => {
-                session.flush().await?;
                 let ids: Vec<i64> = session.sent.keys().copied().collect();
                 for id in ids {
                     session.catch_up(id).await?;

@@ -362,7 +362,7 @@ struct Subscribers {
 /// every read: with ten thousand subscribers that memset was half of the
 /// client's CPU, taken from the two cores the server runs on. Frames are
 /// short; 4 KiB reads them in one go.
-pub(crate) fn small_buffers() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+fn small_buffers() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(4 * 1024)
         .write_buffer_size(4 * 1024)
