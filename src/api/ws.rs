@@ -37,7 +37,7 @@ use super::extract::{authenticate, Auth};
 use super::{ApiError, AppState};
 use crate::store::{Campaign, CampaignRef, StoredEvent};
 use crate::streams::protocol::{burki_data, snapshot_of};
-use crate::streams::{coalesce, Format, HubEvent};
+use crate::streams::{coalesce, is_coalescable, Format, HubEvent};
 
 pub const CLOSE_NORMAL: u16 = 1000;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
@@ -589,35 +589,65 @@ const MOST_FRAMES_PER_WRITE: usize = 64;
 /// already waiting, in one write rather than a system call each (sockets
 /// fall behind when ten thousand share a busy server); or, after a lag, a
 /// catch-up from the log.
+///
+/// Of the waiting events, a progress snapshot that a newer one of the same
+/// campaign supersedes is skipped — the hub's own coalescing rule, applied
+/// per socket: a socket that fell behind is sent the current counters, not
+/// the backlog, so the further behind it is the less it costs to catch up.
 async fn on_live(session: &mut Session, live: Live) -> Result<(), End> {
     use futures::FutureExt as _;
+    let mut waiting: Vec<Arc<HubEvent>> = Vec::new();
     let mut next = Some(live);
-    let mut queued = 0;
     while let Some(live) = next.take() {
         match live {
             Live::Event(event) => {
-                session.queue(&event).await?;
-                queued += 1;
-                if queued < MOST_FRAMES_PER_WRITE {
+                supersede(&mut waiting, event);
+                if waiting.len() < MOST_FRAMES_PER_WRITE {
                     next = next_live(&mut session.live, &mut session.workspace).now_or_never();
                 }
             }
-            // Frames already queued go out ahead of the replay, which flushes.
-            Live::Lagged(Some(id)) => session.catch_up(id).await?,
-            Live::Lagged(None) => {
-                let ids: Vec<i64> = session.sent.keys().copied().collect();
+            // Frames already waiting go out ahead of the replay, which flushes.
+            Live::Lagged(lagged) => {
+                for event in waiting.drain(..) {
+                    session.queue(&event).await?;
+                }
+                let ids: Vec<i64> = match lagged {
+                    Some(id) => vec![id],
+                    None => session.sent.keys().copied().collect(),
+                };
                 for id in ids {
                     session.catch_up(id).await?;
                 }
             }
             Live::Ended => {
+                for event in waiting.drain(..) {
+                    session.queue(&event).await?;
+                }
                 session.flush().await?;
                 return Err(End::Close(CLOSE_INTERNAL, "stream ended"));
             }
             Live::Nothing => {}
         }
     }
+    for event in waiting {
+        session.queue(&event).await?;
+    }
     session.flush().await
+}
+
+/// Adds `event` to the frames waiting for a socket, dropping the waiting
+/// progress snapshot of the same campaign it supersedes.
+fn supersede(waiting: &mut Vec<Arc<HubEvent>>, event: Arc<HubEvent>) {
+    let campaign_id = event.event.campaign_id;
+    if is_coalescable(&event.event.kind) {
+        let previous = waiting
+            .iter()
+            .rposition(|e| e.event.campaign_id == campaign_id);
+        if let Some(at) = previous.filter(|&at| is_coalescable(&waiting[at].event.kind)) {
+            waiting.remove(at);
+        }
+    }
+    waiting.push(event);
 }
 
 /// Runs a socket until it ends, for every protocol: server shutdown (1001),
@@ -1081,5 +1111,44 @@ async fn run_iterations(session: &mut Session, campaign: &Campaign, since: Optio
     match result {
         Ok(()) => End::Close(CLOSE_NORMAL, "bye"),
         Err(end) => end,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(campaign_id: i64, seq: i64, kind: &str) -> Arc<HubEvent> {
+        Arc::new(HubEvent::new(StoredEvent {
+            campaign_id,
+            seq,
+            kind: kind.to_owned(),
+            data: serde_json::Value::Null,
+            created_at: 0,
+        }))
+    }
+
+    #[test]
+    fn a_waiting_snapshot_is_dropped_only_for_a_newer_one_of_its_campaign() {
+        let mut waiting = Vec::new();
+        for (campaign, seq, kind) in [
+            (1, 1, "progress"),
+            (2, 2, "progress"),
+            (1, 3, "progress"),
+            (1, 4, "batch_completed"),
+            (1, 5, "progress"),
+            (1, 6, "progress"),
+            (2, 7, "run_completed"),
+        ] {
+            supersede(&mut waiting, event(campaign, seq, kind));
+        }
+        let kept: Vec<(i64, i64)> = waiting
+            .iter()
+            .map(|e| (e.event.campaign_id, e.seq()))
+            .collect();
+        // seq 1 gave way to 3 and 5 to 6; campaign 2's progress stays
+        // (a status change supersedes nothing), and so does anything that
+        // is not a progress snapshot.
+        assert_eq!(kept, [(2, 2), (1, 3), (1, 4), (1, 6), (2, 7)]);
     }
 }

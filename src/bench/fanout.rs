@@ -93,30 +93,52 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     let rss_idle_server = rss_of(server_pid).unwrap_or(0);
     println!("opening {subscribers} subscribers …");
     let url = format!("ws://127.0.0.1:{port}/ws/campaigns/{id}/progress?token={key}");
-    let Subscribers {
-        mut tasks,
-        latencies: mut latencies_rx,
-        open,
-    } = open_subscribers(&url, subscribers).await;
+    let mut subscribed = open_subscribers(&url, subscribers).await;
+    let open = subscribed.open;
     let rss_connected = rss_of(server_pid).unwrap_or(0);
     println!("{open} connected; running the campaign …");
     let started = Instant::now();
+    let started_ms = chrono::Utc::now().timestamp_millis();
     client
         .post(format!("{base}/v1/campaigns/{id}/start"))
         .bearer_auth(&key)
         .send()
         .await?
         .error_for_status()?;
-    let mut latencies = Vec::new();
-    let mut finished = 0usize;
-    while let Some((latency, done)) = latencies_rx.recv().await {
-        latencies.push(latency);
-        finished += usize::from(done);
-        if finished == open {
-            break;
+    let finished = subscribed
+        .wait_for_final(std::time::Duration::from_secs(600))
+        .await;
+    let elapsed = started.elapsed();
+    let received = subscribed.stop();
+    let _ = server.kill().await;
+    let _ = server.wait().await;
+    // Every event of the run, as committed: what each subscriber should
+    // have been told, and when it happened.
+    let store =
+        crate::store::connect(&database_url, &crate::store::StoreOptions::default()).await?;
+    let campaign_id = id.as_i64().unwrap_or_default();
+    // Events after the run's end (late delivery receipts) are not part
+    // of it: subscribers stop reading at the final status.
+    let (mut events, mut after, mut ended) = (Vec::new(), 0, false);
+    while !ended {
+        let page = store.events_since(campaign_id, after, 1000).await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for event in page.iter().filter(|e| e.created_at >= started_ms) {
+            events.push((event.seq, event.created_at as f64));
+            ended = event.kind == "run_completed";
+            if ended {
+                break;
+            }
         }
     }
-    let elapsed = started.elapsed();
+    drop(store);
+    let Delivery {
+        mut latencies,
+        frames,
+        missed,
+    } = delivery(&events, &received);
+    drop(received);
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     let per_connection =
         (rss_connected.saturating_sub(rss_idle_server)) as f64 / open.max(1) as f64;
@@ -127,11 +149,15 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     );
     println!("subscribers:          {open} of {subscribers}");
     println!(
-        "frames received:      {} ({:.1} per subscriber over {:.1} s)",
-        latencies.len(),
-        latencies.len() as f64 / open.max(1) as f64,
-        elapsed.as_secs_f64()
+        "events of the run:    {} over {:.1} s; frames received: {frames} ({:.1} per subscriber; \
+         the rest superseded while a subscriber was behind)",
+        events.len(),
+        elapsed.as_secs_f64(),
+        frames as f64 / open.max(1) as f64,
     );
+    if missed > 0 {
+        println!("never received:       {missed} (subscriber, event) pairs");
+    }
     println!("saw the final status: {finished}");
     println!("commit → receipt:     p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms");
     println!("server RSS:           {:.1} MiB idle, {:.1} MiB with subscribers: {:.1} KiB per connection",
@@ -165,15 +191,20 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
         "",
         Some(Target::AtLeast(subscribers as f64)),
     );
-    let mut raw = json!({"subscribers": open, "frames": latencies.len(),
+    report.row(
+        "(subscriber, event) pairs never received",
+        missed as f64,
+        "",
+        Some(Target::AtMost(0.0)),
+    );
+    let mut raw = json!({"subscribers": open, "events": events.len(), "frames": frames,
+           "missed": missed,
            "p50_ms": p50, "p99_ms": p99, "max_ms": max, "final_seen": finished,
            "coalesce_ms": args.coalesce_ms,
            "rss_per_connection_bytes": per_connection});
-    tasks.abort_all();
-    let _ = server.kill().await;
-    // The same subscribers and the same frames, at the same pace, through
+    // The same subscribers and the same events, at the same pace, through
     // the FastAPI peer.
-    let frames_each = (latencies.len() / open.max(1)).max(1);
+    let frames_each = events.len().max(1);
     match super::peers::fastapi_missing() {
         Some(why) => {
             println!("FastAPI peer: not measured ({why})");
@@ -227,9 +258,11 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// The most subscribers (halving from `open`) the FastAPI peer serves
-/// with a p99 no worse than Herald's `herald_p99` with `open` of them, all
-/// of them seeing the final frame; 0 when even 10 are too many. `at_open`
+/// The most subscribers the FastAPI peer serves with a p99 no worse than
+/// Herald's `herald_p99` with `open` of them, all of them seeing the final
+/// frame; 0 when even 10 are too many. Halving from `open` finds a count
+/// it holds, then two bisection steps narrow the gap to twice that (halving
+/// alone would credit Herald with up to twice its real ratio). `at_open`
 /// is the peer's run at `open`, already measured.
 async fn peer_capacity(
     open: usize,
@@ -242,19 +275,36 @@ async fn peer_capacity(
     if holds(at_open, open) {
         return Ok(open);
     }
-    let mut n = open / 2;
-    while n >= 10 {
+    let try_peer = |n: usize| async move {
         let run = peer_fanout(n, frames, spread).await?;
         println!(
             "FastAPI peer with {n} subscribers: p99 {:.1} ms, {} saw the final frame",
             run.p99, run.finished
         );
-        if holds(&run, n) {
-            return Ok(n);
+        anyhow::Ok(holds(&run, n))
+    };
+    let (mut held, mut fails) = (0, open);
+    let mut n = open / 2;
+    while n >= 10 {
+        if try_peer(n).await? {
+            held = n;
+            break;
         }
+        fails = n;
         n /= 2;
     }
-    Ok(0)
+    if held == 0 {
+        return Ok(0);
+    }
+    for _ in 0..2 {
+        let middle = (held + fails) / 2;
+        if try_peer(middle).await? {
+            held = middle;
+        } else {
+            fails = middle;
+        }
+    }
+    Ok(held)
 }
 
 struct PeerFanout {
@@ -275,11 +325,8 @@ async fn peer_fanout(
     let rss_idle = rss_of(peer.pid).unwrap_or(0);
     let url = format!("{}/ws", peer.base.replacen("http", "ws", 1));
     println!("FastAPI peer: opening {subscribers} subscribers …");
-    let Subscribers {
-        mut tasks,
-        latencies: mut rx,
-        open,
-    } = open_subscribers(&url, subscribers).await;
+    let mut subscribed = open_subscribers(&url, subscribers).await;
+    let open = subscribed.open;
     let rss_connected = rss_of(peer.pid).unwrap_or(0);
     println!(
         "FastAPI peer: {open} connected; publishing {frames} frames over {:.1} s …",
@@ -290,10 +337,12 @@ async fn peer_fanout(
         tokio::spawn(async move {
             let client = reqwest::Client::new();
             let gap = spread / frames as u32;
+            let mut published = Vec::with_capacity(frames);
             for i in 1..=frames {
                 let done = i == frames;
-                let frame = json!({"type": "progress_update", "seq": i,
-                    "ts": chrono::Utc::now().timestamp_micros() as f64 / 1000.0,
+                let ts = chrono::Utc::now().timestamp_micros() as f64 / 1000.0;
+                published.push((i as i64, ts));
+                let frame = json!({"type": "progress_update", "seq": i, "ts": ts,
                     "data": {"campaign_id": 1, "status": if done { "completed" } else { "running" },
                              "progress": {"total_contacts": 20000, "completed": i * 100, "failed": 3,
                                           "processing": 0, "pending": 20000 - i * 100,
@@ -307,23 +356,17 @@ async fn peer_fanout(
                     .await;
                 tokio::time::sleep(gap).await;
             }
+            published
         })
     };
-    let mut latencies = Vec::new();
-    let mut finished = 0usize;
-    let deadline = tokio::time::Instant::now() + spread + std::time::Duration::from_secs(120);
-    while finished < open {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some((latency, done))) => {
-                latencies.push(latency);
-                finished += usize::from(done);
-            }
-            _ => break,
-        }
-    }
-    let _ = publisher.await;
-    tasks.abort_all();
+    let finished = subscribed
+        .wait_for_final(spread + std::time::Duration::from_secs(120))
+        .await;
+    let published = publisher.await.unwrap_or_default();
+    // A subscriber still waiting at the deadline never got the rest.
+    let received = subscribed.stop();
     peer.stop().await;
+    let Delivery { mut latencies, .. } = delivery(&published, &received);
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     Ok(PeerFanout {
         p50: percentile(&latencies, 50.0),
@@ -338,7 +381,7 @@ async fn peer_fanout(
 struct FrameHead<'a> {
     #[serde(rename = "type", borrow)]
     kind: &'a str,
-    ts: Option<f64>,
+    seq: Option<i64>,
     #[serde(default, borrow)]
     data: FrameData<'a>,
 }
@@ -349,13 +392,79 @@ struct FrameData<'a> {
     status: Option<&'a str>,
 }
 
-/// Subscribers reading `progress_update` frames; each frame's commit →
-/// receipt latency (ms) arrives on `latencies`, flagged when it is final.
+/// Each connected subscriber's reading: every `progress_update` frame's log
+/// position and when it arrived (Unix ms), in order.
+type Reading = std::sync::Arc<std::sync::Mutex<Vec<(i64, f64)>>>;
+
+/// Subscribers reading `progress_update` frames.
 struct Subscribers {
     tasks: tokio::task::JoinSet<()>,
-    latencies: tokio::sync::mpsc::UnboundedReceiver<(f64, bool)>,
+    readings: std::sync::Arc<std::sync::Mutex<Vec<Reading>>>,
+    /// One message per subscriber that saw the final status.
+    finals: tokio::sync::mpsc::UnboundedReceiver<()>,
     /// How many connected.
     open: usize,
+}
+
+impl Subscribers {
+    /// Waits until every subscriber has seen the final status, or
+    /// `patience` has passed; how many saw it.
+    async fn wait_for_final(&mut self, patience: std::time::Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut seen = 0;
+        while seen < self.open {
+            match tokio::time::timeout_at(deadline, self.finals.recv()).await {
+                Ok(Some(())) => seen += 1,
+                _ => break,
+            }
+        }
+        seen
+    }
+
+    /// Closes the sockets; what each connected subscriber read.
+    fn stop(mut self) -> Vec<Vec<(i64, f64)>> {
+        self.tasks.abort_all();
+        let readings = std::mem::take(&mut *self.readings.lock().expect("readings"));
+        readings
+            .into_iter()
+            .map(|reading| std::mem::take(&mut *reading.lock().expect("reading")))
+            .collect()
+    }
+}
+
+/// Commit → receipt of every event at every subscriber.
+struct Delivery {
+    latencies: Vec<f64>,
+    /// Frames the subscribers read in all.
+    frames: usize,
+    /// (subscriber, event) pairs with no frame at or after the event.
+    missed: usize,
+}
+
+/// An event reaches a subscriber with its own frame or with the first
+/// newer one: a progress frame superseded while a subscriber was behind
+/// is skipped, and the newer frame carries its counters. So each event
+/// (`(seq, committed at)`) is timed to the first frame at or after it,
+/// and a subscriber that read every frame is timed frame by frame.
+fn delivery(events: &[(i64, f64)], received: &[Vec<(i64, f64)>]) -> Delivery {
+    let mut latencies = Vec::with_capacity(events.len() * received.len());
+    let (mut frames, mut missed) = (0, 0);
+    for read in received {
+        frames += read.len();
+        let mut next = read.iter().peekable();
+        for &(seq, committed) in events {
+            while next.next_if(|(frame_seq, _)| *frame_seq < seq).is_some() {}
+            match next.peek() {
+                Some((_, arrived)) => latencies.push(arrived - committed),
+                None => missed += 1,
+            }
+        }
+    }
+    Delivery {
+        latencies,
+        frames,
+        missed,
+    }
 }
 
 /// tungstenite zero-fills its whole read buffer (128 KiB by default) before
@@ -372,11 +481,17 @@ fn small_buffers() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig 
 /// send the same frames) and waits until they are connected.
 async fn open_subscribers(url: &str, count: usize) -> Subscribers {
     use futures::StreamExt as _;
-    let (tx, latencies) = tokio::sync::mpsc::unbounded_channel::<(f64, bool)>();
+    let (tx, finals) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let readings = std::sync::Arc::new(std::sync::Mutex::new(Vec::with_capacity(count)));
     let mut tasks = tokio::task::JoinSet::new();
     let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for n in 0..count {
-        let (url, tx, connected) = (url.to_owned(), tx.clone(), connected.clone());
+        let (url, tx, connected, readings) = (
+            url.to_owned(),
+            tx.clone(),
+            connected.clone(),
+            readings.clone(),
+        );
         tasks.spawn(async move {
             let Ok((mut socket, _)) =
                 tokio_tungstenite::connect_async_with_config(&url, Some(small_buffers()), false)
@@ -385,8 +500,10 @@ async fn open_subscribers(url: &str, count: usize) -> Subscribers {
                 return;
             };
             connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let reading = Reading::default();
+            readings.lock().expect("readings").push(reading.clone());
             while let Some(Ok(message)) = socket.next().await {
-                let received = chrono::Utc::now().timestamp_micros() as f64 / 1000.0;
+                let arrived = chrono::Utc::now().timestamp_micros() as f64 / 1000.0;
                 let tokio_tungstenite::tungstenite::Message::Text(text) = message else {
                     continue;
                 };
@@ -399,11 +516,11 @@ async fn open_subscribers(url: &str, count: usize) -> Subscribers {
                 if frame.kind != "progress_update" {
                     continue;
                 }
-                let done = frame.data.status == Some("completed");
-                if let Some(ts) = frame.ts {
-                    let _ = tx.send((received - ts, done));
+                if let Some(seq) = frame.seq {
+                    reading.lock().expect("reading").push((seq, arrived));
                 }
-                if done {
+                if frame.data.status == Some("completed") {
+                    let _ = tx.send(());
                     return;
                 }
             }
@@ -421,7 +538,8 @@ async fn open_subscribers(url: &str, count: usize) -> Subscribers {
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     Subscribers {
         tasks,
-        latencies,
+        readings,
+        finals,
         open: connected.load(std::sync::atomic::Ordering::Relaxed),
     }
 }

@@ -195,6 +195,10 @@ pub struct CampaignTotals {
     pub last_sent_at: Option<i64>,
     /// Recipients on cancelled runs.
     pub cancelled: i64,
+    /// The newest run that ended (completed, failed or cancelled): its
+    /// uuid and when it ended.
+    pub last_ended_run: Option<String>,
+    pub last_ended_at: Option<i64>,
 }
 
 /// Sends per minute, for `metrics_history` and charts.

@@ -32,6 +32,12 @@ fn batch_from_row(row: &DbRow) -> StoreResult<BatchRecord> {
     })
 }
 
+/// What [`execution_from_row`] reads: a page copies every column of every
+/// row it selects, so it selects no more.
+const EXECUTION_COLUMNS: &str = "id, run_id, batch_sequence, contact_id, phone, name, \
+    variables, status, message_status, attempts, provider_message_id, duration_seconds, \
+    error_details, retry_reason, executed_at, delivered_at";
+
 fn execution_from_row(row: &DbRow) -> StoreResult<ExecutionRecord> {
     let status: String = row.try_get("status")?;
     let variables: String = row.try_get("variables")?;
@@ -142,7 +148,7 @@ impl ReportStore for SqlStore {
             .fetch_one(&self.reader)
             .await?;
             return sqlx::query(sql!(
-                "SELECT * FROM executions WHERE campaign_id = ? AND campaign_ordinal <= ?
+                "SELECT {EXECUTION_COLUMNS} FROM executions WHERE campaign_id = ? AND campaign_ordinal <= ?
                  ORDER BY campaign_ordinal DESC LIMIT ?"
             ))
             .bind(campaign_id)
@@ -170,7 +176,8 @@ impl ReportStore for SqlStore {
             };
             below = Some(id);
         }
-        let mut page = QueryBuilder::<Db>::new("SELECT * FROM executions");
+        let mut page =
+            QueryBuilder::<Db>::new(format!("SELECT {EXECUTION_COLUMNS} FROM executions"));
         filter(&mut page);
         if let Some(below) = below {
             page.push(" AND id < ").push_bind(below);
@@ -243,9 +250,15 @@ impl ReportStore for SqlStore {
                     CAST(COALESCE(SUM(skipped), 0) AS BIGINT) AS skipped, CAST(COALESCE(SUM(delivered), 0) AS BIGINT) AS delivered,
                     CAST(COALESCE(SUM(failed_delivery), 0) AS BIGINT) AS failed_delivery,
                     MIN(first_sent_at) AS first_sent_at, MAX(last_sent_at) AS last_sent_at,
-                    CAST(COALESCE(SUM(CASE WHEN status = 'cancelled' THEN total ELSE 0 END), 0) AS BIGINT) AS cancelled
+                    CAST(COALESCE(SUM(CASE WHEN status = 'cancelled' THEN total ELSE 0 END), 0) AS BIGINT) AS cancelled,
+                    (SELECT uuid FROM runs WHERE campaign_id = ? AND status IN ('completed', 'failed', 'cancelled')
+                     ORDER BY id DESC LIMIT 1) AS last_ended_run,
+                    (SELECT completed_at FROM runs WHERE campaign_id = ? AND status IN ('completed', 'failed', 'cancelled')
+                     ORDER BY id DESC LIMIT 1) AS last_ended_at
              FROM runs WHERE campaign_id = ?"),
         )
+        .bind(campaign_id)
+        .bind(campaign_id)
         .bind(campaign_id)
         .fetch_one(&self.reader)
         .await?;
@@ -264,6 +277,8 @@ impl ReportStore for SqlStore {
             first_sent_at: row.try_get("first_sent_at")?,
             last_sent_at: row.try_get("last_sent_at")?,
             cancelled: row.try_get("cancelled")?,
+            last_ended_run: row.try_get("last_ended_run")?,
+            last_ended_at: row.try_get("last_ended_at")?,
         })
     }
 
