@@ -16,7 +16,7 @@ use super::extract::{Auth, QueryParams};
 use super::views::{rfc3339, rfc3339_opt};
 use super::{ApiError, AppState};
 use crate::domain::{Channel, ExecutionStatus, Scope, Template};
-use crate::store::{Campaign, ExecutionQuery, RunRecord};
+use crate::store::{Campaign, CampaignRef, ExecutionQuery, RunRecord};
 
 /// Recipients listed in a run detail; `recipient_summary` stays exact past it.
 pub const MAX_RECIPIENTS: i64 = 500;
@@ -159,8 +159,17 @@ pub async fn status(
 ) -> Result<Response, BriqError> {
     let request_id = request_id(&headers);
     let answer = async {
-        let campaign = campaign_for(&state, auth, &campaign_id).await?;
-        let Some(run) = state.store.latest_run(campaign.id).await? else {
+        let auth = auth?;
+        let not_found = || ApiError::NotFound(format!("campaign '{campaign_id}'"));
+        let by = CampaignRef::parse(&campaign_id).ok_or_else(not_found)?;
+        // The campaign and its latest run in one statement: this is polled.
+        let (campaign, run) = state
+            .store
+            .campaign_status(&by)
+            .await?
+            .ok_or_else(not_found)?;
+        auth.owns(&campaign, &campaign_id)?;
+        let Some(run) = run else {
             return Ok(json!({"campaign_id": campaign.uuid, "status": "NO_RUN"}));
         };
         let c = run.counters;
@@ -199,9 +208,17 @@ pub async fn analytics(
 ) -> Result<Response, BriqError> {
     let request_id = request_id(&headers);
     let answer = async {
-        let campaign = campaign_for(&state, auth, &campaign_id).await?;
-        // One statement: this is what dashboards poll.
-        let totals = state.store.campaign_totals(campaign.id).await?;
+        let auth = auth?;
+        let not_found = || ApiError::NotFound(format!("campaign '{campaign_id}'"));
+        let by = CampaignRef::parse(&campaign_id).ok_or_else(not_found)?;
+        // The campaign and its totals in one statement: this is what
+        // dashboards poll.
+        let (campaign, totals) = state
+            .store
+            .campaign_totals(&by)
+            .await?
+            .ok_or_else(not_found)?;
+        auth.owns(&campaign, &campaign_id)?;
         let mut c = totals.counters;
         // A connected call has no later delivery report: it is delivered.
         if campaign.channel != Channel::Sms {

@@ -108,10 +108,18 @@ impl Auth {
         let not_found = || ApiError::NotFound(format!("campaign '{segment}'"));
         let by = CampaignRef::parse(segment).ok_or_else(not_found)?;
         let campaign = state.store.campaign(&by).await?.ok_or_else(not_found)?;
-        if campaign.workspace_id != self.workspace_id {
-            return Err(ApiError::Forbidden(format!("campaign '{segment}'")));
-        }
+        self.owns(&campaign, segment)?;
         Ok(campaign)
+    }
+
+    /// 403 when another workspace owns `campaign` (named by `segment`):
+    /// for reads that load a campaign together with something else.
+    pub fn owns(&self, campaign: &Campaign, segment: &str) -> Result<(), ApiError> {
+        if campaign.workspace_id == self.workspace_id {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!("campaign '{segment}'")))
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{Campaign, StoreResult, Workspace};
+use super::{Campaign, CampaignRef, StoreResult, Workspace};
 use crate::domain::{Channel, ExecutionStatus, ProviderSettings, Recipients, RunStatus};
 
 /// What a run sends, frozen when a worker claims it.
@@ -201,6 +201,17 @@ pub struct CampaignTotals {
     pub last_ended_at: Option<i64>,
 }
 
+/// What a status poll shows of a run.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub uuid: String,
+    pub status: RunStatus,
+    pub counters: Counters,
+    pub total_batches: i64,
+    pub completed_batches: i64,
+    pub updated_at: i64,
+}
+
 /// Sends per minute, for `metrics_history` and charts.
 #[derive(Debug, Clone, Copy)]
 pub struct MinuteBucket {
@@ -352,7 +363,18 @@ pub trait ReportStore: Send + Sync {
     async fn run_of_message(&self, provider_id: &str) -> StoreResult<Option<RunRecord>>;
     /// Every phone number of a run, in execution order.
     async fn run_phones(&self, run_id: i64) -> StoreResult<Vec<String>>;
-    async fn campaign_totals(&self, campaign_id: i64) -> StoreResult<CampaignTotals>;
+    /// A campaign with its totals over every run, in one statement (seed
+    /// 002 analytics is what dashboards poll).
+    async fn campaign_totals(
+        &self,
+        by: &CampaignRef,
+    ) -> StoreResult<Option<(Campaign, CampaignTotals)>>;
+    /// A campaign with its latest run, in one statement (seed 002 status is
+    /// polled likewise).
+    async fn campaign_status(
+        &self,
+        by: &CampaignRef,
+    ) -> StoreResult<Option<(Campaign, Option<RunSummary>)>>;
     async fn metrics_history(
         &self,
         campaign_id: i64,

@@ -318,6 +318,26 @@ async fn seed_002_status_and_analytics_match_the_documented_shape() {
     let failure = analytics["failure_rate"].as_f64().unwrap();
     assert!((failure - analytics["failed_count"].as_f64().unwrap() / 1500.0).abs() < 0.0001);
     assert!(is_rfc3339(&analytics["first_sent_at"]) && is_rfc3339(&analytics["completed_at"]));
+
+    // A second run: status follows it at once; once it has ended,
+    // analytics names it and counts the recipients of both.
+    let first_run = status["campaign_run_id"].clone();
+    let response = app
+        .client
+        .post(app.url(&format!("/v1/campaigns/{}/runs", c["id"])))
+        .bearer_auth(&app.key)
+        .json(&json!({"recipients": "all"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let second = app.briq(&format!("/v1/campaign/{uuid}/status")).await;
+    assert!(second["campaign_run_id"].is_string());
+    assert_ne!(second["campaign_run_id"], first_run);
+    app.wait_status(&c["id"], "completed", 60).await;
+    let analytics = app.briq(&format!("/v1/campaign/{uuid}/analytics")).await;
+    assert_eq!(analytics["campaign_run_id"], second["campaign_run_id"]);
+    assert_eq!(analytics["total_recipients"], 3000);
 }
 
 #[tokio::test]
@@ -484,16 +504,19 @@ async fn seed_002_errors_come_in_the_envelope() {
         .await;
         assert!(!body.to_string().contains("Hi {{name}}"));
     }
-    envelope_error(
-        get(
-            "/v1/campaign/00000000-0000-0000-0000-000000000000/status".into(),
-            Some(app.key.clone()),
+    for path in [
+        "/v1/campaign/00000000-0000-0000-0000-000000000000/status",
+        "/v1/campaign/00000000-0000-0000-0000-000000000000/analytics",
+        "/v1/campaign/not-a-campaign/status",
+        "/v1/campaign/not-a-campaign/analytics",
+        "/v1/campaign/999999/analytics",
+    ] {
+        envelope_error(
+            get(path.into(), Some(app.key.clone())).await.unwrap(),
+            StatusCode::NOT_FOUND,
         )
-        .await
-        .unwrap(),
-        StatusCode::NOT_FOUND,
-    )
-    .await;
+        .await;
+    }
 
     // A run that exists but is not frozen: no snapshot yet; claimed shows as running.
     app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
@@ -503,6 +526,10 @@ async fn seed_002_errors_come_in_the_envelope() {
         .unwrap()
         .to_owned();
     assert_eq!(app.briq(&status_path).await["status"], "scheduled");
+    // Analytics names only a run that has ended.
+    let analytics = app.briq(&format!("/v1/campaign/{uuid}/analytics")).await;
+    assert!(analytics["campaign_run_id"].is_null());
+    assert!(analytics["completed_at"].is_null());
     envelope_error(
         get(
             format!("/v1/campaign/{uuid}/runs/{run_id}/snapshot"),

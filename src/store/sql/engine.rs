@@ -23,7 +23,7 @@ pub(super) const RUN_COLUMNS: &str = "id, uuid, campaign_id, status, recipients,
     completed_batches, cost_units, reserved_credits, charged_credits, refunded_credits, \
     first_sent_at, last_sent_at, error, updated_at";
 
-fn counters_from_row(row: &DbRow) -> StoreResult<Counters> {
+pub(super) fn counters_from_row(row: &DbRow) -> StoreResult<Counters> {
     Ok(Counters {
         total: row.try_get("total")?,
         pending: row.try_get("pending")?,

@@ -4,9 +4,9 @@
 use async_trait::async_trait;
 use sqlx::{QueryBuilder, Row};
 
-use super::engine::{run_from_row, RUN_COLUMNS};
+use super::engine::{counters_from_row, run_from_row, RUN_COLUMNS};
 use super::{campaign_from_row, dialect, Db, DbRow, SqlStore, CAMPAIGN_COLUMNS};
-use crate::domain::ExecutionStatus;
+use crate::domain::{ExecutionStatus, RunStatus};
 use crate::store::*;
 
 fn batch_from_row(row: &DbRow) -> StoreResult<BatchRecord> {
@@ -242,44 +242,64 @@ impl ReportStore for SqlStore {
         .await?)
     }
 
-    async fn campaign_totals(&self, campaign_id: i64) -> StoreResult<CampaignTotals> {
-        let row = sqlx::query(
-            sql!("SELECT COUNT(*) AS runs, CAST(COALESCE(SUM(total), 0) AS BIGINT) AS total,
-                    CAST(COALESCE(SUM(pending), 0) AS BIGINT) AS pending, CAST(COALESCE(SUM(processing), 0) AS BIGINT) AS processing,
-                    CAST(COALESCE(SUM(sent), 0) AS BIGINT) AS sent, CAST(COALESCE(SUM(failed), 0) AS BIGINT) AS failed,
-                    CAST(COALESCE(SUM(skipped), 0) AS BIGINT) AS skipped, CAST(COALESCE(SUM(delivered), 0) AS BIGINT) AS delivered,
-                    CAST(COALESCE(SUM(failed_delivery), 0) AS BIGINT) AS failed_delivery,
-                    MIN(first_sent_at) AS first_sent_at, MAX(last_sent_at) AS last_sent_at,
-                    CAST(COALESCE(SUM(CASE WHEN status = 'cancelled' THEN total ELSE 0 END), 0) AS BIGINT) AS cancelled,
-                    (SELECT uuid FROM runs WHERE campaign_id = ? AND status IN ('completed', 'failed', 'cancelled')
-                     ORDER BY id DESC LIMIT 1) AS last_ended_run,
-                    (SELECT completed_at FROM runs WHERE campaign_id = ? AND status IN ('completed', 'failed', 'cancelled')
-                     ORDER BY id DESC LIMIT 1) AS last_ended_at
-             FROM runs WHERE campaign_id = ?"),
-        )
-        .bind(campaign_id)
-        .bind(campaign_id)
-        .bind(campaign_id)
-        .fetch_one(&self.reader)
-        .await?;
-        Ok(CampaignTotals {
+    async fn campaign_totals(
+        &self,
+        by: &CampaignRef,
+    ) -> StoreResult<Option<(Campaign, CampaignTotals)>> {
+        let query = match by {
+            CampaignRef::Id(id) => {
+                sqlx::query(sql!("{} WHERE c.id = ? GROUP BY c.id", totals_select())).bind(*id)
+            }
+            CampaignRef::Uuid(uuid) => {
+                sqlx::query(sql!("{} WHERE c.uuid = ? GROUP BY c.id", totals_select()))
+                    .bind(uuid.as_str())
+            }
+        };
+        let Some(row) = query.fetch_optional(&self.reader).await? else {
+            return Ok(None);
+        };
+        let totals = CampaignTotals {
             runs: row.try_get("runs")?,
-            counters: Counters {
-                total: row.try_get("total")?,
-                pending: row.try_get("pending")?,
-                processing: row.try_get("processing")?,
-                sent: row.try_get("sent")?,
-                failed: row.try_get("failed")?,
-                skipped: row.try_get("skipped")?,
-                delivered: row.try_get("delivered")?,
-                failed_delivery: row.try_get("failed_delivery")?,
-            },
+            counters: counters_from_row(&row)?,
             first_sent_at: row.try_get("first_sent_at")?,
             last_sent_at: row.try_get("last_sent_at")?,
             cancelled: row.try_get("cancelled")?,
             last_ended_run: row.try_get("last_ended_run")?,
             last_ended_at: row.try_get("last_ended_at")?,
-        })
+        };
+        Ok(Some((campaign_from_row(&row)?, totals)))
+    }
+
+    async fn campaign_status(
+        &self,
+        by: &CampaignRef,
+    ) -> StoreResult<Option<(Campaign, Option<RunSummary>)>> {
+        let query = match by {
+            CampaignRef::Id(id) => {
+                sqlx::query(sql!("{} WHERE c.id = ?", status_select())).bind(*id)
+            }
+            CampaignRef::Uuid(uuid) => {
+                sqlx::query(sql!("{} WHERE c.uuid = ?", status_select())).bind(uuid.as_str())
+            }
+        };
+        let Some(row) = query.fetch_optional(&self.reader).await? else {
+            return Ok(None);
+        };
+        let run = match row.try_get::<Option<String>, _>("run_uuid")? {
+            None => None,
+            Some(uuid) => {
+                let status: String = row.try_get("run_status")?;
+                Some(RunSummary {
+                    uuid,
+                    status: RunStatus::parse(&status).ok_or(StoreError::Corrupt(status))?,
+                    counters: counters_from_row(&row)?,
+                    total_batches: row.try_get("total_batches")?,
+                    completed_batches: row.try_get("completed_batches")?,
+                    updated_at: row.try_get("run_updated_at")?,
+                })
+            }
+        };
+        Ok(Some((campaign_from_row(&row)?, run)))
     }
 
     async fn metrics_history(
@@ -446,4 +466,55 @@ impl ReportStore for SqlStore {
         .map(campaign_from_row)
         .transpose()
     }
+}
+
+/// The campaign's columns, qualified by `c` (a join with `runs` would make
+/// `id`, `uuid`, `status` … ambiguous) and named as `campaign_from_row`
+/// reads them.
+fn campaign_columns_of_c() -> String {
+    CAMPAIGN_COLUMNS
+        .split(',')
+        .map(|column| {
+            let column = column.trim();
+            format!("c.{column} AS {column}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A campaign and the sums over its runs, less the `WHERE`. Run columns are
+/// named as `counters_from_row` reads them; none collides with a campaign's.
+fn totals_select() -> String {
+    let ended = "status IN ('completed', 'failed', 'cancelled')";
+    format!(
+        "SELECT {}, COUNT(r.id) AS runs, CAST(COALESCE(SUM(r.total), 0) AS BIGINT) AS total,
+                CAST(COALESCE(SUM(r.pending), 0) AS BIGINT) AS pending,
+                CAST(COALESCE(SUM(r.processing), 0) AS BIGINT) AS processing,
+                CAST(COALESCE(SUM(r.sent), 0) AS BIGINT) AS sent,
+                CAST(COALESCE(SUM(r.failed), 0) AS BIGINT) AS failed,
+                CAST(COALESCE(SUM(r.skipped), 0) AS BIGINT) AS skipped,
+                CAST(COALESCE(SUM(r.delivered), 0) AS BIGINT) AS delivered,
+                CAST(COALESCE(SUM(r.failed_delivery), 0) AS BIGINT) AS failed_delivery,
+                MIN(r.first_sent_at) AS first_sent_at, MAX(r.last_sent_at) AS last_sent_at,
+                CAST(COALESCE(SUM(CASE WHEN r.status = 'cancelled' THEN r.total ELSE 0 END), 0)
+                     AS BIGINT) AS cancelled,
+                (SELECT uuid FROM runs WHERE campaign_id = c.id AND {ended}
+                 ORDER BY id DESC LIMIT 1) AS last_ended_run,
+                (SELECT completed_at FROM runs WHERE campaign_id = c.id AND {ended}
+                 ORDER BY id DESC LIMIT 1) AS last_ended_at
+         FROM campaigns c LEFT JOIN runs r ON r.campaign_id = c.id",
+        campaign_columns_of_c()
+    )
+}
+
+/// A campaign and its latest run's summary, less the `WHERE`.
+fn status_select() -> String {
+    format!(
+        "SELECT {}, r.uuid AS run_uuid, r.status AS run_status, r.updated_at AS run_updated_at,
+                r.total, r.pending, r.processing, r.sent, r.failed, r.skipped, r.delivered,
+                r.failed_delivery, r.total_batches, r.completed_batches
+         FROM campaigns c
+         LEFT JOIN runs r ON r.id = (SELECT MAX(id) FROM runs WHERE campaign_id = c.id)",
+        campaign_columns_of_c()
+    )
 }
