@@ -140,19 +140,16 @@ impl ReportStore for SqlStore {
         let unfiltered = query.status.is_none() && query.run_id.is_none();
         if unfiltered && query.before_id.is_none() && query.offset > 0 {
             // Ordinals number the campaign's executions 1..n in id order:
-            // the page at any offset is one index range.
-            let last: Option<i64> = sqlx::query_scalar(sql!(
-                "SELECT MAX(campaign_ordinal) FROM executions WHERE campaign_id = ?"
-            ))
-            .bind(campaign_id)
-            .fetch_one(&self.reader)
-            .await?;
+            // the page at any offset is one index range, below the newest
+            // ordinal (one more index lookup in the same statement).
             return sqlx::query(sql!(
-                "SELECT {EXECUTION_COLUMNS} FROM executions WHERE campaign_id = ? AND campaign_ordinal <= ?
+                "SELECT {EXECUTION_COLUMNS} FROM executions WHERE campaign_id = ? AND campaign_ordinal <=
+                     (SELECT COALESCE(MAX(campaign_ordinal), 0) FROM executions WHERE campaign_id = ?) - ?
                  ORDER BY campaign_ordinal DESC LIMIT ?"
             ))
             .bind(campaign_id)
-            .bind(last.unwrap_or(0) - query.offset)
+            .bind(campaign_id)
+            .bind(query.offset)
             .bind(query.limit)
             .fetch_all(&self.reader)
             .await?
