@@ -123,6 +123,11 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(120))
+            // Writes queue here by design (one writer, no SQLITE_BUSY), and
+            // behind a million-row freeze or import they wait seconds: sqlx
+            // would warn of a "slow acquire" at 2 s. Warn only when a wait
+            // nears the timeout.
+            .acquire_slow_threshold(Duration::from_secs(60))
             // SQLite rolls a transaction back by itself on some errors (a
             // full disk); sqlx's own ROLLBACK then fails and the connection
             // still counts a transaction. Such a connection is replaced
