@@ -72,9 +72,11 @@ impl PhoneNumber {
         }
         let database = &*phonenumber::metadata::DATABASE;
         // Country codes are prefix-free: the first prefix known is the one.
-        let (code, national) = (1..=3).find_map(|len| {
+        let (regions, national) = (1..=3).find_map(|len| {
             let code: u16 = digits[..len].parse().ok()?;
-            database.by_code(&code).map(|_| (code, &digits[len..]))
+            database
+                .by_code(&code)
+                .map(|regions| (regions, &digits[len..]))
         })?;
         // The rules below are the general parser's, with the default
         // region's metadata as it applies them: an international dialling
@@ -93,7 +95,7 @@ impl PhoneNumber {
         {
             return None;
         }
-        possible_length(code, national.len()).then(|| Self(trimmed.to_owned()))
+        possible_length(&regions, national.len()).then(|| Self(trimmed.to_owned()))
     }
 
     /// Trusts a number that was parsed before it was stored.
@@ -129,17 +131,17 @@ pub fn mask_phone(number: &str) -> String {
 }
 
 fn has_possible_length(number: &phonenumber::PhoneNumber) -> bool {
-    possible_length(number.code().value(), number.national().to_string().len())
-}
-
-/// Whether numbers of country `code` can have `digits` national digits.
-fn possible_length(code: u16, digits: usize) -> bool {
-    let Ok(digits) = u16::try_from(digits) else {
-        return false;
-    };
     // Reserved ranges match no region's patterns, so look the country code
     // up directly rather than through the number's own metadata.
-    let Some(regions) = phonenumber::metadata::DATABASE.by_code(&code) else {
+    phonenumber::metadata::DATABASE
+        .by_code(&number.code().value())
+        .is_some_and(|regions| possible_length(&regions, number.national().to_string().len()))
+}
+
+/// Whether numbers of a country (its `regions`, as the metadata lists them
+/// under its code) can have `digits` national digits.
+fn possible_length(regions: &[&phonenumber::metadata::Metadata], digits: usize) -> bool {
+    let Ok(digits) = u16::try_from(digits) else {
         return false;
     };
     // The general descriptor's lengths are often empty in the bundled
