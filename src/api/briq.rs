@@ -16,7 +16,7 @@ use super::extract::{Auth, QueryParams};
 use super::views::{rfc3339, rfc3339_opt};
 use super::{ApiError, AppState};
 use crate::domain::{Channel, ExecutionStatus, Scope, Template};
-use crate::store::{Campaign, CampaignRef, ExecutionQuery, RunRecord};
+use crate::store::{Campaign, ExecutionQuery, RunRecord};
 
 /// Recipients listed in a run detail; `recipient_summary` stays exact past it.
 pub const MAX_RECIPIENTS: i64 = 500;
@@ -159,16 +159,13 @@ pub async fn status(
 ) -> Result<Response, BriqError> {
     let request_id = request_id(&headers);
     let answer = async {
-        let auth = auth?;
-        let not_found = || ApiError::NotFound(format!("campaign '{campaign_id}'"));
-        let by = CampaignRef::parse(&campaign_id).ok_or_else(not_found)?;
         // The campaign and its latest run in one statement: this is polled.
-        let (campaign, run) = state
-            .store
-            .campaign_status(&by)
-            .await?
-            .ok_or_else(not_found)?;
-        auth.owns(&campaign, &campaign_id)?;
+        let store = &state.store;
+        let (campaign, run) = auth?
+            .campaign_with(&campaign_id, |by| async move {
+                store.campaign_status(&by).await
+            })
+            .await?;
         let Some(run) = run else {
             return Ok(json!({"campaign_id": campaign.uuid, "status": "NO_RUN"}));
         };
@@ -208,17 +205,14 @@ pub async fn analytics(
 ) -> Result<Response, BriqError> {
     let request_id = request_id(&headers);
     let answer = async {
-        let auth = auth?;
-        let not_found = || ApiError::NotFound(format!("campaign '{campaign_id}'"));
-        let by = CampaignRef::parse(&campaign_id).ok_or_else(not_found)?;
         // The campaign and its totals in one statement: this is what
         // dashboards poll.
-        let (campaign, totals) = state
-            .store
-            .campaign_totals(&by)
-            .await?
-            .ok_or_else(not_found)?;
-        auth.owns(&campaign, &campaign_id)?;
+        let store = &state.store;
+        let (campaign, totals) = auth?
+            .campaign_with(&campaign_id, |by| async move {
+                store.campaign_totals(&by).await
+            })
+            .await?;
         let mut c = totals.counters;
         // A connected call has no later delivery report: it is delivered.
         if campaign.channel != Channel::Sms {

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::{ApiError, AppState};
 use crate::domain::{PresentedKey, Scope};
-use crate::store::{Campaign, CampaignRef};
+use crate::store::{Campaign, CampaignRef, StoreResult};
 
 /// The caller, authenticated by API key.
 #[derive(Debug, Clone)]
@@ -105,21 +105,31 @@ impl Auth {
     /// Loads a campaign named by a path segment (integer id or uuid):
     /// 404 when there is none, 403 when another workspace owns it.
     pub async fn campaign(&self, state: &AppState, segment: &str) -> Result<Campaign, ApiError> {
-        let not_found = || ApiError::NotFound(format!("campaign '{segment}'"));
-        let by = CampaignRef::parse(segment).ok_or_else(not_found)?;
-        let campaign = state.store.campaign(&by).await?.ok_or_else(not_found)?;
-        self.owns(&campaign, segment)?;
-        Ok(campaign)
+        let store = &state.store;
+        self.campaign_with(segment, |by| async move {
+            Ok(store.campaign(&by).await?.map(|campaign| (campaign, ())))
+        })
+        .await
+        .map(|(campaign, ())| campaign)
     }
 
-    /// 403 when another workspace owns `campaign` (named by `segment`):
-    /// for reads that load a campaign together with something else.
-    pub fn owns(&self, campaign: &Campaign, segment: &str) -> Result<(), ApiError> {
-        if campaign.workspace_id == self.workspace_id {
-            Ok(())
-        } else {
-            Err(ApiError::Forbidden(format!("campaign '{segment}'")))
+    /// [`Auth::campaign`] for a read that loads the campaign together with
+    /// something else in one statement (`read`, given the parsed segment).
+    pub async fn campaign_with<T, Read>(
+        &self,
+        segment: &str,
+        read: impl FnOnce(CampaignRef) -> Read,
+    ) -> Result<(Campaign, T), ApiError>
+    where
+        Read: std::future::Future<Output = StoreResult<Option<(Campaign, T)>>>,
+    {
+        let not_found = || ApiError::NotFound(format!("campaign '{segment}'"));
+        let by = CampaignRef::parse(segment).ok_or_else(not_found)?;
+        let (campaign, with) = read(by).await?.ok_or_else(not_found)?;
+        if campaign.workspace_id != self.workspace_id {
+            return Err(ApiError::Forbidden(format!("campaign '{segment}'")));
         }
+        Ok((campaign, with))
     }
 }
 
