@@ -178,6 +178,17 @@ impl Session {
             .await
     }
 
+    /// Queues each of `events` (see [`Session::queue`]).
+    async fn queue_all(
+        &mut self,
+        events: impl IntoIterator<Item = Arc<HubEvent>>,
+    ) -> Result<(), End> {
+        for event in events {
+            self.queue(&event).await?;
+        }
+        Ok(())
+    }
+
     /// Queues an event if it is newer than what this campaign last got;
     /// the caller flushes (see [`Session::queue_text`]).
     async fn queue(&mut self, event: &HubEvent) -> Result<bool, End> {
@@ -608,9 +619,7 @@ async fn on_live(session: &mut Session, live: Live) -> Result<(), End> {
             }
             // Frames already waiting go out ahead of the replay, which flushes.
             Live::Lagged(lagged) => {
-                for event in waiting.drain(..) {
-                    session.queue(&event).await?;
-                }
+                session.queue_all(waiting.drain(..)).await?;
                 let ids: Vec<i64> = match lagged {
                     Some(id) => vec![id],
                     None => session.sent.keys().copied().collect(),
@@ -620,18 +629,14 @@ async fn on_live(session: &mut Session, live: Live) -> Result<(), End> {
                 }
             }
             Live::Ended => {
-                for event in waiting.drain(..) {
-                    session.queue(&event).await?;
-                }
+                session.queue_all(waiting.drain(..)).await?;
                 session.flush().await?;
                 return Err(End::Close(CLOSE_INTERNAL, "stream ended"));
             }
             Live::Nothing => {}
         }
     }
-    for event in waiting {
-        session.queue(&event).await?;
-    }
+    session.queue_all(waiting).await?;
     session.flush().await
 }
 

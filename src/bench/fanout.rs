@@ -134,12 +134,11 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     }
     drop(store);
     let Delivery {
-        mut latencies,
+        latencies,
         frames,
         missed,
     } = delivery(&events, &received);
     drop(received);
-    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     let per_connection =
         (rss_connected.saturating_sub(rss_idle_server)) as f64 / open.max(1) as f64;
     let (p50, p99, max) = (
@@ -366,8 +365,7 @@ async fn peer_fanout(
     // A subscriber still waiting at the deadline never got the rest.
     let received = subscribed.stop();
     peer.stop().await;
-    let Delivery { mut latencies, .. } = delivery(&published, &received);
-    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let Delivery { latencies, .. } = delivery(&published, &received);
     Ok(PeerFanout {
         p50: percentile(&latencies, 50.0),
         p99: percentile(&latencies, 99.0),
@@ -434,6 +432,7 @@ impl Subscribers {
 
 /// Commit → receipt of every event at every subscriber.
 struct Delivery {
+    /// In ms, sorted.
     latencies: Vec<f64>,
     /// Frames the subscribers read in all.
     frames: usize,
@@ -460,6 +459,7 @@ fn delivery(events: &[(i64, f64)], received: &[Vec<(i64, f64)>]) -> Delivery {
             }
         }
     }
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     Delivery {
         latencies,
         frames,
