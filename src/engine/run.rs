@@ -293,24 +293,43 @@ impl Pipeline<'_> {
 
     /// Records the unrecorded outcomes and claims a slice, in one
     /// transaction.
+    ///
+    /// The transaction runs in a task of its own. It is a dozen statements,
+    /// each a round trip to the database; joined with the sends in the run's
+    /// task, each round trip waited until the sends yielded, and with a fast
+    /// provider they yield only when the whole slice is sent, so the writer
+    /// and the sends took turns after all (the machine half idle).
     async fn record_and_claim(&mut self) -> Result<Slice, StoreError> {
-        let (shared, run_id) = (self.shared, self.run_id);
-        let store = &shared.store;
-        let owner = self.owner;
+        let (shared, run_id, limit) = (self.shared, self.run_id, self.limit);
+        let store = Arc::clone(&shared.store);
+        let owner = self.owner.to_owned();
         let now = now_ms();
         let lease_until = now + shared.config.lease.as_millis() as i64;
-        let slice = match self.unrecorded.take() {
-            Some(outcomes) => {
-                let (_, slice) = retry_transient(|| {
-                    store.record_and_take(run_id, &outcomes, owner, now, lease_until, self.limit)
+        let unrecorded = self.unrecorded.take();
+        let write = tokio::spawn(async move {
+            match unrecorded {
+                Some(outcomes) => retry_transient(|| {
+                    store.record_and_take(run_id, &outcomes, &owner, now, lease_until, limit)
                 })
-                .await?;
-                slice
+                .await
+                .map(|(_, slice)| slice),
+                None => {
+                    retry_transient(|| store.take_slice(run_id, &owner, now, lease_until, limit))
+                        .await
+                }
             }
-            None => {
-                retry_transient(|| store.take_slice(run_id, owner, now, lease_until, self.limit))
-                    .await?
-            }
+        });
+        let slice = match write.await {
+            Ok(slice) => slice?,
+            Err(join) => match join.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                // Only a runtime shutting down cancels a task.
+                Err(_) => {
+                    return Err(StoreError::Unavailable(
+                        "the runtime is shutting down".into(),
+                    ))
+                }
+            },
         };
         // Recording moved counters; opening a batch appended its event.
         self.notify();

@@ -125,6 +125,15 @@ pub struct PoolUsage {
     pub max: u32,
 }
 
+/// A task a store runs beside its pools, stopped when the store is dropped.
+pub(crate) struct BackgroundTask(tokio::task::JoinHandle<()>);
+
+impl Drop for BackgroundTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What another node's writes mean for this node's stream hub.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {

@@ -203,6 +203,7 @@ impl PgStore {
         Ok(Self {
             writer: pool.clone(),
             reader: pool,
+            _background: None,
         })
     }
 }

@@ -37,6 +37,8 @@ pub struct SqlStore {
     /// Reads. SQLite: read-only connections beside the writer (WAL);
     /// Postgres: the same pool as `writer`.
     pub(super) reader: Pool,
+    /// SQLite: the WAL checkpointer beside the writer. Postgres: none.
+    pub(super) _background: Option<super::super::BackgroundTask>,
 }
 
 pub(super) const CAMPAIGN_COLUMNS: &str = "id, uuid, workspace_id, name, channel, template, sender, provider, \
