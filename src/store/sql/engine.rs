@@ -1177,26 +1177,32 @@ impl EngineStore for SqlStore {
             RunEnd::Failed(reason) => ("failed", "failed", Some(reason.as_str())),
             RunEnd::Cancelled => ("cancelled", "cancelled", Some("the campaign was cancelled")),
         };
-        bulk_move(
-            &mut tx,
-            run_id,
-            None,
-            ExecutionStatus::Pending,
-            ExecutionStatus::Skipped,
-            None,
-            now,
-        )
-        .await?;
-        bulk_move(
-            &mut tx,
-            run_id,
-            None,
-            ExecutionStatus::InProgress,
-            ExecutionStatus::Failed,
-            Some("outcome unknown: the run ended while this was being sent"),
-            now,
-        )
-        .await?;
+        // The counters are exact, so a run that completed (nothing pending,
+        // nothing in flight) skips two scans of all its executions.
+        if before.counters.pending > 0 {
+            bulk_move(
+                &mut tx,
+                run_id,
+                None,
+                ExecutionStatus::Pending,
+                ExecutionStatus::Skipped,
+                None,
+                now,
+            )
+            .await?;
+        }
+        if before.counters.processing > 0 {
+            bulk_move(
+                &mut tx,
+                run_id,
+                None,
+                ExecutionStatus::InProgress,
+                ExecutionStatus::Failed,
+                Some("outcome unknown: the run ended while this was being sent"),
+                now,
+            )
+            .await?;
+        }
         close_and_announce_batches(&mut tx, run_id, now).await?;
 
         // Refund what was reserved and not spent.

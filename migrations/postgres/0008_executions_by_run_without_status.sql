@@ -1,0 +1,8 @@
+-- A run's executions by batch, without their status. With the status in the
+-- key, each execution's every status change (claimed, then sent or failed)
+-- moved its index entry: a delete and an insert on the writer's path, about
+-- a fifth of a slice's claim and record. A claim now reads its batch's range
+-- (at most one batch, 1,000 rows) and keeps those still pending; a finished
+-- run, whose counters say nothing is pending or in flight, reads none.
+DROP INDEX executions_by_run;
+CREATE INDEX executions_by_run ON executions (run_id, batch_sequence, id);
