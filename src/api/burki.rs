@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::extract::{Auth, PageParams, Pagination, QueryParams};
@@ -75,7 +75,38 @@ pub struct Execution {
     /// from_number, to_number, personalized_welcome_message,
     /// template_variables_used, duration_seconds, error_details, retry_reason.
     #[schema(value_type = Object)]
-    pub execution_data: Map<String, Value>,
+    pub execution_data: ExecutionData,
+}
+
+/// Seed 001's free-form `execution_data`, typed: a page serialises it for
+/// every row, and a struct writes its keys as constants where a JSON map
+/// allocated each key and value of each row. Keys appear in this order;
+/// the optional ones only when known.
+#[derive(Debug, Serialize)]
+pub struct ExecutionData {
+    from_number: Option<String>,
+    to_number: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    personalized_welcome_message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "as_object")]
+    template_variables_used: Option<Vec<(String, String)>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_seconds: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_details: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message_status: Option<String>,
+    attempts: i64,
+}
+
+/// Name/value pairs as a JSON object, in the template's order.
+fn as_object<S: serde::Serializer>(
+    pairs: &Option<Vec<(String, String)>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(pairs.iter().flatten().map(|(k, v)| (k, v)))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -94,65 +125,49 @@ struct FrozenRun {
 
 fn execution_view(e: ExecutionRecord, frozen: Option<&FrozenRun>) -> Execution {
     let snapshot = frozen.map(|f| &f.snapshot);
-    let mut data = Map::new();
     let channel = snapshot.map_or(Channel::Sms, |s| s.channel);
-    data.insert(
-        "from_number".into(),
-        snapshot
-            .and_then(|s| s.sender.clone())
-            .map_or(Value::Null, Value::String),
-    );
-    data.insert("to_number".into(), Value::String(e.phone.clone()));
-    if let Some(template) = frozen.and_then(|f| f.template.as_ref()) {
-        let lookup = |v: &str| match v {
-            "phone" => Some(e.phone.as_str()),
-            "name" => e
-                .name
-                .as_deref()
-                .or_else(|| e.variables.get("name").map(String::as_str)),
-            other => e.variables.get(other).map(String::as_str),
-        };
-        if let Ok(message) = template.render(lookup) {
-            data.insert(
-                "personalized_welcome_message".into(),
-                Value::String(message),
-            );
-        }
-        let used: Map<String, Value> = template
-            .variables()
+    let template = frozen.and_then(|f| f.template.as_ref());
+    let lookup = |v: &str| match v {
+        "phone" => Some(e.phone.as_str()),
+        "name" => e
+            .name
+            .as_deref()
+            .or_else(|| e.variables.get("name").map(String::as_str)),
+        other => e.variables.get(other).map(String::as_str),
+    };
+    let personalized_welcome_message = template.and_then(|t| t.render(lookup).ok());
+    let template_variables_used = template.map(|t| {
+        t.variables()
             .into_iter()
-            .filter_map(|v| lookup(v).map(|value| (v.to_owned(), Value::String(value.to_owned()))))
-            .collect();
-        data.insert("template_variables_used".into(), Value::Object(used));
-    }
-    if let Some(duration) = e.duration_seconds {
-        data.insert("duration_seconds".into(), duration.into());
-    }
-    if let Some(error) = &e.error_details {
-        data.insert("error_details".into(), Value::String(error.clone()));
-    }
-    if let Some(retry) = &e.retry_reason {
-        data.insert("retry_reason".into(), Value::String(retry.clone()));
-    }
-    if let Some(status) = &e.message_status {
-        data.insert("message_status".into(), Value::String(status.clone()));
-    }
-    data.insert("attempts".into(), e.attempts.into());
+            .filter_map(|v| lookup(v).map(|value| (v.to_owned(), value.to_owned())))
+            .collect()
+    });
     let (call_id, sms_id) = match channel {
         Channel::Voice => (e.provider_message_id.clone(), None),
         _ => (None, e.provider_message_id.clone()),
+    };
+    let execution_data = ExecutionData {
+        from_number: snapshot.and_then(|s| s.sender.clone()),
+        to_number: e.phone.clone(),
+        personalized_welcome_message,
+        template_variables_used,
+        duration_seconds: e.duration_seconds,
+        error_details: e.error_details,
+        retry_reason: e.retry_reason,
+        message_status: e.message_status,
+        attempts: e.attempts,
     };
     Execution {
         id: e.id,
         execution_id: e.id,
         contact_id: e.contact_id,
-        contact_name: e.name.clone(),
-        contact_phone: e.phone.clone(),
+        contact_name: e.name,
+        contact_phone: e.phone,
         status: e.status,
         call_id,
         sms_id,
         executed_at: rfc3339_opt(e.executed_at),
-        execution_data: data,
+        execution_data,
     }
 }
 
