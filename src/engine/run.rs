@@ -295,10 +295,9 @@ impl Pipeline<'_> {
     /// transaction.
     ///
     /// The transaction runs in a task of its own. It is a dozen statements,
-    /// each a round trip to the database; joined with the sends in the run's
-    /// task, each round trip waited until the sends yielded, and with a fast
-    /// provider they yield only when the whole slice is sent, so the writer
-    /// and the sends took turns after all (the machine half idle).
+    /// each a round trip to the database; polled in the run's task beside
+    /// the sends, each round trip waited until the sends yielded, and sends
+    /// to a fast provider yield only when the whole slice is sent.
     async fn record_and_claim(&mut self) -> Result<Slice, StoreError> {
         let (shared, run_id, limit) = (self.shared, self.run_id, self.limit);
         let store = Arc::clone(&shared.store);

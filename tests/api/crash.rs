@@ -354,3 +354,46 @@ async fn a_write_lock_held_elsewhere_is_a_503_for_writes_and_reads_carry_on() {
     assert_eq!(again.status(), reqwest::StatusCode::OK);
     assert_eq!(app.campaign(&c["id"]).await["name"], "renamed");
 }
+
+/// The WAL is copied into the database file within moments of a write, not
+/// only once it holds 1,000 pages: the database file alone (what a
+/// file-level copy that misses the `-wal` file would keep) has a new
+/// campaign soon after it is created. `immutable` makes SQLite read the file
+/// as it is, without the WAL.
+#[tokio::test]
+async fn writes_reach_the_database_file_itself_within_moments() {
+    use sqlx::Connection as _;
+    use std::str::FromStr as _;
+    let app = crate::helpers::spawn_sqlite_app_with(|_| {}).await;
+    let c = app.sms_campaign().await;
+    let file_only = sqlx::sqlite::SqliteConnectOptions::from_str(&app.database_url)
+        .unwrap()
+        .read_only(true)
+        .immutable(true);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // The file may be mid-checkpoint under this reader: a failed read
+        // is only "not yet".
+        let found = match sqlx::SqliteConnection::connect_with(&file_only).await {
+            Ok(mut conn) => {
+                sqlx::query_scalar::<_, String>("SELECT uuid FROM campaigns WHERE id = ?")
+                    .bind(c["id"].as_i64().unwrap())
+                    .fetch_optional(&mut conn)
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            Err(_) => None,
+        };
+        if let Some(uuid) = found {
+            assert_eq!(uuid, c["uuid"].as_str().unwrap());
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "campaign {} still only in the WAL after 10 s",
+            c["id"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
