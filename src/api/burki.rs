@@ -127,13 +127,8 @@ fn execution_view(e: ExecutionRecord, frozen: Option<&FrozenRun>) -> Execution {
     let snapshot = frozen.map(|f| &f.snapshot);
     let channel = snapshot.map_or(Channel::Sms, |s| s.channel);
     let template = frozen.and_then(|f| f.template.as_ref());
-    let lookup = |v: &str| match v {
-        "phone" => Some(e.phone.as_str()),
-        "name" => e
-            .name
-            .as_deref()
-            .or_else(|| e.variables.get("name").map(String::as_str)),
-        other => e.variables.get(other).map(String::as_str),
+    let lookup = |v: &str| {
+        crate::domain::contact::variable_value(&e.phone, e.name.as_deref(), &e.variables, v)
     };
     let personalized_welcome_message = template.and_then(|t| t.render(lookup).ok());
     let template_variables_used = template.map(|t| {

@@ -34,18 +34,32 @@ pub struct ContactError {
     pub reason: String,
 }
 
+/// The value a template variable takes for a recipient: `phone` and `name`
+/// come from the recipient itself (a missing name from its `name` variable),
+/// anything else from its variables. One rule for the import's check, the
+/// engine's sends and the rendered messages a page shows.
+pub fn variable_value<'a>(
+    phone: &'a str,
+    name: Option<&'a str>,
+    variables: &'a BTreeMap<String, String>,
+    variable: &str,
+) -> Option<&'a str> {
+    match variable {
+        "phone" => Some(phone),
+        "name" => name.or_else(|| variables.get("name").map(String::as_str)),
+        other => variables.get(other).map(String::as_str),
+    }
+}
+
 impl NewContact {
-    /// The value a template variable takes for this contact: `name` and
-    /// `phone` come from the contact itself, anything else from its variables.
+    /// The value a template variable takes for this contact ([`variable_value`]).
     pub fn lookup(&self, variable: &str) -> Option<&str> {
-        match variable {
-            "phone" => Some(self.phone.as_str()),
-            "name" => self
-                .name
-                .as_deref()
-                .or_else(|| self.variables.get("name").map(String::as_str)),
-            other => self.variables.get(other).map(String::as_str),
-        }
+        variable_value(
+            self.phone.as_str(),
+            self.name.as_deref(),
+            &self.variables,
+            variable,
+        )
     }
 
     /// The first of `required` this contact cannot fill, if any.

@@ -37,14 +37,12 @@ pub(super) async fn drive(shared: Arc<Shared>, run: RunRecord, owner: String) {
 
 /// The value a template variable takes for an execution.
 fn lookup<'a>(execution: &'a PendingExecution, variable: &str) -> Option<&'a str> {
-    match variable {
-        "phone" => Some(&execution.phone),
-        "name" => execution
-            .name
-            .as_deref()
-            .or_else(|| execution.variables.get("name").map(String::as_str)),
-        other => execution.variables.get(other).map(String::as_str),
-    }
+    crate::domain::contact::variable_value(
+        &execution.phone,
+        execution.name.as_deref(),
+        &execution.variables,
+        variable,
+    )
 }
 
 /// Credits one delivered message costs.
