@@ -459,6 +459,7 @@ impl Sending<'_> {
         let mut outcome = ExecutionOutcome {
             id: execution.id,
             batch_sequence: execution.batch_sequence,
+            attempt: execution.attempt,
             status: ExecutionStatus::Failed,
             message_status: None,
             provider_id: None,

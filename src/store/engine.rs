@@ -88,6 +88,9 @@ pub struct PendingExecution {
 pub struct ExecutionOutcome {
     pub id: i64,
     pub batch_sequence: i64,
+    /// The attempt this send was (1 for the first): a later attempt's
+    /// provider id replaces an earlier one's.
+    pub attempt: i64,
     /// `Pending` means "retry at `next_attempt_at`".
     pub status: ExecutionStatus,
     pub message_status: Option<&'static str>,

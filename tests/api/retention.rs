@@ -211,3 +211,73 @@ async fn the_background_purge_follows_the_execution_retention_setting() {
         250
     );
 }
+
+/// Provider message ids live in a table of their own (receipts and
+/// callbacks are matched through it), which must hold exactly the kept
+/// executions' current ids: a retried call's first id goes when the retry's
+/// replaces it, and a purged run's ids go with its executions. Read from
+/// the SQLite file, as an operator auditing what is stored would.
+#[tokio::test]
+async fn provider_ids_are_exactly_those_of_the_kept_executions() {
+    use std::collections::BTreeSet;
+    let app = crate::helpers::spawn_sqlite_app_with(|_| {}).await;
+    let c = app
+        .campaign_with_contacts(
+            json!({"channel": "voice", "template": "Hello {{name}}", "sender": "+15550001234",
+                   "max_attempts": 3,
+                   "provider": {"kind": "simulated", "seed": 4,
+                                "outcomes": {"completed": 0.4, "no_answer": 0.6}}}),
+            300,
+        )
+        .await;
+    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+        .await;
+    app.wait_status(&c["id"], "completed", 60).await;
+    let retried = app
+        .all_executions(&c["id"])
+        .await
+        .into_iter()
+        .filter(|e| e["execution_data"]["attempts"].as_i64().unwrap() > 1)
+        .count();
+    assert!(retried > 100, "only {retried} calls were retried");
+
+    let db = sqlx::sqlite::SqlitePoolOptions::new()
+        .connect_with(
+            <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(&app.database_url)
+                .unwrap()
+                .read_only(true),
+        )
+        .await
+        .unwrap();
+    let stored = |sql: &'static str| {
+        let db = db.clone();
+        async move {
+            sqlx::query_as::<_, (String, i64)>(sql)
+                .fetch_all(&db)
+                .await
+                .unwrap()
+                .into_iter()
+                .collect::<BTreeSet<_>>()
+        }
+    };
+    let current = stored(
+        "SELECT provider_message_id, id FROM executions WHERE provider_message_id IS NOT NULL",
+    )
+    .await;
+    assert_eq!(current.len(), 300, "every call got through to the provider");
+    let matched_by =
+        stored("SELECT provider_message_id, execution_id FROM provider_messages").await;
+    assert_eq!(matched_by, current);
+
+    while app
+        .store
+        .purge_executions(herald::store::now_ms() + 1, 64)
+        .await
+        .unwrap()
+        > 0
+    {}
+    assert_eq!(
+        stored("SELECT provider_message_id, execution_id FROM provider_messages").await,
+        BTreeSet::new()
+    );
+}

@@ -704,6 +704,26 @@ async fn record_outcomes_in(
             ])
         })
         .collect();
+    // A retry that reached the provider replaces the id an earlier attempt
+    // left (a voice call that went unanswered): that id no longer finds
+    // the execution. Only executions this update will write are touched.
+    let replacing: Vec<serde_json::Value> = outcomes
+        .iter()
+        .filter(|o| o.attempt > 1 && o.provider_id.is_some())
+        .map(|o| json!([o.id]))
+        .collect();
+    if !replacing.is_empty() {
+        sqlx::query(sql!(
+            "DELETE FROM provider_messages WHERE (provider_message_id, execution_id) IN (
+                 SELECT e.provider_message_id, e.id FROM executions e
+                 WHERE e.id IN (SELECT CAST(j.value ->> 0 AS BIGINT) FROM {})
+                   AND e.status = 'in_progress' AND e.provider_message_id IS NOT NULL)",
+            dialect::JSON_ROWS
+        ))
+        .bind(serde_json::Value::Array(replacing).to_string())
+        .execute(&mut *conn)
+        .await?;
+    }
     // Only executions still in progress are updated: one a new worker
     // already wrote off must not be counted twice.
     let updated: Vec<i64> = sqlx::query_scalar(sql!(
@@ -727,6 +747,24 @@ async fn record_outcomes_in(
     .fetch_all(&mut *conn)
     .await?;
     let updated: std::collections::HashSet<i64> = updated.into_iter().collect();
+    // The ids receipts and callbacks will be matched by.
+    let provider_ids: Vec<serde_json::Value> = outcomes
+        .iter()
+        .filter(|o| updated.contains(&o.id))
+        .filter_map(|o| o.provider_id.as_ref().map(|p| json!([p, o.id])))
+        .collect();
+    if !provider_ids.is_empty() {
+        // (`WHERE true` tells SQLite the ON CONFLICT is not a join's ON.)
+        sqlx::query(sql!(
+            "INSERT INTO provider_messages (provider_message_id, execution_id)
+             SELECT j.value ->> 0, CAST(j.value ->> 1 AS BIGINT) FROM {} WHERE true
+             ON CONFLICT DO NOTHING",
+            dialect::JSON_ROWS
+        ))
+        .bind(serde_json::Value::Array(provider_ids).to_string())
+        .execute(&mut *conn)
+        .await?;
+    }
 
     let mut deltas: BTreeMap<i64, Delta> = BTreeMap::new();
     let (mut successes, mut failures, mut charged) = (0i64, 0i64, 0i64);
@@ -1300,8 +1338,10 @@ impl EngineStore for SqlStore {
             "UPDATE executions SET message_status = r.status,
                     delivered_at = CASE WHEN r.status = 'delivered' THEN ? ELSE NULL END,
                     error_details = COALESCE(r.error, executions.error_details), updated_at = ?
-             FROM (SELECT (SELECT e.id FROM executions e
-                           WHERE e.provider_message_id = j.value ->> 0
+             FROM (SELECT (SELECT e.id FROM provider_messages p
+                           JOIN executions e ON e.id = p.execution_id
+                           WHERE p.provider_message_id = j.value ->> 0
+                             AND e.provider_message_id = p.provider_message_id
                              AND e.message_status = 'sent' LIMIT 1) AS id,
                           j.value ->> 1 AS status, j.value ->> 2 AS error
                    FROM {}) AS r
@@ -1384,7 +1424,9 @@ impl EngineStore for SqlStore {
                 // took its snapshot. Either way the caller may try again.
                 sql!(
                     "SELECT j.value ->> 0 FROM {} WHERE
-                   (SELECT e.id FROM executions e WHERE e.provider_message_id = j.value ->> 0
+                   (SELECT e.id FROM provider_messages p JOIN executions e ON e.id = p.execution_id
+                    WHERE p.provider_message_id = j.value ->> 0
+                      AND e.provider_message_id = p.provider_message_id
                       AND e.message_status IN ('delivered', 'failed') LIMIT 1) IS NULL",
                     dialect::JSON_ROWS
                 ),

@@ -409,6 +409,14 @@ impl Store for SqlStore {
         }
         // Executions do not cascade from runs on Postgres (no foreign key,
         // see migration 0005), so they go first, by hand.
+        sqlx::query(sql!(
+            "DELETE FROM provider_messages WHERE (provider_message_id, execution_id) IN (
+                 SELECT provider_message_id, id FROM executions
+                 WHERE campaign_id = ? AND provider_message_id IS NOT NULL)"
+        ))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(sql!("DELETE FROM executions WHERE campaign_id = ?"))
             .bind(id)
             .execute(&mut *tx)

@@ -219,7 +219,9 @@ impl ReportStore for SqlStore {
 
     async fn run_of_message(&self, provider_id: &str) -> StoreResult<Option<RunRecord>> {
         let run_id: Option<i64> = sqlx::query_scalar(sql!(
-            "SELECT run_id FROM executions WHERE provider_message_id = ? LIMIT 1"
+            "SELECT e.run_id FROM provider_messages p JOIN executions e ON e.id = p.execution_id
+             WHERE p.provider_message_id = ? AND e.provider_message_id = p.provider_message_id
+             LIMIT 1"
         ))
         .bind(provider_id)
         .fetch_optional(&self.reader)
@@ -400,15 +402,32 @@ impl ReportStore for SqlStore {
                 }
             }
         };
-        let deleted = sqlx::query(sql!(
-            "DELETE FROM executions WHERE id IN (
-                 SELECT id FROM executions WHERE run_id = ? LIMIT ?)"
+        // The chunk's provider ids go with it. Both statements pick the
+        // same executions: the first `limit` in the index's order, in one
+        // transaction.
+        let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
+        sqlx::query(sql!(
+            "DELETE FROM provider_messages WHERE (provider_message_id, execution_id) IN (
+                 SELECT provider_message_id, id FROM executions WHERE id IN (
+                     SELECT id FROM executions WHERE run_id = ?
+                     ORDER BY batch_sequence, id LIMIT ?)
+                   AND provider_message_id IS NOT NULL)"
         ))
         .bind(run_id)
         .bind(limit)
-        .execute(&self.writer)
+        .execute(&mut *tx)
+        .await?;
+        let deleted = sqlx::query(sql!(
+            "DELETE FROM executions WHERE id IN (
+                 SELECT id FROM executions WHERE run_id = ?
+                 ORDER BY batch_sequence, id LIMIT ?)"
+        ))
+        .bind(run_id)
+        .bind(limit)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+        tx.commit().await?;
         if (deleted as i64) < limit {
             sqlx::query(sql!(
                 "UPDATE runs SET executions_state = 'purged' WHERE id = ?"
