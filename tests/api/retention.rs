@@ -42,6 +42,17 @@ async fn wait_settled(app: &TestApp, id: &Value, runs: usize) {
     }
 }
 
+/// Purges the executions of every run ended so far, `chunk` at a time.
+async fn purge_every_ended_run(app: &TestApp, chunk: i64) {
+    while app
+        .store
+        .purge_executions(herald::store::now_ms() + 1, chunk)
+        .await
+        .unwrap()
+        > 0
+    {}
+}
+
 async fn page(app: &TestApp, id: &Value, query: &str) -> Value {
     let response = app
         .get(&format!("/api/v1/campaigns/{id}/executions?{query}"))
@@ -135,13 +146,7 @@ async fn purging_an_ended_run_keeps_its_totals_and_the_newer_runs_pages() {
 
     // Once the second run's time is up too, nothing is listed and nothing
     // else changes.
-    while app
-        .store
-        .purge_executions(herald::store::now_ms() + 1, 1000)
-        .await
-        .unwrap()
-        > 0
-    {}
+    purge_every_ended_run(&app, 1000).await;
     let empty = page(&app, &c["id"], "per_page=50").await;
     assert_eq!(empty["executions"], json!([]));
     assert_eq!(empty["pagination"]["total_items"], 0);
@@ -269,13 +274,7 @@ async fn provider_ids_are_exactly_those_of_the_kept_executions() {
         stored("SELECT provider_message_id, execution_id FROM provider_messages").await;
     assert_eq!(matched_by, current);
 
-    while app
-        .store
-        .purge_executions(herald::store::now_ms() + 1, 64)
-        .await
-        .unwrap()
-        > 0
-    {}
+    purge_every_ended_run(&app, 64).await;
     assert_eq!(
         stored("SELECT provider_message_id, execution_id FROM provider_messages").await,
         BTreeSet::new()
