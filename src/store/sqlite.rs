@@ -152,15 +152,8 @@ impl SqliteStore {
             // and every time the channel fills the two threads wait on each
             // other; room for a whole slice keeps the SQLite thread running.
             .row_buffer_size(2048);
-        // Every pool below skips sqlx's ping before handing out a connection
-        // (`test_before_acquire`): the ping exists for network connections
-        // that a server may have dropped, while a SQLite connection is a
-        // handle in this process that cannot go stale. For SQLite the ping is
-        // a round trip to the connection's thread, two thread wake-ups, which
-        // doubled the cost of each single-statement read.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
-            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(120))
             // Writes queue here by design (one writer, no SQLITE_BUSY), and
             // behind a million-row freeze or import they wait seconds: sqlx
@@ -191,12 +184,10 @@ impl SqliteStore {
         .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(8)
-            .test_before_acquire(false)
             .connect_with(connect.clone().read_only(true))
             .await?;
         let checkpointer = SqlitePoolOptions::new()
             .max_connections(1)
-            .test_before_acquire(false)
             .connect_with(connect)
             .await?;
         let checkpoints = tokio::spawn(checkpoint_continuously(checkpointer));
