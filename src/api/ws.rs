@@ -37,7 +37,7 @@ use super::extract::{authenticate, Auth};
 use super::{ApiError, AppState};
 use crate::store::{Campaign, CampaignRef, StoredEvent};
 use crate::streams::protocol::{burki_data, snapshot_of};
-use crate::streams::{coalesce, is_coalescable, Format, HubEvent};
+use crate::streams::{coalesce, is_coalescable, Format, HubEvent, Subscription};
 
 pub const CLOSE_NORMAL: u16 = 1000;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
@@ -246,23 +246,15 @@ impl Session {
         }
     }
 
-    /// Subscribes to a campaign; replays from `since` or sends `initial`.
+    /// Follows a campaign it has subscribed to; replays from `since` or
+    /// sends `initial`.
     async fn follow(
         &mut self,
         campaign: &Campaign,
+        subscription: Subscription,
         since: Option<i64>,
         initial: Initial,
     ) -> Result<(), End> {
-        let current = self
-            .state
-            .store
-            .last_seq(campaign.id)
-            .await
-            .map_err(|_| End::Close(CLOSE_INTERNAL, "internal error"))?;
-        let subscription = self
-            .state
-            .hub
-            .subscribe(campaign.id, campaign.workspace_id, current);
         self.live
             .insert(campaign.id, BroadcastStream::new(subscription.receiver));
         let position = subscription.from_seq;
@@ -416,6 +408,35 @@ async fn open(
         }
         Err(_) => Err((CLOSE_INTERNAL, "internal error")),
     }
+}
+
+/// Subscribes to a campaign's live events. The campaign streams subscribe
+/// before the upgrade completes: a client that sees its socket open may at
+/// once cause events (a seed 004 producer posts right after connecting),
+/// and every one of them must reach it.
+async fn subscribe(
+    state: &AppState,
+    campaign: &Campaign,
+) -> Result<Subscription, (u16, &'static str)> {
+    let current = state
+        .store
+        .last_seq(campaign.id)
+        .await
+        .map_err(|_| (CLOSE_INTERNAL, "internal error"))?;
+    Ok(state
+        .hub
+        .subscribe(campaign.id, campaign.workspace_id, current))
+}
+
+/// [`open`], then [`subscribe`].
+async fn open_subscribed(
+    state: &AppState,
+    token: Option<&str>,
+    id: &str,
+) -> Result<(Auth, Campaign, Subscription), (u16, &'static str)> {
+    let (auth, campaign) = open(state, token, id).await?;
+    let subscription = subscribe(state, &campaign).await?;
+    Ok((auth, campaign, subscription))
 }
 
 async fn close_now(mut socket: WebSocket, code: u16, reason: &'static str) {
@@ -700,13 +721,20 @@ pub async fn progress(
     Query(params): Query<WsParams>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let opened = open_subscribed(&state, params.token.as_deref(), &id).await;
     upgrade(ws, &state).on_upgrade(move |socket| async move {
-        let (_auth, campaign) = match open(&state, params.token.as_deref(), &id).await {
+        let (_auth, campaign, subscription) = match opened {
             Ok(opened) => opened,
             Err((code, reason)) => return close_now(socket, code, reason).await,
         };
         let mut session = Session::new(socket, state, Format::Burki);
-        let end = run_progress(&mut session, &campaign, params.since.as_deref()).await;
+        let end = run_progress(
+            &mut session,
+            &campaign,
+            subscription,
+            params.since.as_deref(),
+        )
+        .await;
         finish(session, end).await;
     })
 }
@@ -738,7 +766,12 @@ impl Protocol for Progress {
     }
 }
 
-async fn run_progress(session: &mut Session, campaign: &Campaign, since: Option<&str>) -> End {
+async fn run_progress(
+    session: &mut Session,
+    campaign: &Campaign,
+    subscription: Subscription,
+    since: Option<&str>,
+) -> End {
     let result: Result<(), End> = async {
         session
             .send_json(&json!({"type": "connection_ack", "campaign_id": campaign.id, "timestamp": unix_now()}))
@@ -750,7 +783,9 @@ async fn run_progress(session: &mut Session, campaign: &Campaign, since: Option<
                 None
             }
         };
-        session.follow(campaign, since, Initial::Progress).await?;
+        session
+            .follow(campaign, subscription, since, Initial::Progress)
+            .await?;
         serve(session, None, &mut Progress { ids: [campaign.id] }).await
     }
     .await;
@@ -815,7 +850,12 @@ impl Protocol for Monitor<'_> {
                 for id in ids {
                     match self.auth.campaign(&session.state, &id).await {
                         Ok(campaign) if self.followed.insert(campaign.id) => {
-                            session.follow(&campaign, None, Initial::Progress).await?;
+                            let subscription = subscribe(&session.state, &campaign)
+                                .await
+                                .map_err(|(code, reason)| End::Close(code, reason))?;
+                            session
+                                .follow(&campaign, subscription, None, Initial::Progress)
+                                .await?;
                             session
                                 .send_json(
                                     &json!({"type": "subscribed", "campaign_id": campaign.id}),
@@ -909,15 +949,47 @@ pub async fn jobs(
             None => Err("client_id already connected"),
         },
     };
+    // Subscribed before the upgrade completes too (see [`subscribe`]).
+    let subscribed = match admitted {
+        Ok((auth, claim)) => subscribe_workspace(&state, &auth)
+            .await
+            .map(|subscribed| (claim, subscribed)),
+        Err(reason) => Err((CLOSE_AUTH, reason)),
+    };
     upgrade(ws, &state).on_upgrade(move |socket| async move {
-        let (auth, _claim) = match admitted {
-            Ok(admitted) => admitted,
-            Err(reason) => return close_now(socket, CLOSE_AUTH, reason).await,
+        let (_claim, subscribed) = match subscribed {
+            Ok(subscribed) => subscribed,
+            Err((code, reason)) => return close_now(socket, code, reason).await,
         };
         let mut session = Session::new(socket, state, Format::Jobs);
-        let end = run_jobs(&mut session, &auth).await;
+        let end = run_jobs(&mut session, subscribed).await;
         finish(session, end).await;
     })
+}
+
+/// A subscription to every campaign of a workspace, with the log position
+/// each existing campaign had when it began.
+struct WorkspaceSubscription {
+    receiver: tokio::sync::broadcast::Receiver<Arc<HubEvent>>,
+    current: Vec<(i64, i64)>,
+}
+
+async fn subscribe_workspace(
+    state: &AppState,
+    auth: &Auth,
+) -> Result<WorkspaceSubscription, (u16, &'static str)> {
+    let internal = |_| (CLOSE_INTERNAL, "internal error");
+    let (campaigns, _) = state
+        .store
+        .list_campaigns(auth.workspace_id, None, 0, 10_000)
+        .await
+        .map_err(internal)?;
+    let mut current = Vec::with_capacity(campaigns.len());
+    for c in &campaigns {
+        current.push((c.id, state.store.last_seq(c.id).await.map_err(internal)?));
+    }
+    let receiver = state.hub.subscribe_workspace(auth.workspace_id, &current);
+    Ok(WorkspaceSubscription { receiver, current })
 }
 
 /// Holds a client id for the life of its socket (each must be distinct).
@@ -984,30 +1056,10 @@ impl Protocol for Jobs {
     }
 }
 
-async fn run_jobs(session: &mut Session, auth: &Auth) -> End {
+async fn run_jobs(session: &mut Session, subscribed: WorkspaceSubscription) -> End {
     let result: Result<(), End> = async {
-        let (campaigns, _) = session
-            .state
-            .store
-            .list_campaigns(auth.workspace_id, None, 0, 10_000)
-            .await
-            .map_err(|_| End::Close(CLOSE_INTERNAL, "internal error"))?;
-        let mut current = Vec::with_capacity(campaigns.len());
-        for c in &campaigns {
-            let seq = session
-                .state
-                .store
-                .last_seq(c.id)
-                .await
-                .map_err(|_| End::Close(CLOSE_INTERNAL, "internal error"))?;
-            session.sent.insert(c.id, seq);
-            current.push((c.id, seq));
-        }
-        let receiver = session
-            .state
-            .hub
-            .subscribe_workspace(auth.workspace_id, &current);
-        session.workspace = Some(BroadcastStream::new(receiver));
+        session.sent.extend(subscribed.current);
+        session.workspace = Some(BroadcastStream::new(subscribed.receiver));
         serve(session, None, &mut Jobs).await
     }
     .await;
@@ -1057,23 +1109,29 @@ pub async fn iterations(
 ) -> Response {
     // Checked before the upgrade completes, so a client that sees its socket
     // open holds its slot.
-    let opened = open(&state, params.token.as_deref(), &id).await;
+    let opened = open_subscribed(&state, params.token.as_deref(), &id).await;
     let slot = match &opened {
-        Ok((auth, _)) => SocketSlot::take(&state, auth.key_id).ok_or((
+        Ok((auth, _, _)) => SocketSlot::take(&state, auth.key_id).ok_or((
             CLOSE_TOO_MANY,
             "too many WebSocket connections for this API key",
         )),
         Err(refusal) => Err(*refusal),
     };
     upgrade(ws, &state).on_upgrade(move |socket| async move {
-        let (_slot, campaign) = match (slot, opened) {
-            (Ok(slot), Ok((_, campaign))) => (slot, campaign),
+        let (_slot, campaign, subscription) = match (slot, opened) {
+            (Ok(slot), Ok((_, campaign, subscription))) => (slot, campaign, subscription),
             (Err((code, reason)), _) | (_, Err((code, reason))) => {
                 return close_now(socket, code, reason).await
             }
         };
         let mut session = Session::new(socket, state, Format::Iterations);
-        let end = run_iterations(&mut session, &campaign, params.since.as_deref()).await;
+        let end = run_iterations(
+            &mut session,
+            &campaign,
+            subscription,
+            params.since.as_deref(),
+        )
+        .await;
         finish(session, end).await;
     })
 }
@@ -1094,7 +1152,12 @@ impl Protocol for Iterations {
     }
 }
 
-async fn run_iterations(session: &mut Session, campaign: &Campaign, since: Option<&str>) -> End {
+async fn run_iterations(
+    session: &mut Session,
+    campaign: &Campaign,
+    subscription: Subscription,
+    since: Option<&str>,
+) -> End {
     let result: Result<(), End> = async {
         let since = match parse_since(since) {
             Ok(since) => since,
@@ -1108,7 +1171,9 @@ async fn run_iterations(session: &mut Session, campaign: &Campaign, since: Optio
                 None
             }
         };
-        session.follow(campaign, since, Initial::None).await?;
+        session
+            .follow(campaign, subscription, since, Initial::None)
+            .await?;
         let idle = session.state.config.streams.idle_timeout;
         serve(session, Some(idle), &mut Iterations).await
     }

@@ -926,15 +926,17 @@ async fn a_connect_disconnect_storm_leaves_connections_and_memory_at_baseline() 
     tokio::time::sleep(Duration::from_millis(500)).await;
     let baseline = rss_of(node.pid());
 
+    // A storm is a number of cycles, not a duration, so a loaded machine
+    // runs the same storm, only slower.
     let storm = |url: String| async move {
         let started = std::time::Instant::now();
-        let deadline = started + Duration::from_secs(3);
+        let begun = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..64 {
-            let url = url.clone();
+            let (url, begun) = (url.clone(), begun.clone());
             tasks.spawn(async move {
                 let (mut done, mut failed) = (0u32, 0u32);
-                while std::time::Instant::now() < deadline {
+                while begun.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 1500 {
                     match cycle(url.clone()).await {
                         Some(()) => done += 1,
                         None => failed += 1,
@@ -951,7 +953,6 @@ async fn a_connect_disconnect_storm_leaves_connections_and_memory_at_baseline() 
         }
         let rate = f64::from(cycles) / started.elapsed().as_secs_f64();
         println!("storm: {cycles} connect/disconnect cycles ({rate:.0}/s), {failures} refused");
-        assert!(cycles >= 1000, "the storm ran: {cycles} cycles");
         assert_eq!(failures, 0, "every connection was served");
     };
     let open_sessions = || async {
