@@ -63,16 +63,48 @@ pub async fn postgres_database_url() -> String {
     use sqlx::{Connection, Executor};
     let server = std::env::var("HERALD_TEST_POSTGRES_URL")
         .expect("Postgres tests need HERALD_TEST_POSTGRES_URL (a server to create databases on); run ./test.sh");
-    let name = format!("herald_test_{}", uuid::Uuid::new_v4().simple());
+    let now = chrono::Utc::now().timestamp();
+    let name = format!("herald_test_{now}_{}", uuid::Uuid::new_v4().simple());
     let mut admin = sqlx::PgConnection::connect(&server)
         .await
         .unwrap_or_else(|e| panic!("connecting to HERALD_TEST_POSTGRES_URL={server}: {e}"));
+    sweep_old_test_databases(&mut admin, now).await;
     admin
         .execute(format!("CREATE DATABASE {name}").as_str())
         .await
         .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
     let _ = admin.close().await;
     with_database_name(&server, &name)
+}
+
+/// Drops, once per test process, the databases that earlier runs created
+/// over an hour ago: a test cannot drop its own (its server still holds
+/// connections when it ends), and a reused server would fill up.
+async fn sweep_old_test_databases(admin: &mut sqlx::PgConnection, now: i64) {
+    use sqlx::{Executor, Row};
+    static SWEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if SWEPT.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let names =
+        sqlx::query("SELECT datname FROM pg_database WHERE datname LIKE 'herald\\_test\\_%'")
+            .fetch_all(&mut *admin)
+            .await
+            .unwrap_or_default();
+    for row in names {
+        let name: String = row.get(0);
+        let created = name
+            .trim_start_matches("herald_test_")
+            .split('_')
+            .next()
+            .and_then(|t| t.parse::<i64>().ok());
+        // Names without a time are from before names had one.
+        if created.is_none_or(|t| now - t > 3600) {
+            let _ = admin
+                .execute(format!("DROP DATABASE IF EXISTS {name}").as_str())
+                .await;
+        }
+    }
 }
 
 /// `url` with its database (the path) replaced by `name`; the query stays.
