@@ -102,6 +102,9 @@ struct Session {
     warned_at: Option<std::time::Instant>,
     /// Messages sent, resolved once: ten thousand sockets count every frame.
     messages: metrics::Counter,
+    /// Messages not yet added to `messages`: the counter is one atomic that
+    /// every socket shares, so sockets add to it in steps, not per frame.
+    unreported_messages: u64,
 }
 
 impl Session {
@@ -118,6 +121,7 @@ impl Session {
             warned_at: None,
             messages: metrics::counter!("herald_stream_messages_total",
                 "protocol" => protocol_name(format)),
+            unreported_messages: 0,
             socket,
             state,
             format,
@@ -139,10 +143,18 @@ impl Session {
     /// Buffers a message without writing it out yet (unless the buffer is
     /// full): [`Session::flush`] then writes everything queued at once.
     async fn queue_text(&mut self, text: Utf8Bytes) -> Result<(), End> {
-        self.messages.increment(1);
+        self.unreported_messages += 1;
+        if self.unreported_messages >= 64 {
+            self.report_messages();
+        }
         let timeout = self.state.config.streams.send_timeout;
         let queued = futures::SinkExt::feed(&mut self.socket, Message::Text(text));
         Self::within_send_timeout(tokio::time::timeout(timeout, queued).await)
+    }
+
+    fn report_messages(&mut self) {
+        self.messages
+            .increment(std::mem::take(&mut self.unreported_messages));
     }
 
     async fn flush(&mut self) -> Result<(), End> {
@@ -359,6 +371,7 @@ async fn snapshot(state: &AppState, campaign: &Campaign, position: i64) -> Resul
 
 impl Drop for Session {
     fn drop(&mut self) {
+        self.report_messages();
         metrics::gauge!("herald_stream_connections", "protocol" => protocol_name(self.format))
             .decrement(1.0);
     }
@@ -684,30 +697,46 @@ async fn serve(
     idle: Option<Duration>,
     protocol: &mut impl Protocol,
 ) -> Result<(), End> {
+    // The timers and the shutdown signal are made once and kept across
+    // iterations: a frame wakes the loop twice, and registering new ones
+    // each time was a timer-wheel insert and removal per frame per socket.
     let ping_every = session.state.config.streams.ping_interval;
-    let mut next_ping = Instant::now() + ping_every;
+    let ping = tokio::time::sleep(ping_every);
+    // Each delivered event moves the idle deadline; the timer itself is
+    // reset only when it fires early.
     let mut idle_until = Instant::now() + idle.unwrap_or_default();
+    let idle_timer = sleep_until(idle_until);
     let shutdown = session.state.shutdown.clone();
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(ping, idle_timer, cancelled);
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return Err(End::Close(CLOSE_GOING_AWAY, "server shutting down")),
-            incoming = session.socket.recv() => {
-                if let Some(message) = client_message(session, incoming).await? {
-                    protocol.on_message(session, message).await?;
-                }
-            }
+            // Live events first: when one woke the loop, the other branches
+            // are not polled again for it.
+            biased;
+            () = &mut cancelled => return Err(End::Close(CLOSE_GOING_AWAY, "server shutting down")),
             live = next_live(&mut session.live, &mut session.workspace) => {
                 if let (Live::Event(_), Some(idle)) = (&live, idle) {
                     idle_until = Instant::now() + idle;
                 }
                 on_live(session, live).await?;
             }
-            () = sleep_until(next_ping) => {
-                next_ping = Instant::now() + ping_every;
+            incoming = session.socket.recv() => {
+                if let Some(message) = client_message(session, incoming).await? {
+                    protocol.on_message(session, message).await?;
+                }
+            }
+            () = &mut ping => {
+                ping.as_mut().reset(Instant::now() + ping_every);
+                session.report_messages();
                 session.socket.send(Message::Ping(Default::default())).await.map_err(|_| End::Drop)?;
             }
-            () = sleep_until(idle_until), if idle.is_some() => {
-                return Err(End::Close(CLOSE_NORMAL, "idle timeout: no campaign activity"));
+            () = &mut idle_timer, if idle.is_some() => {
+                if Instant::now() < idle_until {
+                    idle_timer.as_mut().reset(idle_until);
+                } else {
+                    return Err(End::Close(CLOSE_NORMAL, "idle timeout: no campaign activity"));
+                }
             }
         }
     }

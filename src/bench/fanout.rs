@@ -97,6 +97,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     let open = subscribed.open;
     let rss_connected = rss_of(server_pid).unwrap_or(0);
     println!("{open} connected; running the campaign …");
+    let cpu_before = cpu_seconds_of(server_pid);
     let started = Instant::now();
     let started_ms = chrono::Utc::now().timestamp_millis();
     client
@@ -110,6 +111,9 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
         .await;
     let elapsed = started.elapsed();
     let received = subscribed.stop();
+    let server_cpu = cpu_before
+        .zip(cpu_seconds_of(server_pid))
+        .map(|(before, after)| after - before);
     let _ = server.kill().await;
     let _ = server.wait().await;
     // Every event of the run, as committed: what each subscriber should
@@ -157,6 +161,15 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     if missed > 0 {
         println!("never received:       {missed} (subscriber, event) pairs");
     }
+    // The fan-out's own cost, whatever the latency: with the run's events
+    // at the engine's pace, the sockets are busy from first to last event.
+    let cpu_per_frame_us = server_cpu.map(|cpu| cpu * 1e6 / frames.max(1) as f64);
+    if let (Some(cpu), Some(per_frame)) = (server_cpu, cpu_per_frame_us) {
+        println!(
+            "server CPU:           {cpu:.1} s during the run ({:.2} cores): {per_frame:.1} µs per frame delivered (engine included)",
+            cpu / elapsed.as_secs_f64()
+        );
+    }
     println!("saw the final status: {finished}");
     println!("commit → receipt:     p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms");
     println!("server RSS:           {:.1} MiB idle, {:.1} MiB with subscribers: {:.1} KiB per connection",
@@ -178,6 +191,14 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
         "ms",
         Some(Target::AtMost(50.0)),
     );
+    if let Some(per_frame) = cpu_per_frame_us {
+        report.row(
+            "server CPU per frame delivered (engine included)",
+            per_frame,
+            "µs",
+            None,
+        );
+    }
     report.row(
         "server RSS per connection",
         per_connection / 1024.0,
@@ -199,7 +220,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     let mut raw = json!({"subscribers": open, "events": events.len(), "frames": frames,
            "missed": missed,
            "p50_ms": p50, "p99_ms": p99, "max_ms": max, "final_seen": finished,
-           "coalesce_ms": args.coalesce_ms,
+           "coalesce_ms": args.coalesce_ms, "server_cpu_per_frame_us": cpu_per_frame_us,
            "rss_per_connection_bytes": per_connection});
     // The same subscribers and the same events, at the same pace, through
     // the FastAPI peer.

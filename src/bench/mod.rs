@@ -295,6 +295,17 @@ fn rss_of(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// CPU time a process has used so far, user and system, in seconds
+/// (Linux's `/proc`; `None` elsewhere).
+fn cpu_seconds_of(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces: count after it.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let (user, system): (u64, u64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+    // Clock ticks: 100 a second on every Linux this runs on.
+    Some((user + system) as f64 / 100.0)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
