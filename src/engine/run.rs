@@ -99,7 +99,14 @@ async fn drive_inner(shared: &Shared, run: RunRecord, owner: &str) -> anyhow::Re
     };
 
     if run.status == crate::domain::RunStatus::Claimed {
+        let pricing = std::time::Instant::now();
         let cost = price(shared, &run, &snapshot, &template).await?;
+        tracing::debug!(
+            run = run.id,
+            cost,
+            elapsed_ms = pricing.elapsed().as_millis() as u64,
+            "run priced"
+        );
         let started = store.start_run(run.id, cost, now_ms()).await?;
         notify();
         if started.run.status.is_terminal() {
