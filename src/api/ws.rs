@@ -1007,16 +1007,13 @@ async fn subscribe_workspace(
     state: &AppState,
     auth: &Auth,
 ) -> Result<WorkspaceSubscription, (u16, &'static str)> {
-    let internal = |_| (CLOSE_INTERNAL, "internal error");
-    let (campaigns, _) = state
+    // One read for all of them, however many (a workspace may have more
+    // campaigns than a page lists).
+    let current = state
         .store
-        .list_campaigns(auth.workspace_id, None, 0, 10_000)
+        .last_seqs_of_workspace(auth.workspace_id)
         .await
-        .map_err(internal)?;
-    let mut current = Vec::with_capacity(campaigns.len());
-    for c in &campaigns {
-        current.push((c.id, state.store.last_seq(c.id).await.map_err(internal)?));
-    }
+        .map_err(|_| (CLOSE_INTERNAL, "internal error"))?;
     let receiver = state.hub.subscribe_workspace(auth.workspace_id, &current);
     Ok(WorkspaceSubscription { receiver, current })
 }

@@ -405,6 +405,8 @@ pub trait ReportStore: Send + Sync {
     async fn purge_metrics(&self, before_minute: i64, limit: i64) -> StoreResult<u64>;
     /// The newest sequence number of a campaign's log (0 when empty).
     async fn last_seq(&self, campaign_id: i64) -> StoreResult<i64>;
+    /// `(campaign id, newest sequence)` of every campaign of a workspace.
+    async fn last_seqs_of_workspace(&self, workspace_id: i64) -> StoreResult<Vec<(i64, i64)>>;
     /// The oldest sequence number still in the log, if any.
     async fn oldest_seq(&self, campaign_id: i64) -> StoreResult<Option<i64>>;
     /// The campaign a run belongs to.

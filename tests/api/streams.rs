@@ -530,6 +530,30 @@ async fn seed_003_jobs_stream_per_client() {
 }
 
 #[tokio::test]
+async fn seed_003_a_client_is_sent_what_happens_after_it_connects() {
+    let app = slow_engine_app(|_| {}).await;
+    let c = external_campaign(&app).await;
+    let id = c["id"].as_i64().unwrap();
+    let progress = |n: i64| {
+        json!({"events": [{"type": "job_progress",
+        "data": {"jobId": "job_1", "progress": n, "processedCount": n, "totalCount": 100}}]})
+    };
+    let before = app
+        .post(&format!("/v1/campaigns/{id}/events"), &progress(10))
+        .await;
+    assert_eq!(before.status(), StatusCode::CREATED);
+    let mut ws = Client::connect(&app, &format!("/api/v1/ws/late-client?token={}", app.key)).await;
+    app.post(&format!("/v1/campaigns/{id}/events"), &progress(20))
+        .await;
+    let first = ws.next(5).await;
+    assert_eq!(first["type"], "job_progress");
+    assert_eq!(
+        first["progress"], 20,
+        "the event from before it connected is not replayed"
+    );
+}
+
+#[tokio::test]
 async fn producer_events_are_checked() {
     let app = slow_engine_app(|_| {}).await;
     let c = external_campaign(&app).await;

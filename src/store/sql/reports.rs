@@ -462,6 +462,15 @@ impl ReportStore for SqlStore {
         )
     }
 
+    async fn last_seqs_of_workspace(&self, workspace_id: i64) -> StoreResult<Vec<(i64, i64)>> {
+        Ok(sqlx::query_as(sql!(
+            "SELECT id, last_seq FROM campaigns WHERE workspace_id = ?"
+        ))
+        .bind(workspace_id)
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
     async fn oldest_seq(&self, campaign_id: i64) -> StoreResult<Option<i64>> {
         Ok(
             sqlx::query_scalar(sql!("SELECT MIN(seq) FROM events WHERE campaign_id = ?"))
