@@ -39,34 +39,14 @@ impl FanoutArgs {
 
 pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     let (subscribers, recipients) = (args.subscribers, args.recipients);
-    let dir = tempfile_dir()?;
-    let database_url = format!("sqlite://{}/bench.db", dir.display());
-    let exe = std::env::current_exe()?;
-    let key_out = std::process::Command::new(&exe)
-        .args(["keys", "create", "--workspace", "bench"])
-        .env("HERALD_DATABASE_URL", &database_url)
-        .output()?;
-    let key = String::from_utf8(key_out.stdout)?.trim().to_owned();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut server = tokio::process::Command::new(&exe)
-        .env("HERALD_DATABASE_URL", &database_url)
-        .env("HERALD_ADDR", format!("127.0.0.1:{port}"))
-        .env("HERALD_NO_DEMO", "1")
-        .env("HERALD_IN_FLIGHT", "64")
-        .env("HERALD_COALESCE_MS", args.coalesce_ms.to_string())
-        .env("RUST_LOG", "error")
-        .kill_on_drop(true)
-        .spawn()?;
-    let base = format!("http://127.0.0.1:{port}");
+    let mut server = ChildServer::start(&[
+        ("HERALD_IN_FLIGHT", "64".into()),
+        ("HERALD_COALESCE_MS", args.coalesce_ms.to_string()),
+    ])
+    .await?;
+    let (base, key, port) = (server.base.clone(), server.key.clone(), server.port);
+    let database_url = server.database_url.clone();
     let client = reqwest::Client::new();
-    for _ in 0..200 {
-        if client.get(format!("{base}/healthz")).send().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
     let campaign: serde_json::Value = client
         .post(format!("{base}/v1/campaigns"))
         .bearer_auth(&key)
@@ -89,7 +69,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
         .await?
         .error_for_status()?;
 
-    let server_pid = server.id().unwrap_or(0);
+    let server_pid = server.pid();
     let rss_idle_server = rss_of(server_pid).unwrap_or(0);
     println!("opening {subscribers} subscribers …");
     let url = format!("ws://127.0.0.1:{port}/ws/campaigns/{id}/progress?token={key}");
@@ -114,8 +94,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     let server_cpu = cpu_before
         .zip(cpu_seconds_of(server_pid))
         .map(|(before, after)| after - before);
-    let _ = server.kill().await;
-    let _ = server.wait().await;
+    server.stop().await;
     // Every event of the run, as committed: what each subscriber should
     // have been told, and when it happened.
     let store =
@@ -274,7 +253,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
         }
     }
     report.raw(raw);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(server);
     Ok(report)
 }
 

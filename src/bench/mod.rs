@@ -386,3 +386,88 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
+
+/// A Herald served by a child process (`herald` with `HERALD_*` settings)
+/// on a temporary SQLite database, with a key. Its CPU time and RSS are its
+/// own, read from `/proc`, apart from what the benchmark's clients cost.
+/// The database stays readable after [`ChildServer::stop`] and is removed
+/// when the value is dropped.
+struct ChildServer {
+    base: String,
+    port: u16,
+    key: String,
+    dir: std::path::PathBuf,
+    database_url: String,
+    process: tokio::process::Child,
+}
+
+impl ChildServer {
+    /// Starts the server with `settings` (environment variables) on top of
+    /// a fixed base (no demo workspace, errors-only logs, no rate limit)
+    /// and waits until it answers.
+    async fn start(settings: &[(&str, String)]) -> anyhow::Result<Self> {
+        let dir = tempfile_dir()?;
+        let database_url = format!("sqlite://{}/bench.db", dir.display());
+        let exe = std::env::current_exe()?;
+        let key_out = std::process::Command::new(&exe)
+            .args(["keys", "create", "--workspace", "bench"])
+            .env("HERALD_DATABASE_URL", &database_url)
+            .output()?;
+        anyhow::ensure!(
+            key_out.status.success(),
+            "herald keys create: {}",
+            String::from_utf8_lossy(&key_out.stderr)
+        );
+        let key = String::from_utf8(key_out.stdout)?.trim().to_owned();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut command = tokio::process::Command::new(&exe);
+        command
+            .env("HERALD_DATABASE_URL", &database_url)
+            .env("HERALD_ADDR", format!("127.0.0.1:{port}"))
+            .env("HERALD_NO_DEMO", "1")
+            .env("HERALD_RATE_LIMIT", "0")
+            .env("RUST_LOG", "error")
+            .kill_on_drop(true);
+        for (name, value) in settings {
+            command.env(name, value);
+        }
+        let process = command.spawn()?;
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let mut up = false;
+        for _ in 0..400 {
+            if client.get(format!("{base}/healthz")).send().await.is_ok() {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        anyhow::ensure!(up, "the benchmark's server did not answer within 20 s");
+        Ok(Self {
+            base,
+            port,
+            key,
+            dir,
+            database_url,
+            process,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.process.id().unwrap_or(0)
+    }
+
+    async fn stop(&mut self) {
+        let _ = self.process.kill().await;
+        let _ = self.process.wait().await;
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        // The child is killed on drop (`kill_on_drop`) if not stopped yet.
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -38,34 +38,121 @@ struct Load {
     p50_ms: f64,
     p99_ms: f64,
     errors: usize,
+    /// CPU the server used per answered request, when it is a process of
+    /// its own.
+    server_cpu_us: Option<f64>,
 }
 
-/// `clients` loops requesting `paths` (round-robin) for `seconds`.
-async fn load(base: &str, key: &str, paths: &[String], clients: usize, seconds: u64) -> Load {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(clients)
-        .build()
-        .expect("client");
+/// A keep-alive HTTP/1.1 connection that sends a GET and reads the whole
+/// response before the next, as `wrk` does: the least work a client can do
+/// per request. The clients share the two cores with the server, so a
+/// heavier client (a general HTTP client's pool, headers and body types)
+/// would be measured as much as the server.
+struct Connection {
+    stream: tokio::net::TcpStream,
+    buffer: Vec<u8>,
+}
+
+impl Connection {
+    async fn open(addr: std::net::SocketAddr) -> std::io::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            buffer: Vec::with_capacity(64 * 1024),
+        })
+    }
+
+    /// Sends `request` (a whole request: line, headers, blank line) and
+    /// reads the response to the end of its body; its status code.
+    async fn request(&mut self, request: &[u8]) -> std::io::Result<u16> {
+        use std::io::{Error, ErrorKind};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.stream.write_all(request).await?;
+        self.buffer.clear();
+        let head_end = loop {
+            if self.stream.read_buf(&mut self.buffer).await? == 0 {
+                return Err(ErrorKind::UnexpectedEof.into());
+            }
+            if let Some(at) = self.buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+        };
+        let head = std::str::from_utf8(&self.buffer[..head_end])
+            .map_err(|e| Error::new(ErrorKind::InvalidData, e))?;
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse::<u16>().ok())
+            .ok_or_else(|| Error::new(ErrorKind::InvalidData, "no status line"))?;
+        // Herald and uvicorn both size their JSON answers; a response
+        // without a length is not one this client can delimit.
+        let length = head
+            .lines()
+            .filter_map(|line| line.split_once(':'))
+            .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, value)| value.trim().parse::<usize>().ok())
+            .ok_or_else(|| Error::new(ErrorKind::InvalidData, "no content-length"))?;
+        while self.buffer.len() < head_end + length {
+            if self.stream.read_buf(&mut self.buffer).await? == 0 {
+                return Err(ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(status)
+    }
+}
+
+/// `clients` connections requesting `paths` (round-robin) for `seconds`;
+/// `server_pid` is the server's process, to measure its CPU.
+async fn load(
+    base: &str,
+    key: &str,
+    paths: &[String],
+    clients: usize,
+    seconds: u64,
+    server_pid: Option<u32>,
+) -> anyhow::Result<Load> {
+    let host = base.trim_start_matches("http://").to_owned();
+    let addr: std::net::SocketAddr = host.parse()?;
+    let requests: Vec<Vec<u8>> = paths
+        .iter()
+        .map(|path| {
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n\r\n")
+                .into_bytes()
+        })
+        .collect();
+    let cpu_before = server_pid.and_then(cpu_seconds_of);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let results: Vec<(Vec<f64>, usize)> = futures::stream::iter(0..clients)
         .map(|n| {
-            let client = client.clone();
-            let urls: Vec<String> = paths.iter().map(|p| format!("{base}{p}")).collect();
-            let key = key.to_owned();
+            let requests = &requests;
             async move {
                 let (mut latencies, mut errors) = (Vec::new(), 0usize);
+                let mut connection = None;
                 let mut i = n;
                 while Instant::now() < deadline {
-                    let url = &urls[i % urls.len()];
+                    let open = match connection.as_mut() {
+                        Some(open) => open,
+                        None => match Connection::open(addr).await {
+                            Ok(open) => connection.insert(open),
+                            Err(_) => {
+                                errors += 1;
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                                continue;
+                            }
+                        },
+                    };
+                    let request = &requests[i % requests.len()];
                     i += 1;
                     let sent = Instant::now();
-                    match client.get(url).bearer_auth(&key).send().await {
-                        Ok(response) if response.status().is_success() => {
-                            let _ = response.bytes().await;
-                            latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                    match open.request(request).await {
+                        Ok(200) => latencies.push(sent.elapsed().as_secs_f64() * 1000.0),
+                        Ok(_) => errors += 1,
+                        Err(_) => {
+                            errors += 1;
+                            connection = None;
                         }
-                        _ => errors += 1,
                     }
                 }
                 (latencies, errors)
@@ -75,24 +162,30 @@ async fn load(base: &str, key: &str, paths: &[String], clients: usize, seconds: 
         .collect()
         .await;
     let elapsed = started.elapsed().as_secs_f64();
+    let server_cpu = cpu_before
+        .zip(server_pid.and_then(cpu_seconds_of))
+        .map(|(before, after)| after - before);
     let errors = results.iter().map(|(_, e)| e).sum();
     let mut latencies: Vec<f64> = results.into_iter().flat_map(|(l, _)| l).collect();
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    Load {
+    Ok(Load {
         rate: latencies.len() as f64 / elapsed,
         p50_ms: percentile(&latencies, 50.0),
         p99_ms: percentile(&latencies, 99.0),
         errors,
-    }
+        server_cpu_us: server_cpu
+            .filter(|_| !latencies.is_empty())
+            .map(|cpu| cpu * 1e6 / latencies.len() as f64),
+    })
 }
 
 pub(super) async fn run(args: &RestArgs) -> anyhow::Result<Report> {
-    let engine = crate::engine::EngineConfig {
-        in_flight: 1000,
-        slice: 1000,
-        ..Default::default()
-    };
-    let bench = BenchServer::start(Some(engine)).await?;
+    // The server is a process of its own, so its CPU per request is its own.
+    let mut bench = ChildServer::start(&[
+        ("HERALD_IN_FLIGHT", "1000".into()),
+        ("HERALD_SLICE", "1000".into()),
+    ])
+    .await?;
     let (base, key) = (bench.base.clone(), bench.key.clone());
     let client = reqwest::Client::new();
     let campaign: Value = client
@@ -177,8 +270,11 @@ pub(super) async fn run(args: &RestArgs) -> anyhow::Result<Report> {
     ];
     for (name, paths, rate_target) in phases {
         println!("{name}: {clients} clients for {seconds} s …");
-        let result = load(&base, &key, &paths, clients, seconds).await;
+        let result = load(&base, &key, &paths, clients, seconds, Some(bench.pid())).await?;
         report.row(format!("{name}: requests"), result.rate, "/s", rate_target);
+        if let Some(cpu) = result.server_cpu_us {
+            report.row(format!("{name}: server CPU per request"), cpu, "µs", None);
+        }
         report.row(
             format!("{name}: p99"),
             result.p99_ms,
@@ -194,7 +290,8 @@ pub(super) async fn run(args: &RestArgs) -> anyhow::Result<Report> {
         raw.insert(
             name.to_owned(),
             json!({"requests_per_second": result.rate, "p50_ms": result.p50_ms,
-                   "p99_ms": result.p99_ms, "errors": result.errors}),
+                   "p99_ms": result.p99_ms, "errors": result.errors,
+                   "server_cpu_us_per_request": result.server_cpu_us}),
         );
     }
     // The same reads, same clients, same database, through the FastAPI peer.
@@ -215,7 +312,7 @@ pub(super) async fn run(args: &RestArgs) -> anyhow::Result<Report> {
                 format!("/v1/campaign/{uuid}/status"),
                 format!("/v1/campaign/{uuid}/analytics"),
             ];
-            let result = load(&peer.base, &key, &paths, clients, seconds).await;
+            let result = load(&peer.base, &key, &paths, clients, seconds, Some(peer.pid)).await?;
             peer.stop().await;
             report.row(
                 "FastAPI peer, status + analytics: requests",
@@ -223,6 +320,14 @@ pub(super) async fn run(args: &RestArgs) -> anyhow::Result<Report> {
                 "/s",
                 None,
             );
+            if let Some(cpu) = result.server_cpu_us {
+                report.row(
+                    "FastAPI peer, status + analytics: server CPU per request",
+                    cpu,
+                    "µs",
+                    None,
+                );
+            }
             report.row(
                 "FastAPI peer, status + analytics: p99",
                 result.p99_ms,
@@ -236,13 +341,14 @@ pub(super) async fn run(args: &RestArgs) -> anyhow::Result<Report> {
                 None,
             );
             json!({"measured": true, "name": "fastapi+uvicorn", "requests_per_second": result.rate,
-                   "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "errors": result.errors})
+                   "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "errors": result.errors,
+                   "server_cpu_us_per_request": result.server_cpu_us})
         }
     };
     report.raw(
         json!({"executions": n, "clients": clients, "seconds": seconds, "phases": raw,
                       "peer": peer}),
     );
-    bench.stop().await?;
+    bench.stop().await;
     Ok(report)
 }
