@@ -121,6 +121,8 @@ pub struct ExecutionPage {
 struct FrozenRun {
     snapshot: RunSnapshot,
     template: Option<Template>,
+    /// The template's variables, in order (each row reports their values).
+    variables: Vec<String>,
 }
 
 fn execution_view(e: ExecutionRecord, frozen: Option<&FrozenRun>) -> Execution {
@@ -131,10 +133,10 @@ fn execution_view(e: ExecutionRecord, frozen: Option<&FrozenRun>) -> Execution {
         crate::domain::contact::variable_value(&e.phone, e.name.as_deref(), &e.variables, v)
     };
     let personalized_welcome_message = template.and_then(|t| t.render(lookup).ok());
-    let template_variables_used = template.map(|t| {
-        t.variables()
-            .into_iter()
-            .filter_map(|v| lookup(v).map(|value| (v.to_owned(), value.to_owned())))
+    let template_variables_used = frozen.filter(|f| f.template.is_some()).map(|f| {
+        f.variables
+            .iter()
+            .filter_map(|v| lookup(v).map(|value| (v.clone(), value.to_owned())))
             .collect()
     });
     let (call_id, sms_id) = match channel {
@@ -234,9 +236,16 @@ pub async fn executions(
     for row in &rows {
         if let std::collections::hash_map::Entry::Vacant(slot) = snapshots.entry(row.run_id) {
             let run = state.store.run(row.run_id).await.map_err(ApiError::from)?;
-            slot.insert(run.and_then(|r| r.snapshot).map(|snapshot| FrozenRun {
-                template: Template::parse(&snapshot.template).ok(),
-                snapshot,
+            slot.insert(run.and_then(|r| r.snapshot).map(|snapshot| {
+                let template = Template::parse(&snapshot.template).ok();
+                let variables = template.as_ref().map_or_else(Vec::new, |t| {
+                    t.variables().into_iter().map(str::to_owned).collect()
+                });
+                FrozenRun {
+                    snapshot,
+                    template,
+                    variables,
+                }
             }));
         }
     }

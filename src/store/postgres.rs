@@ -152,7 +152,22 @@ pub(crate) mod dialect {
         })
     }
 
-    pub async fn backup(_reader: &Pool, _path: &str) -> StoreResult<()> {
+    /// Reads share the pool with writes.
+    pub type ReadPool = Pool;
+
+    /// A pooled connection for a read.
+    pub async fn read(pool: &ReadPool) -> StoreResult<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+        Ok(pool.acquire().await?)
+    }
+
+    /// Not called: Postgres has no reader pool of its own.
+    pub fn read_usage(pool: &ReadPool) -> (u32, u32, u32) {
+        let idle = pool.num_idle() as u32;
+        let max = pool.options().get_max_connections();
+        (pool.size().saturating_sub(idle), idle, max)
+    }
+
+    pub async fn backup(_reader: &ReadPool, _path: &str) -> StoreResult<()> {
         Err(StoreError::Unsupported(
             "herald backup copies SQLite databases; back up Postgres with pg_dump \
              (see README, \"Running several nodes\")"

@@ -27,6 +27,17 @@ pub(crate) mod dialect {
     pub type Conn = sqlx::SqliteConnection;
     pub type DbRow = sqlx::sqlite::SqliteRow;
     pub type Pool = sqlx::SqlitePool;
+    pub use super::ReadPool;
+
+    /// A read connection, lent by [`ReadPool`].
+    pub async fn read(pool: &ReadPool) -> crate::store::StoreResult<super::ReadGuard<'_>> {
+        pool.lend().await
+    }
+
+    /// Connections lent now, idle, and in all.
+    pub fn read_usage(pool: &ReadPool) -> (u32, u32, u32) {
+        pool.usage()
+    }
 
     /// SQLite takes `?` and `?N` as they are.
     pub fn placeholders(sql: &str) -> String {
@@ -73,10 +84,10 @@ pub(crate) mod dialect {
 
     /// A read transaction sees one snapshot, so the copy is consistent
     /// even while runs write; the writer is never blocked.
-    pub async fn backup(reader: &Pool, path: &str) -> crate::store::StoreResult<()> {
+    pub async fn backup(reader: &ReadPool, path: &str) -> crate::store::StoreResult<()> {
         sqlx::query("VACUUM INTO ?")
             .bind(path)
-            .execute(reader)
+            .execute(&mut *read(reader).await?)
             .await?;
         Ok(())
     }
@@ -104,6 +115,95 @@ fn disable_memory_statistics() {
             tracing::debug!(rc, "SQLite memory statistics stay on (already initialised)");
         }
     });
+}
+
+/// The read-only connections, lent without sqlx's pool.
+///
+/// sqlx's pool pings every connection it takes back, and for SQLite a ping
+/// is a round trip to the connection's thread: two thread wake-ups, as
+/// many as the statement it follows, and on the short reads that clients
+/// poll (seed 002 status) the wake-ups are most of the work. A connection
+/// here goes back to the idle list as it is. Nothing is lost by that: a
+/// SQLite connection cannot go stale, and its thread runs what it is sent
+/// in order, so a statement whose caller went away (a dropped request)
+/// finishes, or stops at its next row, before the next borrower's starts.
+pub struct ReadPool {
+    idle: std::sync::Mutex<Vec<sqlx::SqliteConnection>>,
+    permits: tokio::sync::Semaphore,
+    size: u32,
+}
+
+/// A connection of a [`ReadPool`], back in the idle list when dropped.
+pub struct ReadGuard<'a> {
+    connection: Option<sqlx::SqliteConnection>,
+    pool: &'a ReadPool,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+/// How long a read waits for a connection before it fails (as sqlx's
+/// pool's default acquire timeout).
+const READ_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ReadPool {
+    async fn connect(options: &SqliteConnectOptions, size: u32) -> sqlx::Result<Self> {
+        use sqlx::ConnectOptions;
+        let mut idle = Vec::with_capacity(size as usize);
+        for _ in 0..size {
+            idle.push(options.connect().await?);
+        }
+        Ok(Self {
+            idle: std::sync::Mutex::new(idle),
+            permits: tokio::sync::Semaphore::new(size as usize),
+            size,
+        })
+    }
+
+    async fn lend(&self) -> crate::store::StoreResult<ReadGuard<'_>> {
+        let permit = tokio::time::timeout(READ_ACQUIRE_TIMEOUT, self.permits.acquire())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)?
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        let connection = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        // A permit is only ever held beside a connection out of the list.
+        let connection = connection.ok_or(sqlx::Error::PoolClosed)?;
+        Ok(ReadGuard {
+            connection: Some(connection),
+            pool: self,
+            _permit: permit,
+        })
+    }
+
+    /// Connections lent now, idle, and in all.
+    pub fn usage(&self) -> (u32, u32, u32) {
+        let idle = self.permits.available_permits() as u32;
+        (self.size.saturating_sub(idle), idle, self.size)
+    }
+}
+
+impl std::ops::Deref for ReadGuard<'_> {
+    type Target = sqlx::SqliteConnection;
+    fn deref(&self) -> &Self::Target {
+        self.connection.as_ref().expect("lent until dropped")
+    }
+}
+
+impl std::ops::DerefMut for ReadGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.connection.as_mut().expect("lent until dropped")
+    }
+}
+
+impl Drop for ReadGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            // Back before the permit is released (fields drop after this).
+            self.pool
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(connection);
+        }
+    }
 }
 
 /// How often the WAL is copied back into the database file.
@@ -191,11 +291,7 @@ impl SqliteStore {
             options,
         )
         .await?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(8)
-            .test_before_acquire(false)
-            .connect_with(connect.clone().read_only(true))
-            .await?;
+        let reader = ReadPool::connect(&connect.clone().read_only(true), 8).await?;
         let checkpointer = SqlitePoolOptions::new()
             .max_connections(1)
             .test_before_acquire(false)

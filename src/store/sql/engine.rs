@@ -906,7 +906,7 @@ impl EngineStore for SqlStore {
         Ok(sqlx::query_scalar(sql!(
             "SELECT MIN(scheduled_at) FROM runs WHERE status = 'scheduled'"
         ))
-        .fetch_one(&self.reader)
+        .fetch_one(&mut *self.read().await?)
         .await?)
     }
 
@@ -1001,7 +1001,7 @@ impl EngineStore for SqlStore {
             "SELECT MIN(id), MAX(id) FROM executions WHERE run_id = ?"
         ))
         .bind(run_id)
-        .fetch_one(&self.reader)
+        .fetch_one(&mut *self.read().await?)
         .await?;
         let (Some(first), Some(last)) = (first, last) else {
             return Ok(());
@@ -1015,7 +1015,7 @@ impl EngineStore for SqlStore {
             .bind(from)
             .bind(from + PAGE)
             .bind(run_id)
-            .fetch_all(&self.reader)
+            .fetch_all(&mut *self.read().await?)
             .await?;
             for row in &rows {
                 visit(pending_from_row(row)?);
@@ -1537,7 +1537,7 @@ impl EngineStore for SqlStore {
         ))
         .bind(workspace_id)
         .bind(limit)
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *self.read().await?)
         .await?
         .iter()
         .map(|row| {

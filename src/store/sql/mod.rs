@@ -36,7 +36,7 @@ pub struct SqlStore {
     pub(super) writer: Pool,
     /// Reads. SQLite: read-only connections beside the writer (WAL);
     /// Postgres: the same pool as `writer`.
-    pub(super) reader: Pool,
+    pub(super) reader: dialect::ReadPool,
     /// SQLite: the WAL checkpointer beside the writer. Postgres: none.
     pub(super) _background: Option<super::super::BackgroundTask>,
 }
@@ -134,6 +134,14 @@ impl SqlStore {
     }
 }
 
+impl SqlStore {
+    /// A connection for one read (SQLite: a read-only one beside the
+    /// writer, lent without sqlx's pool; Postgres: from the pool).
+    async fn read(&self) -> StoreResult<impl std::ops::DerefMut<Target = Conn> + '_> {
+        dialect::read(&self.reader).await
+    }
+}
+
 #[async_trait]
 impl Store for SqlStore {
     async fn backup(&self, path: &str) -> StoreResult<()> {
@@ -155,13 +163,26 @@ impl Store for SqlStore {
             }
         };
         match dialect::READER_POOL {
-            Some(reader) => vec![usage("writer", &self.writer), usage(reader, &self.reader)],
+            Some(reader) => {
+                let (in_use, idle, max) = dialect::read_usage(&self.reader);
+                vec![
+                    usage("writer", &self.writer),
+                    PoolUsage {
+                        pool: reader,
+                        in_use,
+                        idle,
+                        max,
+                    },
+                ]
+            }
             None => vec![usage("main", &self.writer)],
         }
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query(sql!("SELECT 1")).execute(&self.reader).await?;
+        sqlx::query(sql!("SELECT 1"))
+            .execute(&mut *self.read().await?)
+            .await?;
         Ok(())
     }
 
@@ -183,7 +204,7 @@ impl Store for SqlStore {
     async fn workspace(&self, id: i64) -> StoreResult<Workspace> {
         let row = sqlx::query(sql!("SELECT * FROM workspaces WHERE id = ?"))
             .bind(id)
-            .fetch_optional(&self.reader)
+            .fetch_optional(&mut *self.read().await?)
             .await?
             .ok_or(StoreError::NotFound)?;
         workspace_from_row(&row)
@@ -192,7 +213,7 @@ impl Store for SqlStore {
     async fn workspace_by_name(&self, name: &str) -> StoreResult<Option<Workspace>> {
         sqlx::query(sql!("SELECT * FROM workspaces WHERE name = ?"))
             .bind(name)
-            .fetch_optional(&self.reader)
+            .fetch_optional(&mut *self.read().await?)
             .await?
             .as_ref()
             .map(workspace_from_row)
@@ -201,7 +222,7 @@ impl Store for SqlStore {
 
     async fn workspace_count(&self) -> StoreResult<i64> {
         Ok(sqlx::query_scalar(sql!("SELECT COUNT(*) FROM workspaces"))
-            .fetch_one(&self.reader)
+            .fetch_one(&mut *self.read().await?)
             .await?)
     }
 
@@ -252,7 +273,7 @@ impl Store for SqlStore {
         // committed write is refused from the very next request.
         sqlx::query(sql!("SELECT * FROM api_keys WHERE prefix = ?"))
             .bind(prefix)
-            .fetch_optional(&self.reader)
+            .fetch_optional(&mut *self.read().await?)
             .await?
             .as_ref()
             .map(api_key_from_row)
@@ -264,7 +285,7 @@ impl Store for SqlStore {
             "SELECT * FROM api_keys WHERE workspace_id = ? ORDER BY id"
         ))
         .bind(workspace_id)
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *self.read().await?)
         .await?
         .iter()
         .map(api_key_from_row)
@@ -325,7 +346,7 @@ impl Store for SqlStore {
                     "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = ?"
                 ))
                 .bind(*id)
-                .fetch_optional(&self.reader)
+                .fetch_optional(&mut *self.read().await?)
                 .await?
             }
             CampaignRef::Uuid(uuid) => {
@@ -333,7 +354,7 @@ impl Store for SqlStore {
                     "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE uuid = ?"
                 ))
                 .bind(uuid)
-                .fetch_optional(&self.reader)
+                .fetch_optional(&mut *self.read().await?)
                 .await?
             }
         };
@@ -358,7 +379,7 @@ impl Store for SqlStore {
         .bind(status)
         .bind(limit)
         .bind(offset)
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *self.read().await?)
         .await?;
         let total: i64 = sqlx::query_scalar(sql!(
             "SELECT COUNT(*) FROM campaigns WHERE workspace_id = ? AND (? IS NULL OR status = ?)"
@@ -366,7 +387,7 @@ impl Store for SqlStore {
         .bind(workspace_id)
         .bind(status)
         .bind(status)
-        .fetch_one(&self.reader)
+        .fetch_one(&mut *self.read().await?)
         .await?;
         let campaigns = rows
             .iter()
@@ -566,12 +587,12 @@ impl Store for SqlStore {
         .bind(campaign_id)
         .bind(limit)
         .bind(offset)
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *self.read().await?)
         .await?;
         let total: i64 =
             sqlx::query_scalar(sql!("SELECT contact_count FROM campaigns WHERE id = ?"))
                 .bind(campaign_id)
-                .fetch_one(&self.reader)
+                .fetch_one(&mut *self.read().await?)
                 .await?;
         let contacts = rows
             .iter()
@@ -596,7 +617,7 @@ impl Store for SqlStore {
                     ))
                     .bind(campaign_id)
                     .bind(dialect::json_key("name"))
-                    .fetch_optional(&self.reader)
+                    .fetch_optional(&mut *self.read().await?)
                     .await?
                 }
                 other => {
@@ -607,7 +628,7 @@ impl Store for SqlStore {
                     ))
                     .bind(campaign_id)
                     .bind(dialect::json_key(other))
-                    .fetch_optional(&self.reader)
+                    .fetch_optional(&mut *self.read().await?)
                     .await?
                 }
             };
