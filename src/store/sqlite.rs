@@ -305,3 +305,67 @@ impl SqliteStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pool_of(size: u32) -> (tempfile::TempDir, ReadPool) {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let url = format!("sqlite://{}/read.db", dir.path().display());
+        let options = SqliteConnectOptions::from_str(&url)
+            .expect("url")
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal);
+        let pool = ReadPool::connect(&options, size).await.expect("pool");
+        (dir, pool)
+    }
+
+    #[tokio::test]
+    async fn a_lent_connection_comes_back_when_dropped_and_the_count_says_so() {
+        let (_dir, pool) = pool_of(2).await;
+        assert_eq!(pool.usage(), (0, 2, 2));
+        let first = pool.lend().await.expect("first");
+        let second = pool.lend().await.expect("second");
+        assert_eq!(pool.usage(), (2, 0, 2));
+        // A third borrower waits until one is back.
+        let waiting = tokio::time::timeout(Duration::from_millis(50), pool.lend()).await;
+        assert!(
+            waiting.is_err(),
+            "a third connection was lent from a pool of two"
+        );
+        drop(first);
+        assert_eq!(pool.usage(), (1, 1, 2));
+        let mut again = pool.lend().await.expect("lent again");
+        let one: i64 = sqlx::query_scalar("SELECT 1")
+            .fetch_one(&mut *again)
+            .await
+            .expect("read");
+        assert_eq!(one, 1);
+        drop((again, second));
+        assert_eq!(pool.usage(), (0, 2, 2));
+    }
+
+    #[tokio::test]
+    async fn a_read_abandoned_midway_leaves_its_connection_right_for_the_next() {
+        let (_dir, pool) = pool_of(1).await;
+        // Two million rows: far more than can be read before the timeout.
+        let abandoned = tokio::time::timeout(Duration::from_millis(5), async {
+            let mut lent = pool.lend().await.expect("lent");
+            sqlx::query_scalar::<_, i64>(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000000)
+                 SELECT i FROM n",
+            )
+            .fetch_all(&mut *lent)
+            .await
+        })
+        .await;
+        assert!(abandoned.is_err(), "the long read finished within 5 ms");
+        let mut next = pool.lend().await.expect("lent after the abandoned read");
+        let answer: i64 = sqlx::query_scalar("SELECT 41 + 1")
+            .fetch_one(&mut *next)
+            .await
+            .expect("the next read");
+        assert_eq!(answer, 42);
+    }
+}
