@@ -77,7 +77,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     let open = subscribed.open;
     let rss_connected = rss_of(server_pid).unwrap_or(0);
     println!("{open} connected; running the campaign …");
-    let cpu_before = cpu_seconds_of(server_pid);
+    let cpu = CpuClock::start(server_pid);
     let started = Instant::now();
     let started_ms = chrono::Utc::now().timestamp_millis();
     client
@@ -91,9 +91,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
         .await;
     let elapsed = started.elapsed();
     let received = subscribed.stop();
-    let server_cpu = cpu_before
-        .zip(cpu_seconds_of(server_pid))
-        .map(|(before, after)| after - before);
+    let server_cpu = cpu.used();
     server.stop().await;
     // Every event of the run, as committed: what each subscriber should
     // have been told, and when it happened.

@@ -306,6 +306,41 @@ fn cpu_seconds_of(pid: u32) -> Option<f64> {
     Some((user + system) as f64 / 100.0)
 }
 
+/// The CPU time another process uses from when this is started.
+struct CpuClock {
+    pid: u32,
+    at_start: Option<f64>,
+}
+
+impl CpuClock {
+    fn start(pid: u32) -> Self {
+        Self {
+            pid,
+            at_start: cpu_seconds_of(pid),
+        }
+    }
+
+    /// Seconds of CPU since [`CpuClock::start`] (`None` without `/proc`).
+    fn used(&self) -> Option<f64> {
+        self.at_start
+            .zip(cpu_seconds_of(self.pid))
+            .map(|(before, after)| after - before)
+    }
+}
+
+/// Whether a server started beside the benchmark answers `url` (any
+/// status) within `attempts` tries, 50 ms apart.
+async fn answers_within(url: &str, attempts: u32) -> bool {
+    let client = reqwest::Client::new();
+    for _ in 0..attempts {
+        if client.get(url).send().await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -435,16 +470,10 @@ impl ChildServer {
         }
         let process = command.spawn()?;
         let base = format!("http://127.0.0.1:{port}");
-        let client = reqwest::Client::new();
-        let mut up = false;
-        for _ in 0..400 {
-            if client.get(format!("{base}/healthz")).send().await.is_ok() {
-                up = true;
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        anyhow::ensure!(up, "the benchmark's server did not answer within 20 s");
+        anyhow::ensure!(
+            answers_within(&format!("{base}/healthz"), 400).await,
+            "the benchmark's server did not answer within 20 s"
+        );
         Ok(Self {
             base,
             port,

@@ -4,7 +4,6 @@
 //! which ratio it could not measure.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// A running peer process; killed when dropped.
 pub(super) struct Peer {
@@ -56,14 +55,11 @@ pub(super) async fn start_fastapi(database: Option<&std::path::Path>) -> anyhow:
     let child = command.spawn()?;
     let pid = child.id().unwrap_or(0);
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    for _ in 0..200 {
-        if client.get(format!("{base}/docs")).send().await.is_ok() {
-            return Ok(Peer { child, base, pid });
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::bail!("the FastAPI peer did not start on port {port}")
+    anyhow::ensure!(
+        super::answers_within(&format!("{base}/docs"), 200).await,
+        "the FastAPI peer did not start on port {port}"
+    );
+    Ok(Peer { child, base, pid })
 }
 
 impl Peer {

@@ -121,7 +121,7 @@ async fn load(
                 .into_bytes()
         })
         .collect();
-    let cpu_before = server_pid.and_then(cpu_seconds_of);
+    let cpu = server_pid.map(CpuClock::start);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let results: Vec<(Vec<f64>, usize)> = futures::stream::iter(0..clients)
@@ -162,9 +162,7 @@ async fn load(
         .collect()
         .await;
     let elapsed = started.elapsed().as_secs_f64();
-    let server_cpu = cpu_before
-        .zip(server_pid.and_then(cpu_seconds_of))
-        .map(|(before, after)| after - before);
+    let server_cpu = cpu.and_then(|cpu| cpu.used());
     let errors = results.iter().map(|(_, e)| e).sum();
     let mut latencies: Vec<f64> = results.into_iter().flat_map(|(l, _)| l).collect();
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));

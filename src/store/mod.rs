@@ -125,6 +125,19 @@ pub struct PoolUsage {
     pub max: u32,
 }
 
+impl PoolUsage {
+    /// The usage of one of sqlx's pools.
+    pub fn of_sqlx<DB: sqlx::Database>(pool: &'static str, of: &sqlx::Pool<DB>) -> Self {
+        let idle = of.num_idle() as u32;
+        Self {
+            pool,
+            in_use: of.size().saturating_sub(idle),
+            idle,
+            max: of.options().get_max_connections(),
+        }
+    }
+}
+
 /// A task a store runs beside its pools, stopped when the store is dropped.
 pub(crate) struct BackgroundTask(tokio::task::JoinHandle<()>);
 

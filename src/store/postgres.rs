@@ -161,10 +161,8 @@ pub(crate) mod dialect {
     }
 
     /// Not called: Postgres has no reader pool of its own.
-    pub fn read_usage(pool: &ReadPool) -> (u32, u32, u32) {
-        let idle = pool.num_idle() as u32;
-        let max = pool.options().get_max_connections();
-        (pool.size().saturating_sub(idle), idle, max)
+    pub fn read_usage(name: &'static str, pool: &ReadPool) -> crate::store::PoolUsage {
+        crate::store::PoolUsage::of_sqlx(name, pool)
     }
 
     pub async fn backup(_reader: &ReadPool, _path: &str) -> StoreResult<()> {

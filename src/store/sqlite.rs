@@ -34,9 +34,9 @@ pub(crate) mod dialect {
         pool.lend().await
     }
 
-    /// Connections lent now, idle, and in all.
-    pub fn read_usage(pool: &ReadPool) -> (u32, u32, u32) {
-        pool.usage()
+    /// The readers' connections lent now, idle, and in all.
+    pub fn read_usage(name: &'static str, pool: &ReadPool) -> crate::store::PoolUsage {
+        pool.usage(name)
     }
 
     /// SQLite takes `?` and `?N` as they are.
@@ -173,10 +173,15 @@ impl ReadPool {
         })
     }
 
-    /// Connections lent now, idle, and in all.
-    pub fn usage(&self) -> (u32, u32, u32) {
+    /// Connections lent now, idle, and in all, under the name `pool`.
+    pub fn usage(&self, pool: &'static str) -> crate::store::PoolUsage {
         let idle = self.permits.available_permits() as u32;
-        (self.size.saturating_sub(idle), idle, self.size)
+        crate::store::PoolUsage {
+            pool,
+            in_use: self.size.saturating_sub(idle),
+            idle,
+            max: self.size,
+        }
     }
 }
 
@@ -321,13 +326,19 @@ mod tests {
         (dir, pool)
     }
 
+    /// Lent, idle, in all.
+    fn counts(pool: &ReadPool) -> (u32, u32, u32) {
+        let usage = pool.usage("reader");
+        (usage.in_use, usage.idle, usage.max)
+    }
+
     #[tokio::test]
     async fn a_lent_connection_comes_back_when_dropped_and_the_count_says_so() {
         let (_dir, pool) = pool_of(2).await;
-        assert_eq!(pool.usage(), (0, 2, 2));
+        assert_eq!(counts(&pool), (0, 2, 2));
         let first = pool.lend().await.expect("first");
         let second = pool.lend().await.expect("second");
-        assert_eq!(pool.usage(), (2, 0, 2));
+        assert_eq!(counts(&pool), (2, 0, 2));
         // A third borrower waits until one is back.
         let waiting = tokio::time::timeout(Duration::from_millis(50), pool.lend()).await;
         assert!(
@@ -335,7 +346,7 @@ mod tests {
             "a third connection was lent from a pool of two"
         );
         drop(first);
-        assert_eq!(pool.usage(), (1, 1, 2));
+        assert_eq!(counts(&pool), (1, 1, 2));
         let mut again = pool.lend().await.expect("lent again");
         let one: i64 = sqlx::query_scalar("SELECT 1")
             .fetch_one(&mut *again)
@@ -343,7 +354,7 @@ mod tests {
             .expect("read");
         assert_eq!(one, 1);
         drop((again, second));
-        assert_eq!(pool.usage(), (0, 2, 2));
+        assert_eq!(counts(&pool), (0, 2, 2));
     }
 
     #[tokio::test]

@@ -153,29 +153,12 @@ impl Store for SqlStore {
     }
 
     fn pool_usage(&self) -> Vec<PoolUsage> {
-        let usage = |pool: &'static str, of: &Pool| {
-            let idle = of.num_idle() as u32;
-            PoolUsage {
-                pool,
-                in_use: of.size().saturating_sub(idle),
-                idle,
-                max: of.options().get_max_connections(),
-            }
-        };
         match dialect::READER_POOL {
-            Some(reader) => {
-                let (in_use, idle, max) = dialect::read_usage(&self.reader);
-                vec![
-                    usage("writer", &self.writer),
-                    PoolUsage {
-                        pool: reader,
-                        in_use,
-                        idle,
-                        max,
-                    },
-                ]
-            }
-            None => vec![usage("main", &self.writer)],
+            Some(reader) => vec![
+                PoolUsage::of_sqlx("writer", &self.writer),
+                dialect::read_usage(reader, &self.reader),
+            ],
+            None => vec![PoolUsage::of_sqlx("main", &self.writer)],
         }
     }
 
