@@ -74,10 +74,6 @@ pub(super) fn run_from_row(row: &DbRow) -> StoreResult<RunRecord> {
     })
 }
 
-fn variables_of(row: &DbRow) -> StoreResult<BTreeMap<String, String>> {
-    let raw: String = row.try_get("variables")?;
-    serde_json::from_str(&raw).map_err(|e| StoreError::Corrupt(format!("variables: {e}")))
-}
 
 pub(super) async fn fetch_run(conn: &mut Conn, run_id: i64) -> StoreResult<RunRecord> {
     let row = sqlx::query(sql!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))
@@ -444,14 +440,19 @@ async fn ledger_entry(
     Ok(())
 }
 
+/// A row of `id, batch_sequence, phone, name, variables, attempts`, read by
+/// position: a slice reads a thousand of them inside the writer's
+/// transaction, and a lookup by name hashes the name each time.
 fn pending_from_row(row: &DbRow) -> StoreResult<PendingExecution> {
+    let variables: &str = row.try_get(4)?;
     Ok(PendingExecution {
-        id: row.try_get("id")?,
-        batch_sequence: row.try_get("batch_sequence")?,
-        phone: row.try_get("phone")?,
-        name: row.try_get("name")?,
-        variables: variables_of(row)?,
-        attempt: row.try_get::<i64, _>("attempts")?,
+        id: row.try_get(0)?,
+        batch_sequence: row.try_get(1)?,
+        phone: row.try_get(2)?,
+        name: row.try_get(3)?,
+        variables: serde_json::from_str(variables)
+            .map_err(|e| StoreError::Corrupt(format!("variables: {e}")))?,
+        attempt: row.try_get(5)?,
     })
 }
 
@@ -689,21 +690,24 @@ async fn record_outcomes_in(
     outcomes: &[ExecutionOutcome],
     now: i64,
 ) -> StoreResult<RunUpdate> {
-    let payload: Vec<serde_json::Value> = outcomes
+    // Serialised straight from tuples (JSON arrays), not through `Value`
+    // trees: this runs inside the writer's transaction.
+    let payload: Vec<_> = outcomes
         .iter()
         .map(|o| {
-            json!([
+            (
                 o.id,
                 o.status.as_str(),
                 o.message_status,
-                o.provider_id,
+                &o.provider_id,
                 o.duration_seconds,
-                o.error_details,
-                o.retry_reason,
-                o.next_attempt_at
-            ])
+                &o.error_details,
+                &o.retry_reason,
+                o.next_attempt_at,
+            )
         })
         .collect();
+    let payload = serde_json::to_string(&payload).expect("outcomes serialise");
     // A retry that reached the provider replaces the id an earlier attempt
     // left (a voice call that went unanswered): that id no longer finds
     // the execution. Only executions this update will write are touched.
@@ -743,15 +747,15 @@ async fn record_outcomes_in(
     ))
     .bind(now)
     .bind(now)
-    .bind(serde_json::Value::Array(payload).to_string())
+    .bind(payload)
     .fetch_all(&mut *conn)
     .await?;
     let updated: std::collections::HashSet<i64> = updated.into_iter().collect();
     // The ids receipts and callbacks will be matched by.
-    let provider_ids: Vec<serde_json::Value> = outcomes
+    let provider_ids: Vec<(&String, i64)> = outcomes
         .iter()
         .filter(|o| updated.contains(&o.id))
-        .filter_map(|o| o.provider_id.as_ref().map(|p| json!([p, o.id])))
+        .filter_map(|o| o.provider_id.as_ref().map(|p| (p, o.id)))
         .collect();
     if !provider_ids.is_empty() {
         // (`WHERE true` tells SQLite the ON CONFLICT is not a join's ON.)
@@ -761,7 +765,7 @@ async fn record_outcomes_in(
              ON CONFLICT DO NOTHING",
             dialect::JSON_ROWS
         ))
-        .bind(serde_json::Value::Array(provider_ids).to_string())
+        .bind(serde_json::to_string(&provider_ids).expect("ids serialise"))
         .execute(&mut *conn)
         .await?;
     }
@@ -1314,19 +1318,14 @@ impl EngineStore for SqlStore {
         if receipts.is_empty() {
             return Ok(ReceiptReport::default());
         }
-        let payload = serde_json::Value::Array(
-            receipts
-                .iter()
-                .map(|r| {
-                    json!([
-                        r.provider_id,
-                        if r.delivered { "delivered" } else { "failed" },
-                        r.error
-                    ])
-                })
-                .collect(),
-        )
-        .to_string();
+        let payload: Vec<_> = receipts
+            .iter()
+            .map(|r| {
+                let status = if r.delivered { "delivered" } else { "failed" };
+                (&r.provider_id, status, &r.error)
+            })
+            .collect();
+        let payload = serde_json::to_string(&payload).expect("receipts serialise");
         let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         // A receipt settles a `sent` message once: repeats and late
         // contradictions match no row and are acknowledged, not counted.
