@@ -412,3 +412,52 @@ async fn the_per_sender_rate_limit_paces_sends() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_run_freezes_exactly_its_campaigns_contacts_in_import_order_however_they_interleave() {
+    // The freeze reads a campaign's contacts along their id range when the
+    // ids are dense, and through the campaign's index when other
+    // campaigns' contacts sit between them. Both must copy the same
+    // recipients, numbered in import (id) order.
+    let app = spawn_app().await;
+    let template = json!({"name": "Freeze", "channel": "sms", "template": "Hi {{name}}"});
+    let sparse = app.create_campaign(template.clone()).await;
+    let dense = app.create_campaign(template).await;
+    let csv = |prefix: u32, range: std::ops::Range<u32>| {
+        let mut csv = String::from("phone,name\n");
+        for i in range {
+            csv.push_str(&format!("+1{prefix}{i:07},P{i}\n"));
+        }
+        csv
+    };
+    // sparse: 3 contacts, then 40 of dense's, then 3 more of sparse's.
+    for (campaign, body) in [
+        (&sparse, csv(555, 0..3)),
+        (&dense, csv(666, 0..40)),
+        (&sparse, csv(555, 3..6)),
+    ] {
+        let report: Value = app.import_csv(campaign, body).await.json().await.unwrap();
+        assert_eq!(report["invalid"], 0, "{report}");
+    }
+    for (campaign, prefix, count) in [(&sparse, 555, 6), (&dense, 666, 40)] {
+        app.post_empty(&format!("/v1/campaigns/{}/start", campaign["id"]))
+            .await;
+        app.wait_status(&campaign["id"], "completed", 30).await;
+        let mut executions = app.all_executions(&campaign["id"]).await;
+        executions.sort_by_key(|e| e["id"].as_i64().unwrap());
+        let phones: Vec<&str> = executions
+            .iter()
+            .map(|e| e["contact_phone"].as_str().unwrap())
+            .collect();
+        let expected: Vec<String> = (0..count).map(|i| format!("+1{prefix}{i:07}")).collect();
+        assert_eq!(phones, expected, "campaign {}", campaign["id"]);
+        let contact_ids: Vec<i64> = executions
+            .iter()
+            .map(|e| e["contact_id"].as_i64().unwrap())
+            .collect();
+        assert!(
+            contact_ids.windows(2).all(|w| w[0] < w[1]),
+            "numbered in contact order: {contact_ids:?}"
+        );
+    }
+}

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use serde_json::json;
 use sqlx::Row;
 
@@ -73,7 +74,6 @@ pub(super) fn run_from_row(row: &DbRow) -> StoreResult<RunRecord> {
         updated_at: row.try_get("updated_at")?,
     })
 }
-
 
 pub(super) async fn fetch_run(conn: &mut Conn, run_id: i64) -> StoreResult<RunRecord> {
     let row = sqlx::query(sql!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))
@@ -826,6 +826,26 @@ async fn record_outcomes_in(
     })
 }
 
+/// Copies a run's recipients from the campaign's contacts, numbered in id
+/// order into batches (`?2` each) and campaign ordinals (after `?6`).
+/// `{contacts}` picks the campaign's contacts, `?7..=?8` being their ids'
+/// range (see `freeze_run`); `?5` keeps only recipients whose execution in
+/// their latest earlier run ended failed, no_answer or busy.
+const FREEZE: &str =
+    "INSERT INTO executions (run_id, campaign_id, batch_sequence, contact_id, phone, name,
+                                     variables, status, updated_at, campaign_ordinal)
+             SELECT ?1, c.campaign_id, (ROW_NUMBER() OVER (ORDER BY c.id) - 1) / ?2 + 1,
+                    c.id, c.phone, c.name, c.variables, 'pending', ?3,
+                    ?6 + ROW_NUMBER() OVER (ORDER BY c.id)
+             FROM contacts c
+             WHERE {contacts} AND (NOT ?5 OR c.id IN (
+                 SELECT e.contact_id FROM executions e
+                 JOIN (SELECT contact_id, MAX(run_id) AS run_id FROM executions
+                       WHERE campaign_id = ?4 AND run_id <> ?1 GROUP BY contact_id) latest
+                   ON latest.contact_id = e.contact_id AND latest.run_id = e.run_id
+                 WHERE e.status IN ('failed', 'no_answer', 'busy')))
+             ORDER BY c.id";
+
 #[async_trait]
 impl EngineStore for SqlStore {
     async fn claim_run(
@@ -939,31 +959,50 @@ impl EngineStore for SqlStore {
         .bind(run.campaign_id)
         .fetch_one(&mut *tx)
         .await?;
-        // Failed recipients: those whose execution in their latest earlier
-        // run ended failed, no_answer or busy.
-        sqlx::query(sql!(
-            "INSERT INTO executions (run_id, campaign_id, batch_sequence, contact_id, phone, name,
-                                     variables, status, updated_at, campaign_ordinal)
-             SELECT ?1, c.campaign_id, (ROW_NUMBER() OVER (ORDER BY c.id) - 1) / ?2 + 1,
-                    c.id, c.phone, c.name, c.variables, 'pending', ?3,
-                    ?6 + ROW_NUMBER() OVER (ORDER BY c.id)
-             FROM contacts c
-             WHERE c.campaign_id = ?4 AND (NOT ?5 OR c.id IN (
-                 SELECT e.contact_id FROM executions e
-                 JOIN (SELECT contact_id, MAX(run_id) AS run_id FROM executions
-                       WHERE campaign_id = ?4 AND run_id <> ?1 GROUP BY contact_id) latest
-                   ON latest.contact_id = e.contact_id AND latest.run_id = e.run_id
-                 WHERE e.status IN ('failed', 'no_answer', 'busy')))
-             ORDER BY c.id"
+        // A campaign's contacts are mostly imported together, so their ids
+        // tend to form one dense range. Read in id order along that range,
+        // the freeze numbers them as they stream by; read through the
+        // campaign's (campaign_id, phone) index, a million contacts came in
+        // phone order, each a jump into the table, and were sorted again
+        // for the window: 3.7 s instead of 2.0 s for a million contacts
+        // imported in shuffled phone order. Contacts scattered among other
+        // campaigns' (the range twice their number or more) keep the index.
+        let (count, first, last): (i64, Option<i64>, Option<i64>) = sqlx::query_as(sql!(
+            "SELECT COUNT(*), MIN(id), MAX(id) FROM contacts WHERE campaign_id = ?"
         ))
-        .bind(run_id)
-        .bind(BATCH_SIZE)
-        .bind(now)
         .bind(run.campaign_id)
-        .bind(only_failed)
-        .bind(ordinals_before)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
+        let (first, last) = (first.unwrap_or(0), last.unwrap_or(-1));
+        let dense = last - first < 2 * count;
+        let insert = if dense {
+            sql!(
+                "{}",
+                FREEZE.replace(
+                    "{contacts}",
+                    "c.id BETWEEN ?7 AND ?8 AND +c.campaign_id = ?4"
+                )
+            )
+        } else {
+            sql!(
+                "{}",
+                FREEZE.replace(
+                    "{contacts}",
+                    "c.campaign_id = ?4 AND +c.id BETWEEN ?7 AND ?8"
+                )
+            )
+        };
+        sqlx::query(insert)
+            .bind(run_id)
+            .bind(BATCH_SIZE)
+            .bind(now)
+            .bind(run.campaign_id)
+            .bind(only_failed)
+            .bind(ordinals_before)
+            .bind(first)
+            .bind(last)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(sql!(
             "INSERT INTO batches (run_id, batch_sequence, status, recipient_count, pending)
              SELECT ?, batch_sequence, 'pending', COUNT(*), COUNT(*) FROM executions
@@ -1010,9 +1049,10 @@ impl EngineStore for SqlStore {
         let (Some(first), Some(last)) = (first, last) else {
             return Ok(());
         };
-        let mut from = first;
-        while from <= last {
-            let rows = sqlx::query(sql!(
+        // The next pages are read on other connections while this one is
+        // visited: the database's thread and the caller's then work at once.
+        let page = |from: i64| async move {
+            sqlx::query(sql!(
                 "SELECT id, batch_sequence, phone, name, variables, attempts FROM executions
                  WHERE id >= ? AND id < ? AND +run_id = ?"
             ))
@@ -1020,11 +1060,16 @@ impl EngineStore for SqlStore {
             .bind(from + PAGE)
             .bind(run_id)
             .fetch_all(&mut *self.read().await?)
-            .await?;
-            for row in &rows {
+            .await
+            .map_err(StoreError::from)
+        };
+        let mut pages = futures::stream::iter((first..=last).step_by(PAGE as usize))
+            .map(page)
+            .buffered(2);
+        while let Some(rows) = pages.next().await {
+            for row in &rows? {
                 visit(pending_from_row(row)?);
             }
-            from += PAGE;
         }
         Ok(())
     }
