@@ -461,3 +461,82 @@ async fn a_run_freezes_exactly_its_campaigns_contacts_in_import_order_however_th
         );
     }
 }
+
+#[tokio::test]
+async fn outcomes_a_worker_records_after_its_sends_were_written_off_are_not_counted() {
+    // Worker "a" claims a slice, then stalls past its lease; worker "b"
+    // takes the batch over and writes a's sends off as failed (they may or
+    // may not have reached anyone). When "a" comes back and records them as
+    // sent, nothing changes: each recipient is counted once.
+    use herald::domain::{Channel, ExecutionStatus, ProviderSettings};
+    use herald::store::{ExecutionOutcome, RunSnapshot};
+    let app = crate::helpers::spawn_app_with(|config| config.engine = None).await;
+    let c = app
+        .campaign_with_contacts(json!({"channel": "sms", "template": "Hi {{name}}"}), 10)
+        .await;
+    let started = app
+        .post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+        .await;
+    assert_eq!(started.status(), StatusCode::OK);
+    let store = &app.store;
+    let now = herald::store::now_ms();
+    let run = store
+        .claim_run("a", now, 60_000, &[])
+        .await
+        .unwrap()
+        .expect("the started run is due");
+    let snapshot = RunSnapshot {
+        channel: Channel::Sms,
+        provider: ProviderSettings::default(),
+        sender: None,
+        template: "Hi {{name}}".into(),
+        max_attempts: 1,
+    };
+    store.freeze_run(run.id, &snapshot).await.unwrap();
+    store.start_run(run.id, 10, now).await.unwrap();
+    let taken = store
+        .take_slice(run.id, "a/1", now, now + 1_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(taken.executions.len(), 10);
+
+    // After a's lease: b takes the batch and writes off what a had claimed.
+    let later = now + 2_000;
+    store
+        .take_slice(run.id, "b/1", later, later + 60_000, 10)
+        .await
+        .unwrap();
+    let outcomes: Vec<ExecutionOutcome> = taken
+        .executions
+        .iter()
+        .map(|e| ExecutionOutcome {
+            id: e.id,
+            batch_sequence: e.batch_sequence,
+            attempt: e.attempt,
+            status: ExecutionStatus::Completed,
+            message_status: Some("sent"),
+            provider_id: Some(format!("late-{}", e.id)),
+            duration_seconds: None,
+            error_details: None,
+            retry_reason: None,
+            next_attempt_at: None,
+            charged_units: 1,
+        })
+        .collect();
+    let recorded = store
+        .record_outcomes(run.id, &outcomes, later + 1_000)
+        .await
+        .unwrap();
+    let counters = recorded.run.counters;
+    assert_eq!(
+        (counters.sent, counters.failed, counters.processing),
+        (0, 10, 0),
+        "{counters:?}"
+    );
+    let executions = app.all_executions(&c["id"]).await;
+    assert_eq!(count_by_status(&executions).get("failed"), Some(&10));
+    assert!(
+        executions.iter().all(|e| e["sms_id"].is_null()),
+        "no late provider id was kept: {executions:?}"
+    );
+}

@@ -729,8 +729,21 @@ async fn record_outcomes_in(
         .await?;
     }
     // Only executions still in progress are updated: one a new worker
-    // already wrote off must not be counted twice.
-    let updated: Vec<i64> = sqlx::query_scalar(sql!(
+    // already wrote off must not be counted twice. Such ones are rare, so
+    // they are asked for (usually no row) rather than every updated id
+    // returned: a thousand rows handed across threads inside the writer's
+    // transaction. The run's lock (`lock_run`) keeps both statements
+    // seeing the same executions.
+    let ids: Vec<i64> = outcomes.iter().map(|o| o.id).collect();
+    let written_off: Vec<i64> = sqlx::query_scalar(sql!(
+        "SELECT id FROM executions
+         WHERE id IN (SELECT CAST(j.value AS BIGINT) FROM {}) AND status <> 'in_progress'",
+        dialect::JSON_ROWS
+    ))
+    .bind(serde_json::to_string(&ids).expect("ids serialise"))
+    .fetch_all(&mut *conn)
+    .await?;
+    sqlx::query(sql!(
         "UPDATE executions SET status = o.status, message_status = o.message_status,
                 provider_message_id = COALESCE(o.provider_id, executions.provider_message_id),
                 duration_seconds = o.duration, error_details = o.error,
@@ -741,20 +754,19 @@ async fn record_outcomes_in(
                       CAST(j.value ->> 4 AS BIGINT) AS duration, j.value ->> 5 AS error,
                       j.value ->> 6 AS retry, CAST(j.value ->> 7 AS BIGINT) AS next_at
                FROM {}) AS o
-         WHERE executions.id = o.id AND executions.status = 'in_progress'
-         RETURNING executions.id",
+         WHERE executions.id = o.id AND executions.status = 'in_progress'",
         dialect::JSON_ROWS
     ))
     .bind(now)
     .bind(now)
     .bind(payload)
-    .fetch_all(&mut *conn)
+    .execute(&mut *conn)
     .await?;
-    let updated: std::collections::HashSet<i64> = updated.into_iter().collect();
+    let updated = |o: &&ExecutionOutcome| !written_off.contains(&o.id);
     // The ids receipts and callbacks will be matched by.
     let provider_ids: Vec<(&String, i64)> = outcomes
         .iter()
-        .filter(|o| updated.contains(&o.id))
+        .filter(updated)
         .filter_map(|o| o.provider_id.as_ref().map(|p| (p, o.id)))
         .collect();
     if !provider_ids.is_empty() {
@@ -772,7 +784,7 @@ async fn record_outcomes_in(
 
     let mut deltas: BTreeMap<i64, Delta> = BTreeMap::new();
     let (mut successes, mut failures, mut charged) = (0i64, 0i64, 0i64);
-    for o in outcomes.iter().filter(|o| updated.contains(&o.id)) {
+    for o in outcomes.iter().filter(updated) {
         let d = deltas.entry(o.batch_sequence).or_default();
         d.processing -= 1;
         if o.status == ExecutionStatus::Pending {
