@@ -64,12 +64,21 @@ pub(crate) mod dialect {
     pub fn json_key(key: &str) -> Cow<'_, str> {
         Cow::Owned(format!("$.\"{}\"", key.replace('"', "\\\"")))
     }
+    /// Whether recording outcomes learns which executions it updated from
+    /// `RETURNING` (see `record_outcomes_in`). Not here: sqlx hands each
+    /// returned row across threads, a thousand a slice inside the writer's
+    /// transaction, while asking for the few it did not update costs an
+    /// index lookup in this process.
+    pub const RETURN_UPDATED_IDS: bool = false;
     /// One writer at a time already: nothing to skip.
     pub const CLAIM_LOCK: &str = "";
     /// Reads have their own pool beside the single writer.
     pub const READER_POOL: Option<&str> = Some("reader");
     /// Row locks: none needed with one writer.
     pub const ROW_LOCK: &str = "";
+    /// Ends a subquery the planner must not merge into the query around
+    /// it (see the Postgres dialect): SQLite's plans need none.
+    pub const PLANNING_FENCE: &str = "";
     pub const BATCH_CLAIM_LOCK: &str = "";
 
     /// A single process sees its own writes; nothing to announce.

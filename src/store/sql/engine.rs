@@ -681,6 +681,21 @@ async fn take_slice_in(
     })
 }
 
+/// Writes a slice's outcomes (`{rows}`: one JSON array per outcome) to the
+/// executions still in progress.
+const RECORD_OUTCOMES: &str =
+    "UPDATE executions SET status = o.status, message_status = o.message_status,
+                provider_message_id = COALESCE(o.provider_id, executions.provider_message_id),
+                duration_seconds = o.duration, error_details = o.error,
+                retry_reason = o.retry, next_attempt_at = o.next_at,
+                executed_at = ?, updated_at = ?
+         FROM (SELECT CAST(j.value ->> 0 AS BIGINT) AS id, j.value ->> 1 AS status,
+                      j.value ->> 2 AS message_status, j.value ->> 3 AS provider_id,
+                      CAST(j.value ->> 4 AS BIGINT) AS duration, j.value ->> 5 AS error,
+                      j.value ->> 6 AS retry, CAST(j.value ->> 7 AS BIGINT) AS next_at
+               FROM {rows}) AS o
+         WHERE executions.id = o.id AND executions.status = 'in_progress'";
+
 /// Records send outcomes, counters, batch completion, metrics and an event,
 /// inside the caller's transaction, which holds the run's lock
 /// ([`lock_run`]). The run's row is written once, by [`update_run`].
@@ -729,39 +744,45 @@ async fn record_outcomes_in(
         .await?;
     }
     // Only executions still in progress are updated: one a new worker
-    // already wrote off must not be counted twice. Such ones are rare, so
-    // they are asked for (usually no row) rather than every updated id
-    // returned: a thousand rows handed across threads inside the writer's
-    // transaction. The run's lock (`lock_run`) keeps both statements
-    // seeing the same executions.
+    // already wrote off must not be counted twice. Such ones are rare; a
+    // dialect either asks for them first (usually no row) or learns the
+    // updated ids from `RETURNING`, whichever costs its backend less
+    // (`RETURN_UPDATED_IDS`). The run's lock (`lock_run`) keeps both
+    // statements seeing the same executions.
     let ids: Vec<i64> = outcomes.iter().map(|o| o.id).collect();
-    let written_off: Vec<i64> = sqlx::query_scalar(sql!(
-        "SELECT id FROM executions
-         WHERE id IN (SELECT CAST(j.value AS BIGINT) FROM {}) AND status <> 'in_progress'",
-        dialect::JSON_ROWS
-    ))
-    .bind(serde_json::to_string(&ids).expect("ids serialise"))
-    .fetch_all(&mut *conn)
-    .await?;
-    sqlx::query(sql!(
-        "UPDATE executions SET status = o.status, message_status = o.message_status,
-                provider_message_id = COALESCE(o.provider_id, executions.provider_message_id),
-                duration_seconds = o.duration, error_details = o.error,
-                retry_reason = o.retry, next_attempt_at = o.next_at,
-                executed_at = ?, updated_at = ?
-         FROM (SELECT CAST(j.value ->> 0 AS BIGINT) AS id, j.value ->> 1 AS status,
-                      j.value ->> 2 AS message_status, j.value ->> 3 AS provider_id,
-                      CAST(j.value ->> 4 AS BIGINT) AS duration, j.value ->> 5 AS error,
-                      j.value ->> 6 AS retry, CAST(j.value ->> 7 AS BIGINT) AS next_at
-               FROM {}) AS o
-         WHERE executions.id = o.id AND executions.status = 'in_progress'",
-        dialect::JSON_ROWS
-    ))
-    .bind(now)
-    .bind(now)
-    .bind(payload)
-    .execute(&mut *conn)
-    .await?;
+    let written_off: Vec<i64> = if dialect::RETURN_UPDATED_IDS {
+        let updated: std::collections::HashSet<i64> = sqlx::query_scalar(sql!(
+            "{} RETURNING executions.id",
+            RECORD_OUTCOMES.replace("{rows}", dialect::JSON_ROWS)
+        ))
+        .bind(now)
+        .bind(now)
+        .bind(payload)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
+        ids.into_iter().filter(|id| !updated.contains(id)).collect()
+    } else {
+        let written_off = sqlx::query_scalar(sql!(
+            "SELECT id FROM executions
+             WHERE id IN (SELECT CAST(j.value AS BIGINT) FROM {}) AND status <> 'in_progress'",
+            dialect::JSON_ROWS
+        ))
+        .bind(serde_json::to_string(&ids).expect("ids serialise"))
+        .fetch_all(&mut *conn)
+        .await?;
+        sqlx::query(sql!(
+            "{}",
+            RECORD_OUTCOMES.replace("{rows}", dialect::JSON_ROWS)
+        ))
+        .bind(now)
+        .bind(now)
+        .bind(payload)
+        .execute(&mut *conn)
+        .await?;
+        written_off
+    };
     let updated = |o: &&ExecutionOutcome| !written_off.contains(&o.id);
     // The ids receipts and callbacks will be matched by.
     let provider_ids: Vec<(&String, i64)> = outcomes
@@ -1400,10 +1421,11 @@ impl EngineStore for SqlStore {
                              AND e.provider_message_id = p.provider_message_id
                              AND e.message_status = 'sent' LIMIT 1) AS id,
                           j.value ->> 1 AS status, j.value ->> 2 AS error
-                   FROM {}) AS r
+                   FROM {} {}) AS r
              WHERE executions.id = r.id AND executions.message_status = 'sent'
              RETURNING executions.run_id, executions.batch_sequence, executions.message_status",
-            dialect::JSON_ROWS
+            dialect::JSON_ROWS,
+            dialect::PLANNING_FENCE
         ))
         .bind(now)
         .bind(now)
