@@ -87,7 +87,6 @@ pub(crate) mod dialect {
     pub const READER_POOL: Option<&str> = None;
     /// Locks a row until commit (engine transactions take the run's first).
     pub const ROW_LOCK: &str = "FOR UPDATE";
-    /// Workers leasing batches of one run at once each take a different one.
     /// Ends a subquery the planner must not merge into the query around
     /// it. Receipts match each message by a scalar subquery; merged, that
     /// subquery became the join key, which no index path takes, and with
@@ -96,6 +95,7 @@ pub(crate) mod dialect {
     /// at 300k executions). Kept apart, its `id` is a plain column, and each
     /// receipt is one primary-key lookup.
     pub const PLANNING_FENCE: &str = "OFFSET 0";
+    /// Workers leasing batches of one run at once each take a different one.
     pub const BATCH_CLAIM_LOCK: &str = "FOR UPDATE SKIP LOCKED";
 
     /// Added to the `RETURNING` of the statement that takes an event's

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use serde_json::json;
 use sqlx::Row;
 
-use super::{dialect, Conn, DbRow, SqlStore};
+use super::{dialect, variables_from, Conn, DbRow, SqlStore};
 use crate::domain::{ExecutionStatus, Recipients, RunStatus};
 use crate::store::*;
 
@@ -444,14 +444,12 @@ async fn ledger_entry(
 /// position: a slice reads a thousand of them inside the writer's
 /// transaction, and a lookup by name hashes the name each time.
 fn pending_from_row(row: &DbRow) -> StoreResult<PendingExecution> {
-    let variables: &str = row.try_get(4)?;
     Ok(PendingExecution {
         id: row.try_get(0)?,
         batch_sequence: row.try_get(1)?,
         phone: row.try_get(2)?,
         name: row.try_get(3)?,
-        variables: serde_json::from_str(variables)
-            .map_err(|e| StoreError::Corrupt(format!("variables: {e}")))?,
+        variables: variables_from(row.try_get(4)?)?,
         attempt: row.try_get(5)?,
     })
 }

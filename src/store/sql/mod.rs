@@ -95,14 +95,17 @@ pub(super) fn campaign_from_row(row: &DbRow) -> StoreResult<Campaign> {
     })
 }
 
+/// A contact's or execution's template variables, stored as a JSON object.
+fn variables_from(raw: &str) -> StoreResult<std::collections::BTreeMap<String, String>> {
+    serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("variables: {e}")))
+}
+
 fn contact_from_row(row: &DbRow) -> StoreResult<ContactRecord> {
-    let variables: String = row.try_get("variables")?;
     Ok(ContactRecord {
         id: row.try_get("id")?,
         phone: row.try_get("phone")?,
         name: row.try_get("name")?,
-        variables: serde_json::from_str(&variables)
-            .map_err(|e| StoreError::Corrupt(format!("variables: {e}")))?,
+        variables: variables_from(row.try_get("variables")?)?,
         created_at: row.try_get("created_at")?,
     })
 }

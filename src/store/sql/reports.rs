@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use sqlx::{QueryBuilder, Row};
 
 use super::engine::{counters_from_row, run_from_row, RUN_COLUMNS};
-use super::{campaign_from_row, dialect, Db, DbRow, SqlStore, CAMPAIGN_COLUMNS};
+use super::{campaign_from_row, dialect, variables_from, Db, DbRow, SqlStore, CAMPAIGN_COLUMNS};
 use crate::domain::{ExecutionStatus, RunStatus};
 use crate::store::*;
 
@@ -42,7 +42,6 @@ const EXECUTION_COLUMNS: &str = "id, run_id, batch_sequence, contact_id, phone, 
 /// columns of 100 rows, and a lookup by name hashes the name each time.
 fn execution_from_row(row: &DbRow) -> StoreResult<ExecutionRecord> {
     let status: &str = row.try_get(7)?;
-    let variables: &str = row.try_get(6)?;
     Ok(ExecutionRecord {
         id: row.try_get(0)?,
         run_id: row.try_get(1)?,
@@ -50,8 +49,7 @@ fn execution_from_row(row: &DbRow) -> StoreResult<ExecutionRecord> {
         contact_id: row.try_get(3)?,
         phone: row.try_get(4)?,
         name: row.try_get(5)?,
-        variables: serde_json::from_str(variables)
-            .map_err(|e| StoreError::Corrupt(format!("variables: {e}")))?,
+        variables: variables_from(row.try_get(6)?)?,
         status: ExecutionStatus::parse(status).ok_or_else(|| StoreError::Corrupt(status.into()))?,
         message_status: row.try_get(8)?,
         attempts: row.try_get(9)?,
