@@ -9,6 +9,7 @@
 //! Every method that changes data runs in one transaction: a method either
 //! happens whole or not at all.
 
+pub mod columns;
 pub mod engine;
 pub mod postgres;
 pub mod sqlite;
@@ -45,6 +46,9 @@ pub enum StoreError {
     Unavailable(String),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// A read SQLite ran without sqlx (see `columns`).
+    #[error(transparent)]
+    Read(#[from] rusqlite::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     /// The backend cannot do this; the message says what to do instead.
@@ -62,6 +66,10 @@ impl StoreError {
         }
         match self {
             StoreError::Unavailable(_) => true,
+            StoreError::Read(read) => matches!(
+                read.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
             StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => true,
             StoreError::Database(sqlx::Error::Database(db)) => match db.code().as_deref() {
                 // Postgres: deadlock, serialisation, lock timeout, statement

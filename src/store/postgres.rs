@@ -173,6 +173,29 @@ pub(crate) mod dialect {
         Ok(pool.acquire().await?)
     }
 
+    /// Records of a statement with `?` placeholders, read through the pool.
+    pub async fn read_rows<T: crate::store::columns::FromColumns>(
+        pool: &ReadPool,
+        sql: &str,
+        params: Vec<crate::store::columns::Param>,
+    ) -> StoreResult<Vec<T>> {
+        use crate::store::columns::Param;
+        let sql = placeholders(sql);
+        let mut query = sqlx::query(&sql);
+        for param in &params {
+            query = match param {
+                Param::Int(value) => query.bind(*value),
+                Param::Text(value) => query.bind(value.as_str()),
+            };
+        }
+        query
+            .fetch_all(&mut *read(pool).await?)
+            .await?
+            .iter()
+            .map(T::from_columns)
+            .collect()
+    }
+
     /// Not called: Postgres has no reader pool of its own.
     pub fn read_usage(name: &'static str, pool: &ReadPool) -> crate::store::PoolUsage {
         crate::store::PoolUsage::of_sqlx(name, pool)

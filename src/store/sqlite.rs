@@ -34,6 +34,26 @@ pub(crate) mod dialect {
         pool.lend().await
     }
 
+    /// Records of a statement, read on a [`super::RowReaders`] connection.
+    pub async fn read_rows<T: crate::store::columns::FromColumns>(
+        pool: &ReadPool,
+        sql: &str,
+        params: Vec<crate::store::columns::Param>,
+    ) -> crate::store::StoreResult<Vec<T>> {
+        let sql = sql.to_owned();
+        pool.rows
+            .read(move |connection| {
+                let mut statement = connection.prepare_cached(&sql)?;
+                let mut rows = statement.query(rusqlite::params_from_iter(params))?;
+                let mut records = Vec::new();
+                while let Some(row) = rows.next()? {
+                    records.push(T::from_columns(row)?);
+                }
+                Ok(records)
+            })
+            .await
+    }
+
     /// The readers' connections lent now, idle, and in all.
     pub fn read_usage(name: &'static str, pool: &ReadPool) -> crate::store::PoolUsage {
         pool.usage(name)
@@ -140,6 +160,8 @@ pub struct ReadPool {
     idle: std::sync::Mutex<Vec<sqlx::SqliteConnection>>,
     permits: tokio::sync::Semaphore,
     size: u32,
+    /// The same database for reads of many rows, without sqlx.
+    rows: RowReaders,
 }
 
 /// A connection of a [`ReadPool`], back in the idle list when dropped.
@@ -164,6 +186,9 @@ impl ReadPool {
             idle: std::sync::Mutex::new(idle),
             permits: tokio::sync::Semaphore::new(size as usize),
             size,
+            rows: RowReaders::open(options, size as usize).map_err(|e| {
+                sqlx::Error::Configuration(format!("opening the row readers: {e}").into())
+            })?,
         })
     }
 
@@ -216,6 +241,102 @@ impl Drop for ReadGuard<'_> {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(connection);
+        }
+    }
+}
+
+/// Read-only connections that reads of many rows (pages of executions) run
+/// on directly, through rusqlite, on tokio's blocking threads.
+///
+/// sqlx runs each SQLite connection on a thread of its own and sends each
+/// row to the async side on its own, with every value of the row copied
+/// first: on a page of a hundred executions, the copies, the allocator's
+/// cross-thread frees and the thread hand-offs cost more than the query.
+/// Here a whole read is one job: the rows are read where SQLite steps
+/// them, straight into their records, and one hand-off returns them all.
+pub struct RowReaders {
+    idle: std::sync::Arc<std::sync::Mutex<Vec<rusqlite::Connection>>>,
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+/// A [`RowReaders`] connection lent to one job; back in the idle list when
+/// dropped, even if the job panicked.
+struct LentRowReader {
+    connection: Option<rusqlite::Connection>,
+    idle: std::sync::Arc<std::sync::Mutex<Vec<rusqlite::Connection>>>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for LentRowReader {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            // Back before the permit is released (fields drop after this).
+            self.idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(connection);
+        }
+    }
+}
+
+impl RowReaders {
+    /// `size` connections to the database `options` name, read-only.
+    fn open(options: &SqliteConnectOptions, size: usize) -> rusqlite::Result<Self> {
+        use rusqlite::OpenFlags;
+        let filename = options.get_filename().to_string_lossy();
+        // sqlx names an in-memory database `file:sqlx-in-memory-N` and
+        // shares its cache between connections; join that cache.
+        let (path, flags) = if filename.starts_with("file:sqlx-in-memory-") {
+            (
+                format!("{filename}?mode=memory&cache=shared"),
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_URI,
+            )
+        } else {
+            (filename.into_owned(), OpenFlags::SQLITE_OPEN_READ_ONLY)
+        };
+        let mut idle = Vec::with_capacity(size);
+        for _ in 0..size {
+            let connection = rusqlite::Connection::open_with_flags(
+                &path,
+                flags | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            connection.busy_timeout(Duration::from_secs(10))?;
+            idle.push(connection);
+        }
+        Ok(Self {
+            idle: std::sync::Arc::new(std::sync::Mutex::new(idle)),
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(size)),
+        })
+    }
+
+    /// Runs `job` on a lent connection, on a blocking thread.
+    async fn read<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&rusqlite::Connection) -> crate::store::StoreResult<T> + Send + 'static,
+    ) -> crate::store::StoreResult<T> {
+        let permit =
+            tokio::time::timeout(READ_ACQUIRE_TIMEOUT, self.permits.clone().acquire_owned())
+                .await
+                .map_err(|_| sqlx::Error::PoolTimedOut)?
+                .map_err(|_| sqlx::Error::PoolClosed)?;
+        let connection = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let lent = LentRowReader {
+            // A permit is only ever held beside a connection out of the list.
+            connection: Some(connection.ok_or(sqlx::Error::PoolClosed)?),
+            idle: self.idle.clone(),
+            _permit: permit,
+        };
+        let ran = tokio::task::spawn_blocking(move || {
+            let connection = lent.connection.as_ref().expect("lent until dropped");
+            job(connection)
+        })
+        .await;
+        match ran {
+            Ok(result) => result,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(error) => Err(crate::store::StoreError::Unavailable(format!(
+                "read cancelled: {error}"
+            ))),
         }
     }
 }
@@ -364,6 +485,44 @@ mod tests {
         assert_eq!(one, 1);
         drop((again, second));
         assert_eq!(counts(&pool), (0, 2, 2));
+    }
+
+    #[tokio::test]
+    async fn a_row_reader_comes_back_after_its_job_panics_and_reads_again() {
+        let (_dir, pool) = pool_of(1).await;
+        let pool = std::sync::Arc::new(pool);
+        let panicking = pool.clone();
+        let panicked = tokio::spawn(async move {
+            panicking
+                .rows
+                .read(|_| -> crate::store::StoreResult<()> { panic!("a bug in a row mapper") })
+                .await
+        })
+        .await;
+        assert!(panicked.is_err_and(|e| e.is_panic()), "the panic was lost");
+        let rows: Vec<i64> = dialect::read_rows(
+            &pool,
+            "SELECT value FROM json_each(?) ORDER BY value DESC",
+            vec![crate::store::columns::Param::Text("[1, 3, 2]".into())],
+        )
+        .await
+        .expect("read after the panic");
+        assert_eq!(rows, [3, 2, 1]);
+    }
+
+    #[tokio::test]
+    async fn a_row_reader_reports_a_bad_statement_and_a_column_of_the_wrong_type() {
+        let (_dir, pool) = pool_of(1).await;
+        let bad = dialect::read_rows::<i64>(&pool, "SELECT FROM nowhere", vec![]).await;
+        assert!(
+            matches!(bad, Err(crate::store::StoreError::Read(_))),
+            "{bad:?}"
+        );
+        let text = dialect::read_rows::<i64>(&pool, "SELECT 'seven'", vec![]).await;
+        assert!(
+            matches!(text, Err(crate::store::StoreError::Corrupt(_))),
+            "{text:?}"
+        );
     }
 
     #[tokio::test]

@@ -11,8 +11,9 @@ use futures::StreamExt;
 use serde_json::json;
 use sqlx::Row;
 
-use super::{dialect, variables_from, Conn, DbRow, SqlStore};
+use super::{dialect, Conn, DbRow, SqlStore};
 use crate::domain::{ExecutionStatus, Recipients, RunStatus};
+use crate::store::columns::variables_from;
 use crate::store::*;
 
 /// Recipients per batch.

@@ -13,6 +13,7 @@ use sqlx::{QueryBuilder, Row};
 use tokio::sync::mpsc;
 
 use super::dialect::{self, Conn, Db, DbRow, Pool};
+use crate::store::columns::variables_from;
 use crate::store::*;
 
 /// A statement for this backend: `format!` syntax, evaluated and rewritten
@@ -93,11 +94,6 @@ pub(super) fn campaign_from_row(row: &DbRow) -> StoreResult<Campaign> {
         started_at: row.try_get("started_at")?,
         completed_at: row.try_get("completed_at")?,
     })
-}
-
-/// A contact's or execution's template variables, stored as a JSON object.
-fn variables_from(raw: &str) -> StoreResult<std::collections::BTreeMap<String, String>> {
-    serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("variables: {e}")))
 }
 
 fn contact_from_row(row: &DbRow) -> StoreResult<ContactRecord> {

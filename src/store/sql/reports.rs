@@ -2,11 +2,12 @@
 //! the `runs` and `batches` rows, never from counting executions.
 
 use async_trait::async_trait;
-use sqlx::{QueryBuilder, Row};
+use sqlx::Row;
 
 use super::engine::{counters_from_row, run_from_row, RUN_COLUMNS};
-use super::{campaign_from_row, dialect, variables_from, Db, DbRow, SqlStore, CAMPAIGN_COLUMNS};
+use super::{campaign_from_row, dialect, DbRow, SqlStore, CAMPAIGN_COLUMNS};
 use crate::domain::{ExecutionStatus, RunStatus};
+use crate::store::columns::{Param, EXECUTION_COLUMNS};
 use crate::store::*;
 
 fn batch_from_row(row: &DbRow) -> StoreResult<BatchRecord> {
@@ -29,36 +30,6 @@ fn batch_from_row(row: &DbRow) -> StoreResult<BatchRecord> {
         started_at: row.try_get("started_at")?,
         completed_at: row.try_get("completed_at")?,
         error_detail: error.and_then(|e| serde_json::from_str(&e).ok()),
-    })
-}
-
-/// What [`execution_from_row`] reads, in its order: a page copies every
-/// column of every row it selects, so it selects no more.
-const EXECUTION_COLUMNS: &str = "id, run_id, batch_sequence, contact_id, phone, name, \
-    variables, status, message_status, attempts, provider_message_id, duration_seconds, \
-    error_details, retry_reason, executed_at, delivered_at";
-
-/// A row of [`EXECUTION_COLUMNS`], read by position: a page reads 16
-/// columns of 100 rows, and a lookup by name hashes the name each time.
-fn execution_from_row(row: &DbRow) -> StoreResult<ExecutionRecord> {
-    let status: &str = row.try_get(7)?;
-    Ok(ExecutionRecord {
-        id: row.try_get(0)?,
-        run_id: row.try_get(1)?,
-        batch_sequence: row.try_get(2)?,
-        contact_id: row.try_get(3)?,
-        phone: row.try_get(4)?,
-        name: row.try_get(5)?,
-        variables: variables_from(row.try_get(6)?)?,
-        status: ExecutionStatus::parse(status).ok_or_else(|| StoreError::Corrupt(status.into()))?,
-        message_status: row.try_get(8)?,
-        attempts: row.try_get(9)?,
-        provider_message_id: row.try_get(10)?,
-        duration_seconds: row.try_get(11)?,
-        error_details: row.try_get(12)?,
-        retry_reason: row.try_get(13)?,
-        executed_at: row.try_get(14)?,
-        delivered_at: row.try_get(15)?,
     })
 }
 
@@ -125,67 +96,65 @@ impl ReportStore for SqlStore {
         campaign_id: i64,
         query: &ExecutionQuery,
     ) -> StoreResult<Vec<ExecutionRecord>> {
-        // Only the predicates in use, so the (campaign_id, id) index drives
-        // the scan. A deep offset of a filtered list is first turned into a
-        // keyset bound by an index-only query, so rows above it are never read.
-        let filter = |sql: &mut QueryBuilder<'_, Db>| {
-            sql.push(" WHERE campaign_id = ").push_bind(campaign_id);
-            if let Some(status) = query.status {
-                sql.push(" AND status = ").push_bind(status.as_str());
-            }
-            if let Some(run_id) = query.run_id {
-                sql.push(" AND run_id = ").push_bind(run_id);
-            }
-        };
         let unfiltered = query.status.is_none() && query.run_id.is_none();
         if unfiltered && query.before_id.is_none() && query.offset > 0 {
             // Ordinals number the campaign's executions 1..n in id order:
             // the page at any offset is one index range, below the newest
             // ordinal (one more index lookup in the same statement).
-            return sqlx::query(sql!(
-                "SELECT {EXECUTION_COLUMNS} FROM executions WHERE campaign_id = ? AND campaign_ordinal <=
-                     (SELECT COALESCE(MAX(campaign_ordinal), 0) FROM executions WHERE campaign_id = ?) - ?
-                 ORDER BY campaign_ordinal DESC LIMIT ?"
-            ))
-            .bind(campaign_id)
-            .bind(campaign_id)
-            .bind(query.offset)
-            .bind(query.limit)
-            .fetch_all(&mut *self.read().await?)
-            .await?
-            .iter()
-            .map(execution_from_row)
-            .collect();
+            return dialect::read_rows(
+                &self.reader,
+                &format!(
+                    "SELECT {EXECUTION_COLUMNS} FROM executions WHERE campaign_id = ? AND campaign_ordinal <=
+                         (SELECT COALESCE(MAX(campaign_ordinal), 0) FROM executions WHERE campaign_id = ?) - ?
+                     ORDER BY campaign_ordinal DESC LIMIT ?"
+                ),
+                vec![
+                    Param::Int(campaign_id),
+                    Param::Int(campaign_id),
+                    Param::Int(query.offset),
+                    Param::Int(query.limit),
+                ],
+            )
+            .await;
         }
+        // Only the predicates in use, so the (campaign_id, id) index drives
+        // the scan.
+        let mut filter = String::from(" WHERE campaign_id = ?");
+        let mut params = vec![Param::Int(campaign_id)];
+        if let Some(status) = query.status {
+            filter.push_str(" AND status = ?");
+            params.push(Param::Text(status.as_str().to_owned()));
+        }
+        if let Some(run_id) = query.run_id {
+            filter.push_str(" AND run_id = ?");
+            params.push(Param::Int(run_id));
+        }
+        // A deep offset of a filtered list is first turned into a keyset
+        // bound by an index-only query, so rows above it are never read.
         let mut below = query.before_id;
         if below.is_none() && query.offset > 0 {
-            let mut boundary = QueryBuilder::<Db>::new("SELECT id FROM executions");
-            filter(&mut boundary);
-            boundary
-                .push(" ORDER BY id DESC LIMIT 1 OFFSET ")
-                .push_bind(query.offset - 1);
-            let Some(id) = boundary
-                .build_query_scalar::<i64>()
-                .fetch_optional(&mut *self.read().await?)
-                .await?
-            else {
+            let boundary =
+                format!("SELECT id FROM executions{filter} ORDER BY id DESC LIMIT 1 OFFSET ?");
+            let mut boundary_params = params.clone();
+            boundary_params.push(Param::Int(query.offset - 1));
+            let ids: Vec<i64> =
+                dialect::read_rows(&self.reader, &boundary, boundary_params).await?;
+            let Some(id) = ids.first() else {
                 return Ok(Vec::new());
             };
-            below = Some(id);
+            below = Some(*id);
         }
-        let mut page =
-            QueryBuilder::<Db>::new(format!("SELECT {EXECUTION_COLUMNS} FROM executions"));
-        filter(&mut page);
         if let Some(below) = below {
-            page.push(" AND id < ").push_bind(below);
+            filter.push_str(" AND id < ?");
+            params.push(Param::Int(below));
         }
-        page.push(" ORDER BY id DESC LIMIT ").push_bind(query.limit);
-        page.build()
-            .fetch_all(&mut *self.read().await?)
-            .await?
-            .iter()
-            .map(execution_from_row)
-            .collect()
+        params.push(Param::Int(query.limit));
+        dialect::read_rows(
+            &self.reader,
+            &format!("SELECT {EXECUTION_COLUMNS} FROM executions{filter} ORDER BY id DESC LIMIT ?"),
+            params,
+        )
+        .await
     }
 
     async fn count_executions(

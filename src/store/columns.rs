@@ -1,0 +1,130 @@
+//! Rows read by column position, whichever driver read them.
+//!
+//! Most reads go through sqlx. SQLite's pages of executions do not (see
+//! `sqlite::RowReaders`): sqlx copies every value of every row before
+//! handing the row across threads, and on a page of a hundred executions
+//! those copies and hand-offs were most of the request. A record that both
+//! paths build is mapped once, here, from [`Columns`], which sqlx's rows and
+//! rusqlite's rows both provide.
+
+use std::collections::BTreeMap;
+
+use super::{ExecutionRecord, StoreError, StoreResult};
+use crate::domain::ExecutionStatus;
+
+/// A row's values by position, borrowed where the driver allows it.
+pub trait Columns {
+    fn int(&self, at: usize) -> StoreResult<i64>;
+    fn opt_int(&self, at: usize) -> StoreResult<Option<i64>>;
+    fn text(&self, at: usize) -> StoreResult<&str>;
+    fn opt_text(&self, at: usize) -> StoreResult<Option<&str>>;
+}
+
+/// A record read from a row, by position.
+pub trait FromColumns: Sized + Send + 'static {
+    fn from_columns(row: &impl Columns) -> StoreResult<Self>;
+}
+
+/// A single integer column.
+impl FromColumns for i64 {
+    fn from_columns(row: &impl Columns) -> StoreResult<Self> {
+        row.int(0)
+    }
+}
+
+/// What [`ExecutionRecord::from_columns`] reads, in its order. A page
+/// copies every column of every row it selects, so it selects no more
+/// than the record holds.
+pub const EXECUTION_COLUMNS: &str = "id, run_id, batch_sequence, contact_id, phone, name, \
+    variables, status, message_status, attempts, provider_message_id, duration_seconds, \
+    error_details, retry_reason, executed_at, delivered_at";
+
+/// A value bound to a statement that a driver other than sqlx may run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Param {
+    Int(i64),
+    Text(String),
+}
+
+/// A contact's or execution's template variables, stored as a JSON object.
+pub fn variables_from(raw: &str) -> StoreResult<BTreeMap<String, String>> {
+    serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("variables: {e}")))
+}
+
+impl FromColumns for ExecutionRecord {
+    fn from_columns(row: &impl Columns) -> StoreResult<Self> {
+        let status = row.text(7)?;
+        Ok(ExecutionRecord {
+            id: row.int(0)?,
+            run_id: row.int(1)?,
+            batch_sequence: row.int(2)?,
+            contact_id: row.int(3)?,
+            phone: row.text(4)?.to_owned(),
+            name: row.opt_text(5)?.map(str::to_owned),
+            variables: variables_from(row.text(6)?)?,
+            status: ExecutionStatus::parse(status)
+                .ok_or_else(|| StoreError::Corrupt(status.into()))?,
+            message_status: row.opt_text(8)?.map(str::to_owned),
+            attempts: row.int(9)?,
+            provider_message_id: row.opt_text(10)?.map(str::to_owned),
+            duration_seconds: row.opt_int(11)?,
+            error_details: row.opt_text(12)?.map(str::to_owned),
+            retry_reason: row.opt_text(13)?.map(str::to_owned),
+            executed_at: row.opt_int(14)?,
+            delivered_at: row.opt_int(15)?,
+        })
+    }
+}
+
+/// sqlx's rows of either backend: positions as sqlx's `try_get` takes them.
+macro_rules! sqlx_columns {
+    ($row:ty) => {
+        impl Columns for $row {
+            fn int(&self, at: usize) -> StoreResult<i64> {
+                Ok(sqlx::Row::try_get(self, at)?)
+            }
+            fn opt_int(&self, at: usize) -> StoreResult<Option<i64>> {
+                Ok(sqlx::Row::try_get(self, at)?)
+            }
+            fn text(&self, at: usize) -> StoreResult<&str> {
+                Ok(sqlx::Row::try_get(self, at)?)
+            }
+            fn opt_text(&self, at: usize) -> StoreResult<Option<&str>> {
+                Ok(sqlx::Row::try_get(self, at)?)
+            }
+        }
+    };
+}
+
+sqlx_columns!(sqlx::sqlite::SqliteRow);
+sqlx_columns!(sqlx::postgres::PgRow);
+
+impl Columns for rusqlite::Row<'_> {
+    fn int(&self, at: usize) -> StoreResult<i64> {
+        Ok(self.get_ref(at)?.as_i64()?)
+    }
+    fn opt_int(&self, at: usize) -> StoreResult<Option<i64>> {
+        Ok(self.get_ref(at)?.as_i64_or_null()?)
+    }
+    fn text(&self, at: usize) -> StoreResult<&str> {
+        Ok(self.get_ref(at)?.as_str()?)
+    }
+    fn opt_text(&self, at: usize) -> StoreResult<Option<&str>> {
+        Ok(self.get_ref(at)?.as_str_or_null()?)
+    }
+}
+
+impl From<rusqlite::types::FromSqlError> for StoreError {
+    fn from(error: rusqlite::types::FromSqlError) -> Self {
+        StoreError::Corrupt(error.to_string())
+    }
+}
+
+impl rusqlite::ToSql for Param {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(match self {
+            Param::Int(value) => (*value).into(),
+            Param::Text(value) => value.as_str().into(),
+        })
+    }
+}
