@@ -168,25 +168,10 @@ fn execution_view(e: ExecutionRecord, frozen: Option<&FrozenRun>) -> Execution {
     }
 }
 
-#[utoipa::path(get, path = "/api/v1/campaigns/{campaign_id}/executions", tag = "seed-001",
-    params(("campaign_id" = i64, Path, description = "Campaign id"), ExecutionParams),
-    responses(
-        (status = 200, description = "A page of executions, newest first", body = ExecutionPage),
-        (status = 401, description = "Unauthorized", body = super::ErrorBody),
-        (status = 403, description = "Another workspace's campaign", body = super::ErrorBody),
-        (status = 404, description = "Campaign not found", body = super::ErrorBody),
-        (status = 422, description = "Bad page, per_page, status or cursor", body = super::ErrorBody),
-    ),
-    security(("bearer" = []), ("api_key" = [])))]
-pub async fn executions(
-    State(state): State<AppState>,
-    auth: Result<Auth, ApiError>,
-    Path(campaign_id): Path<String>,
-    params: Result<QueryParams<ExecutionParams>, ApiError>,
-) -> Result<Json<ExecutionPage>, BurkiError> {
-    let auth = auth?;
-    let QueryParams(params) = params?;
-    let campaign = auth.campaign(&state, &campaign_id).await?;
+/// The page and filters a request for executions asks for.
+fn execution_query(
+    params: ExecutionParams,
+) -> Result<(super::extract::Page, ExecutionQuery), ApiError> {
     let page = PageParams {
         page: params.page,
         per_page: params.per_page,
@@ -222,21 +207,48 @@ pub async fn executions(
         },
         limit: page.per_page,
     };
-    let rows = state
-        .store
-        .executions(campaign.id, &query)
-        .await
-        .map_err(ApiError::from)?;
-    let total_items = state
-        .store
-        .count_executions(campaign.id, status)
-        .await
-        .map_err(ApiError::from)?;
-    let mut snapshots: HashMap<i64, Option<FrozenRun>> = HashMap::new();
-    for row in &rows {
-        if let std::collections::hash_map::Entry::Vacant(slot) = snapshots.entry(row.run_id) {
-            let run = state.store.run(row.run_id).await.map_err(ApiError::from)?;
-            slot.insert(run.and_then(|r| r.snapshot).map(|snapshot| {
+    Ok((page, query))
+}
+
+#[utoipa::path(get, path = "/api/v1/campaigns/{campaign_id}/executions", tag = "seed-001",
+    params(("campaign_id" = i64, Path, description = "Campaign id"), ExecutionParams),
+    responses(
+        (status = 200, description = "A page of executions, newest first", body = ExecutionPage),
+        (status = 401, description = "Unauthorized", body = super::ErrorBody),
+        (status = 403, description = "Another workspace's campaign", body = super::ErrorBody),
+        (status = 404, description = "Campaign not found", body = super::ErrorBody),
+        (status = 422, description = "Bad page, per_page, status or cursor", body = super::ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = [])))]
+pub async fn executions(
+    State(state): State<AppState>,
+    auth: Result<Auth, ApiError>,
+    Path(campaign_id): Path<String>,
+    params: Result<QueryParams<ExecutionParams>, ApiError>,
+) -> Result<Json<ExecutionPage>, BurkiError> {
+    let auth = auth?;
+    let QueryParams(params) = params?;
+    let (page, query) = match execution_query(params) {
+        Ok(parsed) => parsed,
+        // An unknown campaign is a 404 whatever else is wrong.
+        Err(invalid) => {
+            auth.campaign(&state, &campaign_id).await?;
+            return Err(invalid.into());
+        }
+    };
+    let store = &state.store;
+    let read = auth
+        .owned(&campaign_id, |by| async move {
+            store.execution_page(&by, &query).await
+        })
+        .await?;
+    let rows = read.executions;
+    let total_items = read.total;
+    let snapshots: HashMap<i64, Option<FrozenRun>> = read
+        .snapshots
+        .into_iter()
+        .map(|(run_id, snapshot)| {
+            let frozen = snapshot.map(|snapshot| {
                 let template = Template::parse(&snapshot.template).ok();
                 let variables = template.as_ref().map_or_else(Vec::new, |t| {
                     t.variables().into_iter().map(str::to_owned).collect()
@@ -246,9 +258,10 @@ pub async fn executions(
                     template,
                     variables,
                 }
-            }));
-        }
-    }
+            });
+            (run_id, frozen)
+        })
+        .collect();
     let next_cursor = (rows.len() as i64 == page.per_page)
         .then(|| rows.last().map(|r| r.id.to_string()))
         .flatten();

@@ -123,13 +123,43 @@ impl Auth {
     where
         Read: std::future::Future<Output = StoreResult<Option<(Campaign, T)>>>,
     {
+        self.owned(segment, read).await
+    }
+
+    /// What `read` finds of the campaign a path segment names (integer id
+    /// or uuid): 404 when there is none, 403 when another workspace owns it.
+    pub async fn owned<T: OfWorkspace, Read>(
+        &self,
+        segment: &str,
+        read: impl FnOnce(CampaignRef) -> Read,
+    ) -> Result<T, ApiError>
+    where
+        Read: std::future::Future<Output = StoreResult<Option<T>>>,
+    {
         let not_found = || ApiError::NotFound(format!("campaign '{segment}'"));
         let by = CampaignRef::parse(segment).ok_or_else(not_found)?;
-        let (campaign, with) = read(by).await?.ok_or_else(not_found)?;
-        if campaign.workspace_id != self.workspace_id {
+        let found = read(by).await?.ok_or_else(not_found)?;
+        if found.workspace_id() != self.workspace_id {
             return Err(ApiError::Forbidden(format!("campaign '{segment}'")));
         }
-        Ok((campaign, with))
+        Ok(found)
+    }
+}
+
+/// A read of one campaign's data, which only its workspace may see.
+pub trait OfWorkspace {
+    fn workspace_id(&self) -> i64;
+}
+
+impl<T> OfWorkspace for (Campaign, T) {
+    fn workspace_id(&self) -> i64 {
+        self.0.workspace_id
+    }
+}
+
+impl OfWorkspace for crate::store::ExecutionPageRead {
+    fn workspace_id(&self) -> i64 {
+        self.workspace_id
     }
 }
 

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{ExecutionRecord, StoreError, StoreResult};
+use super::{ExecutionRecord, RunSnapshot, StoreError, StoreResult};
 use crate::domain::ExecutionStatus;
 
 /// A row's values by position, borrowed where the driver allows it.
@@ -30,6 +30,27 @@ impl FromColumns for i64 {
     fn from_columns(row: &impl Columns) -> StoreResult<Self> {
         row.int(0)
     }
+}
+
+/// A campaign's id and its workspace's.
+impl FromColumns for (i64, i64) {
+    fn from_columns(row: &impl Columns) -> StoreResult<Self> {
+        Ok((row.int(0)?, row.int(1)?))
+    }
+}
+
+/// A run's id and its frozen settings (none before it is frozen).
+impl FromColumns for (i64, Option<RunSnapshot>) {
+    fn from_columns(row: &impl Columns) -> StoreResult<Self> {
+        Ok((row.int(0)?, snapshot_from(row.opt_text(1)?)?))
+    }
+}
+
+/// A run's frozen settings, stored as JSON.
+pub fn snapshot_from(raw: Option<&str>) -> StoreResult<Option<RunSnapshot>> {
+    raw.map(serde_json::from_str)
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(format!("snapshot: {e}")))
 }
 
 /// What [`ExecutionRecord::from_columns`] reads, in its order. A page

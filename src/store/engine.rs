@@ -223,6 +223,19 @@ pub struct MinuteBucket {
     pub failed: i64,
 }
 
+/// A page of executions as [`ReportStore::execution_page`] reads it.
+#[derive(Debug, Clone)]
+pub struct ExecutionPageRead {
+    pub campaign_id: i64,
+    /// The campaign's workspace, for the caller's access check.
+    pub workspace_id: i64,
+    pub executions: Vec<ExecutionRecord>,
+    /// Executions that match the filter, on every page.
+    pub total: i64,
+    /// The frozen settings of each run the page's executions are of.
+    pub snapshots: std::collections::HashMap<i64, Option<RunSnapshot>>,
+}
+
 /// Filters for listing executions.
 #[derive(Debug, Clone, Default)]
 pub struct ExecutionQuery {
@@ -356,6 +369,13 @@ pub trait ReportStore: Send + Sync {
         campaign_id: i64,
         query: &ExecutionQuery,
     ) -> StoreResult<Vec<ExecutionRecord>>;
+    /// A page of a campaign's executions with what a page shows beside
+    /// them, read together; `None` when there is no such campaign.
+    async fn execution_page(
+        &self,
+        by: &CampaignRef,
+        query: &ExecutionQuery,
+    ) -> StoreResult<Option<ExecutionPageRead>>;
     /// Executions of a campaign (in one status, if given), for paging.
     async fn count_executions(
         &self,

@@ -173,27 +173,58 @@ pub(crate) mod dialect {
         Ok(pool.acquire().await?)
     }
 
-    /// Records of a statement with `?` placeholders, read through the pool.
-    pub async fn read_rows<T: crate::store::columns::FromColumns>(
-        pool: &ReadPool,
-        sql: &str,
-        params: Vec<crate::store::columns::Param>,
-    ) -> StoreResult<Vec<T>> {
-        use crate::store::columns::Param;
-        let sql = placeholders(sql);
-        let mut query = sqlx::query(&sql);
-        for param in &params {
-            query = match param {
-                Param::Int(value) => query.bind(*value),
-                Param::Text(value) => query.bind(value.as_str()),
-            };
+    /// A read of one or more statements on one pooled connection, run as a
+    /// job on a blocking thread: the same code as SQLite's jobs (see its
+    /// dialect), each statement awaited in turn.
+    pub async fn read_job<T, Job>(pool: &ReadPool, job: Job) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        Job: FnOnce(&mut Reader<'_>) -> StoreResult<T> + Send + 'static,
+    {
+        let mut connection = read(pool).await?;
+        let runtime = tokio::runtime::Handle::current();
+        let ran = tokio::task::spawn_blocking(move || {
+            job(&mut Reader {
+                connection: &mut connection,
+                runtime: &runtime,
+            })
+        })
+        .await;
+        match ran {
+            Ok(result) => result,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(error) => Err(StoreError::Unavailable(format!("read cancelled: {error}"))),
         }
-        query
-            .fetch_all(&mut *read(pool).await?)
-            .await?
-            .iter()
-            .map(T::from_columns)
-            .collect()
+    }
+
+    /// What a [`read_job`] reads with.
+    pub struct Reader<'c> {
+        connection: &'c mut sqlx::pool::PoolConnection<sqlx::Postgres>,
+        runtime: &'c tokio::runtime::Handle,
+    }
+
+    impl Reader<'_> {
+        /// Records of a statement with `?` placeholders.
+        pub fn rows<T: crate::store::columns::FromColumns>(
+            &mut self,
+            sql: &str,
+            params: Vec<crate::store::columns::Param>,
+        ) -> StoreResult<Vec<T>> {
+            use crate::store::columns::Param;
+            let sql = placeholders(sql);
+            let mut query = sqlx::query(&sql);
+            for param in &params {
+                query = match param {
+                    Param::Int(value) => query.bind(*value),
+                    Param::Text(value) => query.bind(value.as_str()),
+                };
+            }
+            self.runtime
+                .block_on(query.fetch_all(&mut **self.connection))?
+                .iter()
+                .map(T::from_columns)
+                .collect()
+        }
     }
 
     /// Not called: Postgres has no reader pool of its own.

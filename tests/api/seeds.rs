@@ -211,12 +211,16 @@ async fn seed_001_errors() {
     let unauthorized = app.client.get(app.url(&path)).send().await.unwrap();
     assert_eq!(unauthorized.status(), StatusCode::UNAUTHORIZED);
     assert!(unauthorized.json::<Value>().await.unwrap()["detail"].is_string());
-    assert_eq!(
-        app.get("/api/v1/campaigns/424242/executions")
-            .await
-            .status(),
-        StatusCode::NOT_FOUND
-    );
+    // An unknown campaign is a 404 however the rest of the request is wrong.
+    for query in ["", "?per_page=0", "?status=exploded", "?cursor=abc"] {
+        assert_eq!(
+            app.get(&format!("/api/v1/campaigns/424242/executions{query}"))
+                .await
+                .status(),
+            StatusCode::NOT_FOUND,
+            "{query}"
+        );
+    }
     for bad in [
         "per_page=1001",
         "per_page=0",

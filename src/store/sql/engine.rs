@@ -13,7 +13,7 @@ use sqlx::Row;
 
 use super::{dialect, Conn, DbRow, SqlStore};
 use crate::domain::{ExecutionStatus, Recipients, RunStatus};
-use crate::store::columns::variables_from;
+use crate::store::columns::{snapshot_from, variables_from};
 use crate::store::*;
 
 /// Recipients per batch.
@@ -57,10 +57,7 @@ pub(super) fn run_from_row(row: &DbRow) -> StoreResult<RunRecord> {
         claimed_at: row.try_get("claimed_at")?,
         started_at: row.try_get("started_at")?,
         completed_at: row.try_get("completed_at")?,
-        snapshot: snapshot
-            .map(|s| serde_json::from_str(&s))
-            .transpose()
-            .map_err(|e| StoreError::Corrupt(format!("snapshot: {e}")))?,
+        snapshot: snapshot_from(snapshot.as_deref())?,
         frozen_at: row.try_get("frozen_at")?,
         counters: counters_from_row(row)?,
         total_batches: row.try_get("total_batches")?,

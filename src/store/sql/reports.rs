@@ -33,6 +33,69 @@ fn batch_from_row(row: &DbRow) -> StoreResult<BatchRecord> {
     })
 }
 
+/// A page of a campaign's executions, newest first.
+fn execution_rows(
+    reader: &mut dialect::Reader<'_>,
+    campaign_id: i64,
+    query: &ExecutionQuery,
+) -> StoreResult<Vec<ExecutionRecord>> {
+    let unfiltered = query.status.is_none() && query.run_id.is_none();
+    if unfiltered && query.before_id.is_none() && query.offset > 0 {
+        // Ordinals number the campaign's executions 1..n in id order: the
+        // page at any offset is one index range, below the newest ordinal
+        // (one more index lookup in the same statement).
+        return reader.rows(
+            &format!(
+                "SELECT {EXECUTION_COLUMNS} FROM executions WHERE campaign_id = ? AND campaign_ordinal <=
+                     (SELECT COALESCE(MAX(campaign_ordinal), 0) FROM executions WHERE campaign_id = ?) - ?
+                 ORDER BY campaign_ordinal DESC LIMIT ?"
+            ),
+            vec![
+                Param::Int(campaign_id),
+                Param::Int(campaign_id),
+                Param::Int(query.offset),
+                Param::Int(query.limit),
+            ],
+        );
+    }
+    // Only the predicates in use, so the (campaign_id, id) index drives the
+    // scan.
+    let mut filter = String::from(" WHERE campaign_id = ?");
+    let mut params = vec![Param::Int(campaign_id)];
+    if let Some(status) = query.status {
+        filter.push_str(" AND status = ?");
+        params.push(Param::Text(status.as_str().to_owned()));
+    }
+    if let Some(run_id) = query.run_id {
+        filter.push_str(" AND run_id = ?");
+        params.push(Param::Int(run_id));
+    }
+    // A deep offset of a filtered list is first turned into a keyset bound
+    // by an index-only query, so rows above it are never read.
+    let mut below = query.before_id;
+    if below.is_none() && query.offset > 0 {
+        let mut boundary_params = params.clone();
+        boundary_params.push(Param::Int(query.offset - 1));
+        let ids: Vec<i64> = reader.rows(
+            &format!("SELECT id FROM executions{filter} ORDER BY id DESC LIMIT 1 OFFSET ?"),
+            boundary_params,
+        )?;
+        let Some(id) = ids.first() else {
+            return Ok(Vec::new());
+        };
+        below = Some(*id);
+    }
+    if let Some(below) = below {
+        filter.push_str(" AND id < ?");
+        params.push(Param::Int(below));
+    }
+    params.push(Param::Int(query.limit));
+    reader.rows(
+        &format!("SELECT {EXECUTION_COLUMNS} FROM executions{filter} ORDER BY id DESC LIMIT ?"),
+        params,
+    )
+}
+
 #[async_trait]
 impl ReportStore for SqlStore {
     async fn run(&self, run_id: i64) -> StoreResult<Option<RunRecord>> {
@@ -96,64 +159,69 @@ impl ReportStore for SqlStore {
         campaign_id: i64,
         query: &ExecutionQuery,
     ) -> StoreResult<Vec<ExecutionRecord>> {
-        let unfiltered = query.status.is_none() && query.run_id.is_none();
-        if unfiltered && query.before_id.is_none() && query.offset > 0 {
-            // Ordinals number the campaign's executions 1..n in id order:
-            // the page at any offset is one index range, below the newest
-            // ordinal (one more index lookup in the same statement).
-            return dialect::read_rows(
-                &self.reader,
-                &format!(
-                    "SELECT {EXECUTION_COLUMNS} FROM executions WHERE campaign_id = ? AND campaign_ordinal <=
-                         (SELECT COALESCE(MAX(campaign_ordinal), 0) FROM executions WHERE campaign_id = ?) - ?
-                     ORDER BY campaign_ordinal DESC LIMIT ?"
-                ),
-                vec![
-                    Param::Int(campaign_id),
-                    Param::Int(campaign_id),
-                    Param::Int(query.offset),
-                    Param::Int(query.limit),
-                ],
-            )
-            .await;
-        }
-        // Only the predicates in use, so the (campaign_id, id) index drives
-        // the scan.
-        let mut filter = String::from(" WHERE campaign_id = ?");
-        let mut params = vec![Param::Int(campaign_id)];
-        if let Some(status) = query.status {
-            filter.push_str(" AND status = ?");
-            params.push(Param::Text(status.as_str().to_owned()));
-        }
-        if let Some(run_id) = query.run_id {
-            filter.push_str(" AND run_id = ?");
-            params.push(Param::Int(run_id));
-        }
-        // A deep offset of a filtered list is first turned into a keyset
-        // bound by an index-only query, so rows above it are never read.
-        let mut below = query.before_id;
-        if below.is_none() && query.offset > 0 {
-            let boundary =
-                format!("SELECT id FROM executions{filter} ORDER BY id DESC LIMIT 1 OFFSET ?");
-            let mut boundary_params = params.clone();
-            boundary_params.push(Param::Int(query.offset - 1));
-            let ids: Vec<i64> =
-                dialect::read_rows(&self.reader, &boundary, boundary_params).await?;
-            let Some(id) = ids.first() else {
-                return Ok(Vec::new());
+        let query = query.clone();
+        dialect::read_job(&self.reader, move |reader| {
+            execution_rows(reader, campaign_id, &query)
+        })
+        .await
+    }
+
+    async fn execution_page(
+        &self,
+        by: &CampaignRef,
+        query: &ExecutionQuery,
+    ) -> StoreResult<Option<ExecutionPageRead>> {
+        let (find, by) = match by {
+            CampaignRef::Id(id) => (
+                "SELECT id, workspace_id FROM campaigns WHERE id = ?",
+                Param::Int(*id),
+            ),
+            CampaignRef::Uuid(uuid) => (
+                "SELECT id, workspace_id FROM campaigns WHERE uuid = ?",
+                Param::Text(uuid.clone()),
+            ),
+        };
+        let query = query.clone();
+        // One job, so the four reads cost one hand-off to the database
+        // thread and back rather than one each.
+        dialect::read_job(&self.reader, move |reader| {
+            let found: Vec<(i64, i64)> = reader.rows(find, vec![by])?;
+            let Some(&(campaign_id, workspace_id)) = found.first() else {
+                return Ok(None);
             };
-            below = Some(*id);
-        }
-        if let Some(below) = below {
-            filter.push_str(" AND id < ?");
-            params.push(Param::Int(below));
-        }
-        params.push(Param::Int(query.limit));
-        dialect::read_rows(
-            &self.reader,
-            &format!("SELECT {EXECUTION_COLUMNS} FROM executions{filter} ORDER BY id DESC LIMIT ?"),
-            params,
-        )
+            let executions = execution_rows(reader, campaign_id, &query)?;
+            let total: Vec<i64> = match query.status {
+                // The runs' totals are exact and need no scan.
+                None => reader.rows(
+                    "SELECT CAST(COALESCE(SUM(total), 0) AS BIGINT) FROM runs
+                     WHERE campaign_id = ? AND executions_state = 'kept'",
+                    vec![Param::Int(campaign_id)],
+                )?,
+                Some(status) => reader.rows(
+                    "SELECT COUNT(*) FROM executions WHERE campaign_id = ? AND status = ?",
+                    vec![Param::Int(campaign_id), Param::Text(status.as_str().into())],
+                )?,
+            };
+            let mut run_ids: Vec<i64> = executions.iter().map(|e| e.run_id).collect();
+            run_ids.sort_unstable();
+            run_ids.dedup();
+            let snapshots = if run_ids.is_empty() {
+                Vec::new()
+            } else {
+                let marks = vec!["?"; run_ids.len()].join(", ");
+                reader.rows(
+                    &format!("SELECT id, snapshot FROM runs WHERE id IN ({marks})"),
+                    run_ids.into_iter().map(Param::Int).collect(),
+                )?
+            };
+            Ok(Some(ExecutionPageRead {
+                campaign_id,
+                workspace_id,
+                executions,
+                total: total.first().copied().unwrap_or_default(),
+                snapshots: snapshots.into_iter().collect(),
+            }))
+        })
         .await
     }
 
