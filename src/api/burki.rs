@@ -15,7 +15,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::extract::{Auth, PageParams, Pagination, QueryParams};
-use super::views::rfc3339_opt;
+use super::views::{rfc3339_opt, sized_json};
 use super::{ApiError, AppState};
 use crate::domain::{Channel, ExecutionStatus, Template};
 use crate::store::{ExecutionQuery, ExecutionRecord, RunSnapshot};
@@ -61,21 +61,24 @@ pub struct ExecutionParams {
     cursor: Option<String>,
 }
 
+/// One execution as seed 001 shows it, borrowed from the record it was
+/// read into: a page writes 100 of them straight out, so the view copies
+/// nothing.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Execution {
+pub struct Execution<'a> {
     pub id: i64,
     pub execution_id: i64,
     pub contact_id: i64,
-    pub contact_name: Option<String>,
-    pub contact_phone: String,
+    pub contact_name: Option<&'a str>,
+    pub contact_phone: &'a str,
     pub status: ExecutionStatus,
-    pub call_id: Option<String>,
-    pub sms_id: Option<String>,
+    pub call_id: Option<&'a str>,
+    pub sms_id: Option<&'a str>,
     pub executed_at: Option<String>,
     /// from_number, to_number, personalized_welcome_message,
     /// template_variables_used, duration_seconds, error_details, retry_reason.
     #[schema(value_type = Object)]
-    pub execution_data: ExecutionData,
+    pub execution_data: ExecutionData<'a>,
 }
 
 /// Seed 001's free-form `execution_data`, typed: a page serialises it for
@@ -83,35 +86,35 @@ pub struct Execution {
 /// allocated each key and value of each row. Keys appear in this order;
 /// the optional ones only when known.
 #[derive(Debug, Serialize)]
-pub struct ExecutionData {
-    from_number: Option<String>,
-    to_number: String,
+pub struct ExecutionData<'a> {
+    from_number: Option<&'a str>,
+    to_number: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     personalized_welcome_message: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "as_object")]
-    template_variables_used: Option<Vec<(String, String)>>,
+    template_variables_used: Option<Vec<(&'a str, &'a str)>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     duration_seconds: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    error_details: Option<String>,
+    error_details: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    retry_reason: Option<String>,
+    retry_reason: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    message_status: Option<String>,
+    message_status: Option<&'a str>,
     attempts: i64,
 }
 
 /// Name/value pairs as a JSON object, in the template's order.
 fn as_object<S: serde::Serializer>(
-    pairs: &Option<Vec<(String, String)>>,
+    pairs: &Option<Vec<(&str, &str)>>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.collect_map(pairs.iter().flatten().map(|(k, v)| (k, v)))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ExecutionPage {
-    pub executions: Vec<Execution>,
+pub struct ExecutionPage<'a> {
+    pub executions: Vec<Execution<'a>>,
     pub pagination: Pagination,
     /// Pass as `cursor` for the next page; null on the last page.
     pub next_cursor: Option<String>,
@@ -125,7 +128,7 @@ struct FrozenRun {
     variables: Vec<String>,
 }
 
-fn execution_view(e: ExecutionRecord, frozen: Option<&FrozenRun>) -> Execution {
+fn execution_view<'a>(e: &'a ExecutionRecord, frozen: Option<&'a FrozenRun>) -> Execution<'a> {
     let snapshot = frozen.map(|f| &f.snapshot);
     let channel = snapshot.map_or(Channel::Sms, |s| s.channel);
     let template = frozen.and_then(|f| f.template.as_ref());
@@ -136,30 +139,31 @@ fn execution_view(e: ExecutionRecord, frozen: Option<&FrozenRun>) -> Execution {
     let template_variables_used = frozen.filter(|f| f.template.is_some()).map(|f| {
         f.variables
             .iter()
-            .filter_map(|v| lookup(v).map(|value| (v.clone(), value.to_owned())))
+            .filter_map(|v| lookup(v).map(|value| (v.as_str(), value)))
             .collect()
     });
+    let provider_message_id = e.provider_message_id.as_deref();
     let (call_id, sms_id) = match channel {
-        Channel::Voice => (e.provider_message_id.clone(), None),
-        _ => (None, e.provider_message_id.clone()),
+        Channel::Voice => (provider_message_id, None),
+        _ => (None, provider_message_id),
     };
     let execution_data = ExecutionData {
-        from_number: snapshot.and_then(|s| s.sender.clone()),
-        to_number: e.phone.clone(),
+        from_number: snapshot.and_then(|s| s.sender.as_deref()),
+        to_number: &e.phone,
         personalized_welcome_message,
         template_variables_used,
         duration_seconds: e.duration_seconds,
-        error_details: e.error_details,
-        retry_reason: e.retry_reason,
-        message_status: e.message_status,
+        error_details: e.error_details.as_deref(),
+        retry_reason: e.retry_reason.as_deref(),
+        message_status: e.message_status.as_deref(),
         attempts: e.attempts,
     };
     Execution {
         id: e.id,
         execution_id: e.id,
         contact_id: e.contact_id,
-        contact_name: e.name,
-        contact_phone: e.phone,
+        contact_name: e.name.as_deref(),
+        contact_phone: &e.phone,
         status: e.status,
         call_id,
         sms_id,
@@ -225,7 +229,7 @@ pub async fn executions(
     auth: Result<Auth, ApiError>,
     Path(campaign_id): Path<String>,
     params: Result<QueryParams<ExecutionParams>, ApiError>,
-) -> Result<Json<ExecutionPage>, BurkiError> {
+) -> Result<Response, BurkiError> {
     let auth = auth?;
     let QueryParams(params) = params?;
     let (page, query) = match execution_query(params) {
@@ -265,16 +269,19 @@ pub async fn executions(
     let next_cursor = (rows.len() as i64 == page.per_page)
         .then(|| rows.last().map(|r| r.id.to_string()))
         .flatten();
-    let executions = rows
-        .into_iter()
+    let executions: Vec<Execution> = rows
+        .iter()
         .map(|row| {
             let snapshot = snapshots.get(&row.run_id).and_then(Option::as_ref);
             execution_view(row, snapshot)
         })
         .collect();
-    Ok(Json(ExecutionPage {
+    // A row serialises to about 400 bytes.
+    let size_hint = 256 + 512 * executions.len();
+    let page = ExecutionPage {
         executions,
         pagination: Pagination::new(page, total_items),
         next_cursor,
-    }))
+    };
+    Ok(sized_json(&page, size_hint))
 }
