@@ -157,7 +157,7 @@ impl<T> OfWorkspace for (Campaign, T) {
     }
 }
 
-impl OfWorkspace for crate::store::ExecutionPageRead {
+impl OfWorkspace for crate::store::RenderedPage {
     fn workspace_id(&self) -> i64 {
         self.workspace_id
     }

@@ -236,6 +236,18 @@ pub struct ExecutionPageRead {
     pub snapshots: std::collections::HashMap<i64, Option<RunSnapshot>>,
 }
 
+/// What a caller makes of an [`ExecutionPageRead`] (see
+/// [`ReportStore::execution_page`]).
+pub type RenderPage = Box<dyn FnOnce(ExecutionPageRead) -> RenderedPage + Send>;
+
+/// A page of executions as its caller rendered it.
+#[derive(Debug, Clone)]
+pub struct RenderedPage {
+    /// The campaign's workspace, for the caller's access check.
+    pub workspace_id: i64,
+    pub body: Vec<u8>,
+}
+
 /// Filters for listing executions.
 #[derive(Debug, Clone, Default)]
 pub struct ExecutionQuery {
@@ -371,11 +383,17 @@ pub trait ReportStore: Send + Sync {
     ) -> StoreResult<Vec<ExecutionRecord>>;
     /// A page of a campaign's executions with what a page shows beside
     /// them, read together; `None` when there is no such campaign.
+    ///
+    /// `render` makes the caller's answer of it (a response body) on the
+    /// thread that read it: the page's rows are then allocated, used and
+    /// freed on one thread, and the work of the answer is spread over the
+    /// reading threads rather than left to the async workers.
     async fn execution_page(
         &self,
         by: &CampaignRef,
         query: &ExecutionQuery,
-    ) -> StoreResult<Option<ExecutionPageRead>>;
+        render: RenderPage,
+    ) -> StoreResult<Option<RenderedPage>>;
     /// Executions of a campaign (in one status, if given), for paging.
     async fn count_executions(
         &self,

@@ -293,14 +293,17 @@ impl Drop for LentRowReader {
     }
 }
 
-/// How many [`RowReaders`] a pool of `size` readers opens: one more than
-/// the cores. More jobs at once than cores only has the kernel share the
-/// cores out between them, and each job then takes longer (bench rest,
-/// pages on 2 cores: p99 12.3-12.4 ms with 4 readers, 10.7-11.5 with 3);
-/// the one extra keeps the cores busy while a job waits for the disk.
+/// How many [`RowReaders`] a pool of `size` readers opens: twice the cores.
+/// A job reads and then has its caller render what it read (a page of
+/// executions becomes its JSON body there), so each job is mostly CPU; with
+/// far more jobs at once than cores the kernel shares the cores out between
+/// them and each takes longer, with too few the cores idle while the async
+/// workers hand requests over. bench rest, pages on 2 cores, p99: 11.1-13.0
+/// ms with 2 readers, 9.7-10.7 with 3, 8.9-9.6 with 4, 9.1-9.6 with 5 or 6,
+/// 9.9-10.3 with 8.
 fn row_readers(size: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    (cores + 1).min(size)
+    (2 * cores).min(size)
 }
 
 impl RowReaders {

@@ -170,7 +170,8 @@ impl ReportStore for SqlStore {
         &self,
         by: &CampaignRef,
         query: &ExecutionQuery,
-    ) -> StoreResult<Option<ExecutionPageRead>> {
+        render: RenderPage,
+    ) -> StoreResult<Option<RenderedPage>> {
         let (find, by) = match by {
             CampaignRef::Id(id) => (
                 "SELECT id, workspace_id FROM campaigns WHERE id = ?",
@@ -214,13 +215,13 @@ impl ReportStore for SqlStore {
                     run_ids.into_iter().map(Param::Int).collect(),
                 )?
             };
-            Ok(Some(ExecutionPageRead {
+            Ok(Some(render(ExecutionPageRead {
                 campaign_id,
                 workspace_id,
                 executions,
                 total: total.first().copied().unwrap_or_default(),
                 snapshots: snapshots.into_iter().collect(),
-            }))
+            })))
         })
         .await
     }
