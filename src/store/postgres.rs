@@ -184,10 +184,21 @@ pub(crate) mod dialect {
         let mut connection = read(pool).await?;
         let runtime = tokio::runtime::Handle::current();
         let ran = tokio::task::spawn_blocking(move || {
-            job(&mut Reader {
-                connection: &mut connection,
+            use sqlx::Connection as _;
+            // One snapshot for the job's statements, as on SQLite: a page's
+            // rows and its total agree.
+            let mut snapshot = runtime.block_on(
+                connection.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
+            )?;
+            let result = job(&mut Reader {
+                connection: &mut snapshot,
                 runtime: &runtime,
-            })
+            });
+            // A failed job's transaction rolls back as it is dropped.
+            if result.is_ok() {
+                runtime.block_on(snapshot.commit())?;
+            }
+            result
         })
         .await;
         match ran {
@@ -199,7 +210,7 @@ pub(crate) mod dialect {
 
     /// What a [`read_job`] reads with.
     pub struct Reader<'c> {
-        connection: &'c mut sqlx::pool::PoolConnection<sqlx::Postgres>,
+        connection: &'c mut sqlx::PgConnection,
         runtime: &'c tokio::runtime::Handle,
     }
 
@@ -220,7 +231,7 @@ pub(crate) mod dialect {
                 };
             }
             self.runtime
-                .block_on(query.fetch_all(&mut **self.connection))?
+                .block_on(query.fetch_all(&mut *self.connection))?
                 .iter()
                 .map(T::from_columns)
                 .collect()

@@ -42,7 +42,15 @@ pub(crate) mod dialect {
         Job: FnOnce(&mut Reader<'_>) -> crate::store::StoreResult<T> + Send + 'static,
     {
         pool.rows
-            .read(move |connection| job(&mut Reader { connection }))
+            .read(move |connection| {
+                // One read transaction: the job's statements see one
+                // snapshot (a page's rows and its total agree), and take the
+                // WAL's read lock once rather than once each.
+                let snapshot = connection.unchecked_transaction()?;
+                job(&mut Reader {
+                    connection: &snapshot,
+                })
+            })
             .await
     }
 
@@ -536,6 +544,42 @@ mod tests {
         .await
         .expect("read after the panic");
         assert_eq!(rows, [3, 2, 1]);
+    }
+
+    #[tokio::test]
+    async fn a_read_job_sees_one_snapshot_though_a_write_commits_between_its_statements() {
+        let (dir, pool) = pool_of(1).await;
+        let path = dir.path().join("read.db");
+        let writer = rusqlite::Connection::open(&path).expect("writer");
+        writer
+            .execute_batch(
+                "CREATE TABLE items (id INTEGER PRIMARY KEY); INSERT INTO items DEFAULT VALUES;",
+            )
+            .expect("table");
+        let (before, after, outside) = dialect::read_job(&pool, move |reader| {
+            let count = "SELECT COUNT(*) FROM items";
+            let before: Vec<i64> = reader.rows(count, vec![])?;
+            writer
+                .execute("INSERT INTO items DEFAULT VALUES", [])
+                .expect("a write between the job's statements");
+            let after: Vec<i64> = reader.rows(count, vec![])?;
+            Ok((before, after, writer))
+        })
+        .await
+        .map(|(before, after, writer)| {
+            let outside: i64 = writer
+                .query_row("SELECT COUNT(*) FROM items", [], |row| row.get(0))
+                .expect("count");
+            (before, after, outside)
+        })
+        .expect("job");
+        assert_eq!((before, after), (vec![1], vec![1]));
+        assert_eq!(outside, 2, "the write did commit");
+        let next: Vec<i64> =
+            dialect::read_job(&pool, |r| r.rows("SELECT COUNT(*) FROM items", vec![]))
+                .await
+                .expect("the next job");
+        assert_eq!(next, [2], "the next job reads a fresh snapshot");
     }
 
     #[tokio::test]
