@@ -225,26 +225,3 @@ impl From<&Workspace> for WorkspaceView {
         }
     }
 }
-
-/// `value` as a JSON response, serialised into a buffer of `size_hint`
-/// bytes. axum's `Json` starts from 128 bytes and doubles, so a page of
-/// executions (40 KiB) was copied nine times on its way out.
-pub fn sized_json(value: &impl Serialize, size_hint: usize) -> axum::response::Response {
-    use axum::http::{header, HeaderValue, StatusCode};
-    use axum::response::IntoResponse;
-    let mut body = Vec::with_capacity(size_hint);
-    match serde_json::to_writer(&mut body, value) {
-        Ok(()) => (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
-            body,
-        )
-            .into_response(),
-        Err(error) => {
-            tracing::error!(%error, "response did not serialise");
-            StatusCode::INTERNAL_SERVER_ERROR.into_response()
-        }
-    }
-}

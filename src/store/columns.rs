@@ -4,8 +4,8 @@
 //! `sqlite::RowReaders`): sqlx copies every value of every row before
 //! handing the row across threads, and on a page of a hundred executions
 //! those copies and hand-offs were most of the request. A record that both
-//! paths build is mapped once, here, from [`Columns`], which sqlx's rows and
-//! rusqlite's rows both provide.
+//! backends build is mapped once, here, from [`Columns`], which Postgres'
+//! rows (sqlx) and SQLite's (rusqlite) both provide.
 
 use std::collections::BTreeMap;
 
@@ -97,29 +97,23 @@ impl FromColumns for ExecutionRecord {
     }
 }
 
-/// sqlx's rows of either backend: positions as sqlx's `try_get` takes them.
-macro_rules! sqlx_columns {
-    ($row:ty) => {
-        impl Columns for $row {
-            fn int(&self, at: usize) -> StoreResult<i64> {
-                Ok(sqlx::Row::try_get(self, at)?)
-            }
-            fn opt_int(&self, at: usize) -> StoreResult<Option<i64>> {
-                Ok(sqlx::Row::try_get(self, at)?)
-            }
-            fn text(&self, at: usize) -> StoreResult<&str> {
-                Ok(sqlx::Row::try_get(self, at)?)
-            }
-            fn opt_text(&self, at: usize) -> StoreResult<Option<&str>> {
-                Ok(sqlx::Row::try_get(self, at)?)
-            }
-        }
-    };
+/// Postgres rows, read by sqlx (positions as its `try_get` takes them).
+impl Columns for sqlx::postgres::PgRow {
+    fn int(&self, at: usize) -> StoreResult<i64> {
+        Ok(sqlx::Row::try_get(self, at)?)
+    }
+    fn opt_int(&self, at: usize) -> StoreResult<Option<i64>> {
+        Ok(sqlx::Row::try_get(self, at)?)
+    }
+    fn text(&self, at: usize) -> StoreResult<&str> {
+        Ok(sqlx::Row::try_get(self, at)?)
+    }
+    fn opt_text(&self, at: usize) -> StoreResult<Option<&str>> {
+        Ok(sqlx::Row::try_get(self, at)?)
+    }
 }
 
-sqlx_columns!(sqlx::sqlite::SqliteRow);
-sqlx_columns!(sqlx::postgres::PgRow);
-
+/// SQLite rows, read by rusqlite.
 impl Columns for rusqlite::Row<'_> {
     fn int(&self, at: usize) -> StoreResult<i64> {
         Ok(self.get_ref(at)?.as_i64()?)

@@ -226,7 +226,6 @@ pub struct MinuteBucket {
 /// A page of executions as [`ReportStore::execution_page`] reads it.
 #[derive(Debug, Clone)]
 pub struct ExecutionPageRead {
-    pub campaign_id: i64,
     /// The campaign's workspace, for the caller's access check.
     pub workspace_id: i64,
     pub executions: Vec<ExecutionRecord>,

@@ -102,6 +102,17 @@ impl StoreError {
     }
 }
 
+/// The result of a store job run on a blocking thread: its panic goes on
+/// unwinding in the caller; a job the runtime dropped (shutting down) is
+/// an unavailable store.
+pub(crate) fn joined<T>(ran: Result<StoreResult<T>, tokio::task::JoinError>) -> StoreResult<T> {
+    match ran {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(error) => Err(StoreError::Unavailable(format!("read cancelled: {error}"))),
+    }
+}
+
 /// How to open a store; the Postgres settings are ignored by SQLite.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {

@@ -201,11 +201,7 @@ pub(crate) mod dialect {
             result
         })
         .await;
-        match ran {
-            Ok(result) => result,
-            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            Err(error) => Err(StoreError::Unavailable(format!("read cancelled: {error}"))),
-        }
+        crate::store::joined(ran)
     }
 
     /// What a [`read_job`] reads with.

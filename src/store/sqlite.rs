@@ -30,7 +30,7 @@ pub(crate) mod dialect {
     pub use super::ReadPool;
 
     /// A read connection, lent by [`ReadPool`].
-    pub async fn read(pool: &ReadPool) -> crate::store::StoreResult<super::ReadGuard<'_>> {
+    pub async fn read(pool: &ReadPool) -> crate::store::StoreResult<super::ReadGuard> {
         pool.lend().await
     }
 
@@ -179,19 +179,13 @@ fn disable_memory_statistics() {
 /// in order, so a statement whose caller went away (a dropped request)
 /// finishes, or stops at its next row, before the next borrower's starts.
 pub struct ReadPool {
-    idle: std::sync::Mutex<Vec<sqlx::SqliteConnection>>,
-    permits: tokio::sync::Semaphore,
-    size: u32,
+    connections: Lender<sqlx::SqliteConnection>,
     /// The same database for reads of many rows, without sqlx.
     rows: RowReaders,
 }
 
 /// A connection of a [`ReadPool`], back in the idle list when dropped.
-pub struct ReadGuard<'a> {
-    connection: Option<sqlx::SqliteConnection>,
-    pool: &'a ReadPool,
-    _permit: tokio::sync::SemaphorePermit<'a>,
-}
+pub type ReadGuard = Lent<sqlx::SqliteConnection>;
 
 /// How long a read waits for a connection before it fails (as sqlx's
 /// pool's default acquire timeout).
@@ -205,61 +199,94 @@ impl ReadPool {
             idle.push(options.connect().await?);
         }
         Ok(Self {
-            idle: std::sync::Mutex::new(idle),
-            permits: tokio::sync::Semaphore::new(size as usize),
-            size,
+            connections: Lender::new(idle),
             rows: RowReaders::open(options, row_readers(size as usize)).map_err(|e| {
                 sqlx::Error::Configuration(format!("opening the row readers: {e}").into())
             })?,
         })
     }
 
-    async fn lend(&self) -> crate::store::StoreResult<ReadGuard<'_>> {
-        let permit = tokio::time::timeout(READ_ACQUIRE_TIMEOUT, self.permits.acquire())
-            .await
-            .map_err(|_| sqlx::Error::PoolTimedOut)?
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        let connection = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        // A permit is only ever held beside a connection out of the list.
-        let connection = connection.ok_or(sqlx::Error::PoolClosed)?;
-        Ok(ReadGuard {
-            connection: Some(connection),
-            pool: self,
-            _permit: permit,
-        })
+    async fn lend(&self) -> crate::store::StoreResult<ReadGuard> {
+        self.connections.lend().await
     }
 
     /// Connections lent now, idle, and in all, under the name `pool`.
     pub fn usage(&self, pool: &'static str) -> crate::store::PoolUsage {
-        let idle = self.permits.available_permits() as u32;
+        let (max, idle) = (self.connections.size, self.connections.available());
         crate::store::PoolUsage {
             pool,
-            in_use: self.size.saturating_sub(idle),
+            in_use: max.saturating_sub(idle),
             idle,
-            max: self.size,
+            max,
         }
     }
 }
 
-impl std::ops::Deref for ReadGuard<'_> {
-    type Target = sqlx::SqliteConnection;
-    fn deref(&self) -> &Self::Target {
+/// Connections of one kind lent one borrower at a time: an idle list and
+/// a semaphore with a permit per connection.
+struct Lender<C> {
+    idle: std::sync::Arc<std::sync::Mutex<Vec<C>>>,
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    size: u32,
+}
+
+/// A connection of a [`Lender`], back in its idle list when dropped (even
+/// by a panic); owned, so a blocking thread can hold it.
+pub struct Lent<C> {
+    connection: Option<C>,
+    idle: std::sync::Arc<std::sync::Mutex<Vec<C>>>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<C> Lender<C> {
+    fn new(idle: Vec<C>) -> Self {
+        let size = idle.len();
+        Self {
+            idle: std::sync::Arc::new(std::sync::Mutex::new(idle)),
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(size)),
+            size: size as u32,
+        }
+    }
+
+    async fn lend(&self) -> crate::store::StoreResult<Lent<C>> {
+        let permit =
+            tokio::time::timeout(READ_ACQUIRE_TIMEOUT, self.permits.clone().acquire_owned())
+                .await
+                .map_err(|_| sqlx::Error::PoolTimedOut)?
+                .map_err(|_| sqlx::Error::PoolClosed)?;
+        let connection = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        Ok(Lent {
+            // A permit is only ever held beside a connection out of the list.
+            connection: Some(connection.ok_or(sqlx::Error::PoolClosed)?),
+            idle: self.idle.clone(),
+            _permit: permit,
+        })
+    }
+
+    /// Connections idle now.
+    fn available(&self) -> u32 {
+        self.permits.available_permits() as u32
+    }
+}
+
+impl<C> std::ops::Deref for Lent<C> {
+    type Target = C;
+    fn deref(&self) -> &C {
         self.connection.as_ref().expect("lent until dropped")
     }
 }
 
-impl std::ops::DerefMut for ReadGuard<'_> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
+impl<C> std::ops::DerefMut for Lent<C> {
+    fn deref_mut(&mut self) -> &mut C {
         self.connection.as_mut().expect("lent until dropped")
     }
 }
 
-impl Drop for ReadGuard<'_> {
+impl<C> Drop for Lent<C> {
     fn drop(&mut self) {
         if let Some(connection) = self.connection.take() {
             // Back before the permit is released (fields drop after this).
-            self.pool
-                .idle
+            self.idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(connection);
@@ -276,30 +303,7 @@ impl Drop for ReadGuard<'_> {
 /// cross-thread frees and the thread hand-offs cost more than the query.
 /// Here a whole read is one job: the rows are read where SQLite steps
 /// them, straight into their records, and one hand-off returns them all.
-pub struct RowReaders {
-    idle: std::sync::Arc<std::sync::Mutex<Vec<rusqlite::Connection>>>,
-    permits: std::sync::Arc<tokio::sync::Semaphore>,
-}
-
-/// A [`RowReaders`] connection lent to one job; back in the idle list when
-/// dropped, even if the job panicked.
-struct LentRowReader {
-    connection: Option<rusqlite::Connection>,
-    idle: std::sync::Arc<std::sync::Mutex<Vec<rusqlite::Connection>>>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl Drop for LentRowReader {
-    fn drop(&mut self) {
-        if let Some(connection) = self.connection.take() {
-            // Back before the permit is released (fields drop after this).
-            self.idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(connection);
-        }
-    }
-}
+pub struct RowReaders(Lender<rusqlite::Connection>);
 
 /// How many [`RowReaders`] a pool of `size` readers opens: twice the cores.
 /// A job reads and then has its caller render what it read (a page of
@@ -338,10 +342,7 @@ impl RowReaders {
             connection.busy_timeout(Duration::from_secs(10))?;
             idle.push(connection);
         }
-        Ok(Self {
-            idle: std::sync::Arc::new(std::sync::Mutex::new(idle)),
-            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(size)),
-        })
+        Ok(Self(Lender::new(idle)))
     }
 
     /// Runs `job` on a lent connection, on a blocking thread.
@@ -349,30 +350,8 @@ impl RowReaders {
         &self,
         job: impl FnOnce(&rusqlite::Connection) -> crate::store::StoreResult<T> + Send + 'static,
     ) -> crate::store::StoreResult<T> {
-        let permit =
-            tokio::time::timeout(READ_ACQUIRE_TIMEOUT, self.permits.clone().acquire_owned())
-                .await
-                .map_err(|_| sqlx::Error::PoolTimedOut)?
-                .map_err(|_| sqlx::Error::PoolClosed)?;
-        let connection = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let lent = LentRowReader {
-            // A permit is only ever held beside a connection out of the list.
-            connection: Some(connection.ok_or(sqlx::Error::PoolClosed)?),
-            idle: self.idle.clone(),
-            _permit: permit,
-        };
-        let ran = tokio::task::spawn_blocking(move || {
-            let connection = lent.connection.as_ref().expect("lent until dropped");
-            job(connection)
-        })
-        .await;
-        match ran {
-            Ok(result) => result,
-            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            Err(error) => Err(crate::store::StoreError::Unavailable(format!(
-                "read cancelled: {error}"
-            ))),
-        }
+        let lent = self.0.lend().await?;
+        crate::store::joined(tokio::task::spawn_blocking(move || job(&lent)).await)
     }
 }
 

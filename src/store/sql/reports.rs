@@ -96,6 +96,27 @@ fn execution_rows(
     )
 }
 
+/// A campaign's executions (in one status, if given), on every page.
+fn execution_total(
+    reader: &mut dialect::Reader<'_>,
+    campaign_id: i64,
+    status: Option<ExecutionStatus>,
+) -> StoreResult<i64> {
+    let total: Vec<i64> = match status {
+        // The runs' totals are exact and need no scan.
+        None => reader.rows(
+            "SELECT CAST(COALESCE(SUM(total), 0) AS BIGINT) FROM runs
+             WHERE campaign_id = ? AND executions_state = 'kept'",
+            vec![Param::Int(campaign_id)],
+        )?,
+        Some(status) => reader.rows(
+            "SELECT COUNT(*) FROM executions WHERE campaign_id = ? AND status = ?",
+            vec![Param::Int(campaign_id), Param::Text(status.as_str().into())],
+        )?,
+    };
+    Ok(total.first().copied().unwrap_or_default())
+}
+
 #[async_trait]
 impl ReportStore for SqlStore {
     async fn run(&self, run_id: i64) -> StoreResult<Option<RunRecord>> {
@@ -191,18 +212,7 @@ impl ReportStore for SqlStore {
                 return Ok(None);
             };
             let executions = execution_rows(reader, campaign_id, &query)?;
-            let total: Vec<i64> = match query.status {
-                // The runs' totals are exact and need no scan.
-                None => reader.rows(
-                    "SELECT CAST(COALESCE(SUM(total), 0) AS BIGINT) FROM runs
-                     WHERE campaign_id = ? AND executions_state = 'kept'",
-                    vec![Param::Int(campaign_id)],
-                )?,
-                Some(status) => reader.rows(
-                    "SELECT COUNT(*) FROM executions WHERE campaign_id = ? AND status = ?",
-                    vec![Param::Int(campaign_id), Param::Text(status.as_str().into())],
-                )?,
-            };
+            let total = execution_total(reader, campaign_id, query.status)?;
             let mut run_ids: Vec<i64> = executions.iter().map(|e| e.run_id).collect();
             run_ids.sort_unstable();
             run_ids.dedup();
@@ -216,10 +226,9 @@ impl ReportStore for SqlStore {
                 )?
             };
             Ok(Some(render(ExecutionPageRead {
-                campaign_id,
                 workspace_id,
                 executions,
-                total: total.first().copied().unwrap_or_default(),
+                total,
                 snapshots: snapshots.into_iter().collect(),
             })))
         })
@@ -231,28 +240,10 @@ impl ReportStore for SqlStore {
         campaign_id: i64,
         status: Option<ExecutionStatus>,
     ) -> StoreResult<i64> {
-        let count = match status {
-            // The runs' totals are exact and need no scan.
-            None => {
-                sqlx::query_scalar(sql!(
-                    "SELECT CAST(COALESCE(SUM(total), 0) AS BIGINT) FROM runs
-                 WHERE campaign_id = ? AND executions_state = 'kept'"
-                ))
-                .bind(campaign_id)
-                .fetch_one(&mut *self.read().await?)
-                .await?
-            }
-            Some(status) => {
-                sqlx::query_scalar(sql!(
-                    "SELECT COUNT(*) FROM executions WHERE campaign_id = ? AND status = ?"
-                ))
-                .bind(campaign_id)
-                .bind(status.as_str())
-                .fetch_one(&mut *self.read().await?)
-                .await?
-            }
-        };
-        Ok(count)
+        dialect::read_job(&self.reader, move |reader| {
+            execution_total(reader, campaign_id, status)
+        })
+        .await
     }
 
     async fn run_of_message(&self, provider_id: &str) -> StoreResult<Option<RunRecord>> {
