@@ -1,6 +1,6 @@
-//! The HTTP accept loop: axum's router served over HTTP/1.1 and HTTP/2
-//! (with WebSocket upgrades) by hyper, with the timeouts `axum::serve`
-//! leaves out.
+//! The HTTP accept loop: axum's router served over HTTP/1.1 (with
+//! WebSocket upgrades, see `api::upgrade`) and HTTP/2 by hyper, with the
+//! timeouts `axum::serve` leaves out.
 //!
 //! Hyper enforces a header-read timeout only when it is given a timer, and
 //! `axum::serve` gives it none: a client that opens a connection and sends
@@ -38,8 +38,6 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
-    // HTTP/2 WebSockets (RFC 8441) need the CONNECT protocol.
-    builder.http2().enable_connect_protocol();
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {

@@ -16,6 +16,7 @@ pub mod health;
 pub mod key_cache;
 pub mod keys;
 pub mod runs;
+pub mod upgrade;
 pub mod views;
 pub mod ws;
 

@@ -20,22 +20,26 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::time::{sleep_until, Instant};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamMap;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::extract::{authenticate, Auth};
+use super::upgrade::{Socket, WsUpgrade};
 use super::{ApiError, AppState};
 use crate::store::{Campaign, CampaignRef, StoredEvent};
+use crate::streams::outbox::Outbox;
 use crate::streams::protocol::{burki_data, snapshot_of};
 use crate::streams::{coalesce, is_coalescable, Format, HubEvent, Subscription};
 
@@ -67,12 +71,15 @@ pub struct WsParams {
 /// whole read buffer before every read, so all of it stays resident for as
 /// long as the connection waits for a client message. Client messages are
 /// short (subscribe, ping); a longer one grows the buffer as it arrives.
-fn upgrade(ws: WebSocketUpgrade, state: &AppState) -> WebSocketUpgrade {
+fn upgrade(ws: WsUpgrade, state: &AppState) -> WsUpgrade {
     let max = state.config.streams.max_client_message_bytes;
-    ws.read_buffer_size(1024)
-        .write_buffer_size(4 * 1024)
-        .max_message_size(max * 4)
-        .max_frame_size(max * 4)
+    ws.config(
+        WebSocketConfig::default()
+            .read_buffer_size(1024)
+            .write_buffer_size(4 * 1024)
+            .max_message_size(Some(max * 4))
+            .max_frame_size(Some(max * 4)),
+    )
 }
 
 fn unix_now() -> f64 {
@@ -88,7 +95,9 @@ enum End {
 
 /// One connected socket and the campaigns it follows.
 struct Session {
-    socket: WebSocket,
+    socket: Socket,
+    /// The socket's writing side, which the hub's fan-out also writes to.
+    outbox: Arc<Outbox>,
     state: AppState,
     format: Format,
     /// The newest seq sent per campaign, to skip repeats.
@@ -108,7 +117,7 @@ struct Session {
 }
 
 impl Session {
-    fn new(socket: WebSocket, state: AppState, format: Format) -> Self {
+    fn new(socket: Socket, state: AppState, format: Format) -> Self {
         metrics::gauge!("herald_stream_connections", "protocol" => protocol_name(format))
             .increment(1.0);
         let rate = std::num::NonZeroU32::new(state.config.streams.client_messages_per_second)
@@ -122,6 +131,7 @@ impl Session {
             messages: metrics::counter!("herald_stream_messages_total",
                 "protocol" => protocol_name(format)),
             unreported_messages: 0,
+            outbox: socket.get_ref().outbox().clone(),
             socket,
             state,
             format,
@@ -164,7 +174,10 @@ impl Session {
     }
 
     fn within_send_timeout(
-        result: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>,
+        result: Result<
+            Result<(), tokio_tungstenite::tungstenite::Error>,
+            tokio::time::error::Elapsed,
+        >,
     ) -> Result<(), End> {
         match result {
             Ok(Ok(())) => Ok(()),
@@ -174,13 +187,9 @@ impl Session {
     }
 
     async fn close(mut self, code: u16, reason: &'static str) {
-        let frame = CloseFrame {
-            code,
-            reason: reason.into(),
-        };
         let _ = tokio::time::timeout(
             Duration::from_secs(1),
-            self.socket.send(Message::Close(Some(frame))),
+            self.socket.send(close_message(code, reason)),
         )
         .await;
     }
@@ -263,13 +272,37 @@ impl Session {
     async fn follow(
         &mut self,
         campaign: &Campaign,
-        subscription: Subscription,
+        source: impl Into<LiveSource>,
         since: Option<i64>,
         initial: Initial,
     ) -> Result<(), End> {
-        self.live
-            .insert(campaign.id, BroadcastStream::new(subscription.receiver));
-        let position = subscription.from_seq;
+        match source.into() {
+            LiveSource::Broadcast(subscription) => {
+                self.live
+                    .insert(campaign.id, BroadcastStream::new(subscription.receiver));
+                self.catch_up_then_live(campaign, subscription.from_seq, since, initial)
+                    .await
+            }
+            LiveSource::Direct { from_seq } => {
+                self.catch_up_then_live(campaign, from_seq, since, initial)
+                    .await?;
+                // The fan-out's frames start after what was just sent.
+                let sent = self.sent.get(&campaign.id).copied().unwrap_or(from_seq);
+                self.outbox.resume(sent);
+                Ok(())
+            }
+        }
+    }
+
+    /// Replays from `since` or sends `initial`, as of log position
+    /// `position`, after which live events start.
+    async fn catch_up_then_live(
+        &mut self,
+        campaign: &Campaign,
+        position: i64,
+        since: Option<i64>,
+        initial: Initial,
+    ) -> Result<(), End> {
         if let Some(since) = since {
             let oldest = self
                 .state
@@ -317,7 +350,9 @@ impl Session {
             _ => "progress_update",
         };
         self.send_json(&json!({"type": kind, "data": data, "seq": position}))
-            .await
+            .await?;
+        self.outbox.sent(position);
+        Ok(())
     }
 
     /// A fresh `progress_update` of one campaign, read from the store.
@@ -405,6 +440,21 @@ fn parse_since(raw: Option<&str>) -> Result<Option<i64>, String> {
     }
 }
 
+/// How a socket gets a campaign's live events.
+enum LiveSource {
+    /// Through its own task, from the hub's broadcast channel.
+    Broadcast(Subscription),
+    /// Written by the hub's fan-out straight to the socket (seed 000's
+    /// progress stream); live frames start after `from_seq`.
+    Direct { from_seq: i64 },
+}
+
+impl From<Subscription> for LiveSource {
+    fn from(subscription: Subscription) -> Self {
+        Self::Broadcast(subscription)
+    }
+}
+
 /// Authenticates and loads the path's campaign, or says how to close.
 async fn open(
     state: &AppState,
@@ -441,6 +491,23 @@ async fn subscribe(
         .subscribe(campaign.id, campaign.workspace_id, current))
 }
 
+/// [`subscribe`] for the hub's fan-out, which writes to `outbox`.
+async fn subscribe_direct(
+    state: &AppState,
+    campaign: &Campaign,
+    outbox: Arc<Outbox>,
+) -> Result<LiveSource, (u16, &'static str)> {
+    let current = state
+        .store
+        .last_seq(campaign.id)
+        .await
+        .map_err(|_| (CLOSE_INTERNAL, "internal error"))?;
+    let from_seq = state
+        .hub
+        .subscribe_direct(campaign.id, campaign.workspace_id, current, outbox);
+    Ok(LiveSource::Direct { from_seq })
+}
+
 /// [`open`], then [`subscribe`].
 async fn open_subscribed(
     state: &AppState,
@@ -452,12 +519,15 @@ async fn open_subscribed(
     Ok((auth, campaign, subscription))
 }
 
-async fn close_now(mut socket: WebSocket, code: u16, reason: &'static str) {
-    let frame = CloseFrame {
-        code,
+async fn close_now(mut socket: Socket, code: u16, reason: &'static str) {
+    let _ = socket.send(close_message(code, reason)).await;
+}
+
+fn close_message(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
         reason: reason.into(),
-    };
-    let _ = socket.send(Message::Close(Some(frame))).await;
+    }))
 }
 
 /// Client messages of seed 000 (and the monitor's subscribe/unsubscribe).
@@ -473,7 +543,7 @@ struct ClientMessage {
 /// Reads one client frame: `Ok(None)` to ignore it, `Err` when the peer left.
 async fn client_message(
     session: &mut Session,
-    message: Option<Result<Message, axum::Error>>,
+    message: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
 ) -> Result<Option<ClientMessage>, End> {
     let text = match message {
         None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Err(End::Drop),
@@ -635,10 +705,10 @@ const MOST_FRAMES_PER_WRITE: usize = 64;
 /// fall behind when ten thousand share a busy server); or, after a lag, a
 /// catch-up from the log.
 ///
-/// Of the waiting events, a progress snapshot that a newer one of the same
-/// campaign supersedes is skipped — the hub's own coalescing rule, applied
-/// per socket: a socket that fell behind is sent the current counters, not
-/// the backlog, so the further behind it is the less it costs to catch up.
+/// Of the waiting events, a snapshot that a newer one of the same campaign
+/// supersedes is skipped — the hub's own coalescing rule, applied per
+/// socket: a socket that fell behind is sent the current counters, not the
+/// backlog, so the further behind it is the less it costs to catch up.
 async fn on_live(session: &mut Session, live: Live) -> Result<(), End> {
     use futures::FutureExt as _;
     let mut waiting: Vec<Arc<HubEvent>> = Vec::new();
@@ -646,7 +716,7 @@ async fn on_live(session: &mut Session, live: Live) -> Result<(), End> {
     while let Some(live) = next.take() {
         match live {
             Live::Event(event) => {
-                supersede(&mut waiting, event);
+                supersede(&mut waiting, event, session.format);
                 if waiting.len() < MOST_FRAMES_PER_WRITE {
                     next = next_live(&mut session.live, &mut session.workspace).now_or_never();
                 }
@@ -675,14 +745,17 @@ async fn on_live(session: &mut Session, live: Live) -> Result<(), End> {
 }
 
 /// Adds `event` to the frames waiting for a socket, dropping the waiting
-/// progress snapshot of the same campaign it supersedes.
-fn supersede(waiting: &mut Vec<Arc<HubEvent>>, event: Arc<HubEvent>) {
+/// snapshot of the same campaign it supersedes: a progress event's, or in
+/// seed 000 (where every message is a `progress_update` of the campaign's
+/// whole state, so the newest says everything the older ones did) any.
+fn supersede(waiting: &mut Vec<Arc<HubEvent>>, event: Arc<HubEvent>, format: Format) {
+    let is_snapshot = |e: &HubEvent| format == Format::Burki || is_coalescable(&e.event.kind);
     let campaign_id = event.event.campaign_id;
-    if is_coalescable(&event.event.kind) {
+    if is_snapshot(&event) {
         let previous = waiting
             .iter()
             .rposition(|e| e.event.campaign_id == campaign_id);
-        if let Some(at) = previous.filter(|&at| is_coalescable(&waiting[at].event.kind)) {
+        if let Some(at) = previous.filter(|&at| is_snapshot(&waiting[at])) {
             waiting.remove(at);
         }
     }
@@ -708,6 +781,7 @@ async fn serve(
     let idle_timer = sleep_until(idle_until);
     let shutdown = session.state.shutdown.clone();
     let cancelled = shutdown.cancelled();
+    let outbox = session.outbox.clone();
     tokio::pin!(ping, idle_timer, cancelled);
     loop {
         tokio::select! {
@@ -721,7 +795,9 @@ async fn serve(
                 }
                 on_live(session, live).await?;
             }
-            incoming = session.socket.recv() => {
+            // Frames the fan-out could not write at once.
+            () = outbox.frames_waiting() => session.flush().await?,
+            incoming = session.socket.next() => {
                 if let Some(message) = client_message(session, incoming).await? {
                     protocol.on_message(session, message).await?;
                 }
@@ -748,11 +824,19 @@ pub async fn progress(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(params): Query<WsParams>,
-    ws: WebSocketUpgrade,
+    ws: WsUpgrade,
 ) -> Response {
-    let opened = open_subscribed(&state, params.token.as_deref(), &id).await;
-    upgrade(ws, &state).on_upgrade(move |socket| async move {
-        let (_auth, campaign, subscription) = match opened {
+    // Subscribed before the upgrade completes (see [`subscribe`]); the
+    // fan-out holds the frames until the socket has its first snapshot.
+    let outbox = Outbox::new();
+    let opened = match open(&state, params.token.as_deref(), &id).await {
+        Ok((_, campaign)) => subscribe_direct(&state, &campaign, outbox.clone())
+            .await
+            .map(|source| (campaign, source)),
+        Err(refusal) => Err(refusal),
+    };
+    upgrade(ws, &state).on_upgrade_with(outbox, move |socket| async move {
+        let (campaign, subscription) = match opened {
             Ok(opened) => opened,
             Err((code, reason)) => return close_now(socket, code, reason).await,
         };
@@ -798,7 +882,7 @@ impl Protocol for Progress {
 async fn run_progress(
     session: &mut Session,
     campaign: &Campaign,
-    subscription: Subscription,
+    subscription: LiveSource,
     since: Option<&str>,
 ) -> End {
     let result: Result<(), End> = async {
@@ -827,7 +911,7 @@ async fn run_progress(
 pub async fn monitor(
     State(state): State<AppState>,
     Query(params): Query<WsParams>,
-    ws: WebSocketUpgrade,
+    ws: WsUpgrade,
 ) -> Response {
     upgrade(ws, &state).on_upgrade(move |socket| async move {
         let auth = match authenticate(&state, params.token.as_deref()).await {
@@ -961,7 +1045,7 @@ pub async fn jobs(
     State(state): State<AppState>,
     Path(client_id): Path<String>,
     Query(params): Query<WsParams>,
-    ws: WebSocketUpgrade,
+    ws: WsUpgrade,
 ) -> Response {
     // Decided before the upgrade completes, so a client whose socket opened
     // holds its client id.
@@ -1131,7 +1215,7 @@ pub async fn iterations(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(params): Query<WsParams>,
-    ws: WebSocketUpgrade,
+    ws: WsUpgrade,
 ) -> Response {
     // Checked before the upgrade completes, so a client that sees its socket
     // open holds its slot.
@@ -1224,27 +1308,42 @@ mod tests {
         }))
     }
 
-    #[test]
-    fn a_waiting_snapshot_is_dropped_only_for_a_newer_one_of_its_campaign() {
+    const WAITING: [(i64, i64, &str); 7] = [
+        (1, 1, "progress"),
+        (2, 2, "progress"),
+        (1, 3, "progress"),
+        (1, 4, "batch_completed"),
+        (1, 5, "progress"),
+        (1, 6, "progress"),
+        (2, 7, "run_completed"),
+    ];
+
+    fn kept(format: Format) -> Vec<(i64, i64)> {
         let mut waiting = Vec::new();
-        for (campaign, seq, kind) in [
-            (1, 1, "progress"),
-            (2, 2, "progress"),
-            (1, 3, "progress"),
-            (1, 4, "batch_completed"),
-            (1, 5, "progress"),
-            (1, 6, "progress"),
-            (2, 7, "run_completed"),
-        ] {
-            supersede(&mut waiting, event(campaign, seq, kind));
+        for (campaign, seq, kind) in WAITING {
+            supersede(&mut waiting, event(campaign, seq, kind), format);
         }
-        let kept: Vec<(i64, i64)> = waiting
+        waiting
             .iter()
             .map(|e| (e.event.campaign_id, e.seq()))
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn a_waiting_snapshot_is_dropped_only_for_a_newer_one_of_its_campaign() {
         // seq 1 gave way to 3 and 5 to 6; campaign 2's progress stays
         // (a status change supersedes nothing), and so does anything that
         // is not a progress snapshot.
-        assert_eq!(kept, [(2, 2), (1, 3), (1, 4), (1, 6), (2, 7)]);
+        assert_eq!(
+            kept(Format::Iterations),
+            [(2, 2), (1, 3), (1, 4), (1, 6), (2, 7)]
+        );
+    }
+
+    #[test]
+    fn in_seed_000_every_waiting_frame_is_a_snapshot_of_its_campaign() {
+        // Every seed-000 message is the campaign's whole state: only the
+        // newest of each campaign goes out, in the order they came.
+        assert_eq!(kept(Format::Burki), [(1, 6), (2, 7)]);
     }
 }

@@ -14,16 +14,20 @@ pub struct FanoutArgs {
     /// Recipients in the campaign they watch.
     #[arg(long, default_value_t = 20_000)]
     pub recipients: u64,
-    /// The server's progress coalescing window (`--coalesce-ms`). 0 sends a
-    /// frame per committed event, so the figure is the fan-out's own
-    /// latency; the product default, 250, adds up to that much on purpose.
-    #[arg(long, default_value_t = 0)]
+    /// The server's progress coalescing window (`--coalesce-ms`), the
+    /// product default unless told: subscribers get at most one progress
+    /// frame per window. 0 sends a frame per committed event.
+    #[arg(long, default_value_t = 250)]
     pub coalesce_ms: u64,
     /// Also find how many subscribers the FastAPI peer can hold at
     /// Herald's p99 (halving from Herald's count): the issue's "≥ 10× the
     /// connections" figure. Several peer runs; off in `--quick`.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub peer_search: bool,
+    /// With a coalescing window, also run Herald once more without one (a
+    /// frame per event) and print its figures; off in `--quick`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub uncoalesced_pass: bool,
 }
 
 impl FanoutArgs {
@@ -31,17 +35,47 @@ impl FanoutArgs {
         Self {
             subscribers: if all.quick { 50 } else { 10_000 },
             recipients: if all.quick { 500 } else { 20_000 },
-            coalesce_ms: 0,
+            coalesce_ms: 250,
             peer_search: !all.quick,
+            uncoalesced_pass: !all.quick,
         }
     }
 }
 
-pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
-    let (subscribers, recipients) = (args.subscribers, args.recipients);
+/// One Herald run watched by `subscribers` sockets.
+struct HeraldFanout {
+    open: usize,
+    /// Events the run committed, and how long it took.
+    events: usize,
+    elapsed: std::time::Duration,
+    delivery: Delivery,
+    /// Distinct frames the server sent (each subscriber got these, less
+    /// any superseded while it was behind).
+    distinct_frames: usize,
+    finished: usize,
+    server_cpu: Option<f64>,
+    per_connection: f64,
+    rss_idle_server: u64,
+    rss_connected: u64,
+}
+
+impl HeraldFanout {
+    fn cpu_per_frame_us(&self) -> Option<f64> {
+        self.server_cpu
+            .map(|cpu| cpu * 1e6 / self.delivery.frames.max(1) as f64)
+    }
+}
+
+/// Starts a server with the `coalesce_ms` window, opens the subscribers on
+/// a campaign of `recipients`, runs it, and times every frame and event.
+async fn herald_fanout(
+    subscribers: usize,
+    recipients: u64,
+    coalesce_ms: u64,
+) -> anyhow::Result<HeraldFanout> {
     let mut server = ChildServer::start(&[
         ("HERALD_IN_FLIGHT", "64".into()),
-        ("HERALD_COALESCE_MS", args.coalesce_ms.to_string()),
+        ("HERALD_COALESCE_MS", coalesce_ms.to_string()),
     ])
     .await?;
     let (base, key, port) = (server.base.clone(), server.key.clone(), server.port);
@@ -76,7 +110,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     let mut subscribed = open_subscribers(&url, subscribers).await;
     let open = subscribed.open;
     let rss_connected = rss_of(server_pid).unwrap_or(0);
-    println!("{open} connected; running the campaign …");
+    println!("{open} connected; running the campaign ({coalesce_ms} ms coalescing) …");
     let cpu = CpuClock::start(server_pid);
     let started = Instant::now();
     let started_ms = chrono::Utc::now().timestamp_millis();
@@ -114,59 +148,89 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
         }
     }
     drop(store);
-    let Delivery {
-        latencies,
-        frames,
-        missed,
-    } = delivery(&events, &received);
-    drop(received);
-    let per_connection =
-        (rss_connected.saturating_sub(rss_idle_server)) as f64 / open.max(1) as f64;
-    let (p50, p99, max) = (
-        percentile(&latencies, 50.0),
-        percentile(&latencies, 99.0),
-        latencies.last().copied().unwrap_or(f64::NAN),
-    );
+    let distinct_frames = received
+        .iter()
+        .flatten()
+        .map(|frame| frame.seq)
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    let delivery = delivery(&events, &received);
+    Ok(HeraldFanout {
+        open,
+        events: events.len(),
+        elapsed,
+        delivery,
+        distinct_frames,
+        finished,
+        server_cpu,
+        per_connection: (rss_connected.saturating_sub(rss_idle_server)) as f64 / open.max(1) as f64,
+        rss_idle_server,
+        rss_connected,
+    })
+}
+
+pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
+    let subscribers = args.subscribers;
+    let run = herald_fanout(subscribers, args.recipients, args.coalesce_ms).await?;
+    let open = run.open;
+    let frames = run.delivery.frames;
+    let (p50, p99, max) = run.delivery.frame_percentiles();
+    let (event_p50, event_p99, _) = run.delivery.event_percentiles();
     println!("subscribers:          {open} of {subscribers}");
     println!(
-        "events of the run:    {} over {:.1} s; frames received: {frames} ({:.1} per subscriber; \
-         the rest superseded while a subscriber was behind)",
-        events.len(),
-        elapsed.as_secs_f64(),
+        "events of the run:    {} over {:.1} s; {} distinct frames sent, {frames} received \
+         ({:.1} per subscriber; the rest superseded while a subscriber was behind)",
+        run.events,
+        run.elapsed.as_secs_f64(),
+        run.distinct_frames,
         frames as f64 / open.max(1) as f64,
     );
-    if missed > 0 {
-        println!("never received:       {missed} (subscriber, event) pairs");
+    if run.delivery.missed > 0 {
+        println!(
+            "never received:       {} (subscriber, event) pairs",
+            run.delivery.missed
+        );
     }
     // The fan-out's own cost, whatever the latency: with the run's events
     // at the engine's pace, the sockets are busy from first to last event.
-    let cpu_per_frame_us = server_cpu.map(|cpu| cpu * 1e6 / frames.max(1) as f64);
-    if let (Some(cpu), Some(per_frame)) = (server_cpu, cpu_per_frame_us) {
+    let cpu_per_frame_us = run.cpu_per_frame_us();
+    if let (Some(cpu), Some(per_frame)) = (run.server_cpu, cpu_per_frame_us) {
         println!(
             "server CPU:           {cpu:.1} s during the run ({:.2} cores): {per_frame:.1} µs per frame delivered (engine included)",
-            cpu / elapsed.as_secs_f64()
+            cpu / run.elapsed.as_secs_f64()
         );
     }
-    println!("saw the final status: {finished}");
-    println!("commit → receipt:     p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms");
-    println!("server RSS:           {:.1} MiB idle, {:.1} MiB with subscribers: {:.1} KiB per connection",
-        rss_idle_server as f64 / 1048576.0, rss_connected as f64 / 1048576.0, per_connection / 1024.0);
+    println!("saw the final status: {}", run.finished);
+    println!("frames, commit → receipt: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms");
+    println!("events, commit → first frame with it: p50 {event_p50:.1} ms, p99 {event_p99:.1} ms");
+    println!(
+        "server RSS:           {:.1} MiB idle, {:.1} MiB with subscribers: {:.1} KiB per connection",
+        run.rss_idle_server as f64 / 1048576.0,
+        run.rss_connected as f64 / 1048576.0,
+        run.per_connection / 1024.0
+    );
     let window = match args.coalesce_ms {
         0 => "no coalescing".to_owned(),
         ms => format!("{ms} ms coalescing"),
     };
     let mut report = Report::new("fanout");
     report.row(
-        format!("{open} subscribers, {window}: commit → receipt p50"),
+        format!("{open} subscribers, {window}: each frame, commit → receipt p50"),
         p50,
         "ms",
         None,
     );
     report.row(
-        format!("{open} subscribers, {window}: commit → receipt p99"),
+        format!("{open} subscribers, {window}: each frame, commit → receipt p99"),
         p99,
         "ms",
         Some(Target::AtMost(50.0)),
+    );
+    report.row(
+        format!("{open} subscribers, {window}: each event, commit → first frame with it p99"),
+        event_p99,
+        "ms",
+        None,
     );
     if let Some(per_frame) = cpu_per_frame_us {
         report.row(
@@ -178,30 +242,55 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     }
     report.row(
         "server RSS per connection",
-        per_connection / 1024.0,
+        run.per_connection / 1024.0,
         "KiB",
         Some(Target::AtMost(20_000.0 / 1024.0)),
     );
     report.row(
         "subscribers that saw the final status",
-        finished as f64,
+        run.finished as f64,
         "",
         Some(Target::AtLeast(subscribers as f64)),
     );
     report.row(
         "(subscriber, event) pairs never received",
-        missed as f64,
+        run.delivery.missed as f64,
         "",
         Some(Target::AtMost(0.0)),
     );
-    let mut raw = json!({"subscribers": open, "events": events.len(), "frames": frames,
-           "missed": missed,
-           "p50_ms": p50, "p99_ms": p99, "max_ms": max, "final_seen": finished,
+    let mut raw = json!({"subscribers": open, "events": run.events, "frames": frames,
+           "distinct_frames": run.distinct_frames, "missed": run.delivery.missed,
+           "p50_ms": p50, "p99_ms": p99, "max_ms": max,
+           "event_p50_ms": event_p50, "event_p99_ms": event_p99, "final_seen": run.finished,
            "coalesce_ms": args.coalesce_ms, "server_cpu_per_frame_us": cpu_per_frame_us,
-           "rss_per_connection_bytes": per_connection});
-    // The same subscribers and the same events, at the same pace, through
+           "rss_per_connection_bytes": run.per_connection});
+    if args.uncoalesced_pass && args.coalesce_ms > 0 {
+        // The same run with a frame per event: the fan-out at the engine's
+        // full pace, without the window's help.
+        let every = herald_fanout(subscribers, args.recipients, 0).await?;
+        let (every_p50, every_p99, _) = every.delivery.frame_percentiles();
+        println!(
+            "no coalescing:        {} frames received, p50 {every_p50:.1} ms, p99 {every_p99:.1} ms, {:.1} µs server CPU per frame",
+            every.delivery.frames,
+            every.cpu_per_frame_us().unwrap_or(f64::NAN)
+        );
+        report.row(
+            format!(
+                "{} subscribers, no coalescing: each frame, commit → receipt p99",
+                every.open
+            ),
+            every_p99,
+            "ms",
+            None,
+        );
+        raw["uncoalesced"] = json!({"subscribers": every.open, "events": every.events,
+            "frames": every.delivery.frames, "p50_ms": every_p50, "p99_ms": every_p99,
+            "server_cpu_per_frame_us": every.cpu_per_frame_us()});
+    }
+    // The same subscribers and as many frames, at the same pace, through
     // the FastAPI peer.
-    let frames_each = events.len().max(1);
+    let frames_each = run.distinct_frames.max(1);
+    let elapsed = run.elapsed;
     match super::peers::fastapi_missing() {
         Some(why) => {
             println!("FastAPI peer: not measured ({why})");
@@ -225,7 +314,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
             report.row("p99: FastAPI peer ÷ Herald", peer.p99 / p99, "×", None);
             report.row(
                 "RSS per connection: FastAPI peer ÷ Herald",
-                peer.per_connection / per_connection.max(1.0),
+                peer.per_connection / run.per_connection.max(1.0),
                 "×",
                 None,
             );
@@ -251,7 +340,6 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
         }
     }
     report.raw(raw);
-    drop(server);
     Ok(report)
 }
 
@@ -363,10 +451,10 @@ async fn peer_fanout(
     // A subscriber still waiting at the deadline never got the rest.
     let received = subscribed.stop();
     peer.stop().await;
-    let Delivery { latencies, .. } = delivery(&published, &received);
+    let (p50, p99, _) = delivery(&published, &received).frame_percentiles();
     Ok(PeerFanout {
-        p50: percentile(&latencies, 50.0),
-        p99: percentile(&latencies, 99.0),
+        p50,
+        p99,
         per_connection: rss_connected.saturating_sub(rss_idle) as f64 / open.max(1) as f64,
         finished,
     })
@@ -378,6 +466,8 @@ struct FrameHead<'a> {
     #[serde(rename = "type", borrow)]
     kind: &'a str,
     seq: Option<i64>,
+    /// When the event it carries was committed (Unix ms).
+    ts: Option<f64>,
     #[serde(default, borrow)]
     data: FrameData<'a>,
 }
@@ -388,9 +478,18 @@ struct FrameData<'a> {
     status: Option<&'a str>,
 }
 
-/// Each connected subscriber's reading: every `progress_update` frame's log
-/// position and when it arrived (Unix ms), in order.
-type Reading = std::sync::Arc<std::sync::Mutex<Vec<(i64, f64)>>>;
+/// A `progress_update` frame as a subscriber read it.
+#[derive(Clone, Copy)]
+struct Frame {
+    /// The log position of the event it carries.
+    seq: i64,
+    /// When that event was committed and when the frame arrived (Unix ms).
+    committed: f64,
+    arrived: f64,
+}
+
+/// Each connected subscriber's reading: every frame, in order.
+type Reading = std::sync::Arc<std::sync::Mutex<Vec<Frame>>>;
 
 /// Subscribers reading `progress_update` frames.
 struct Subscribers {
@@ -418,7 +517,7 @@ impl Subscribers {
     }
 
     /// Closes the sockets; what each connected subscriber read.
-    fn stop(mut self) -> Vec<Vec<(i64, f64)>> {
+    fn stop(mut self) -> Vec<Vec<Frame>> {
         self.tasks.abort_all();
         let readings = std::mem::take(&mut *self.readings.lock().expect("readings"));
         readings
@@ -428,38 +527,67 @@ impl Subscribers {
     }
 }
 
-/// Commit → receipt of every event at every subscriber.
+/// Commit → receipt at every subscriber, of every frame and every event.
 struct Delivery {
-    /// In ms, sorted.
-    latencies: Vec<f64>,
+    /// Each frame read, from the commit of the event it carries to its
+    /// arrival; in ms, sorted.
+    frame_latencies: Vec<f64>,
+    /// Each event of the run, from its commit to the first frame that
+    /// told the subscriber of it; in ms, sorted.
+    event_latencies: Vec<f64>,
     /// Frames the subscribers read in all.
     frames: usize,
     /// (subscriber, event) pairs with no frame at or after the event.
     missed: usize,
 }
 
-/// An event reaches a subscriber with its own frame or with the first
-/// newer one: a progress frame superseded while a subscriber was behind
-/// is skipped, and the newer frame carries its counters. So each event
-/// (`(seq, committed at)`) is timed to the first frame at or after it,
-/// and a subscriber that read every frame is timed frame by frame.
-fn delivery(events: &[(i64, f64)], received: &[Vec<(i64, f64)>]) -> Delivery {
-    let mut latencies = Vec::with_capacity(events.len() * received.len());
+impl Delivery {
+    /// p50, p99 and max of [`Delivery::frame_latencies`].
+    fn frame_percentiles(&self) -> (f64, f64, f64) {
+        spread(&self.frame_latencies)
+    }
+
+    /// p50, p99 and max of [`Delivery::event_latencies`].
+    fn event_percentiles(&self) -> (f64, f64, f64) {
+        spread(&self.event_latencies)
+    }
+}
+
+fn spread(sorted: &[f64]) -> (f64, f64, f64) {
+    (
+        percentile(sorted, 50.0),
+        percentile(sorted, 99.0),
+        sorted.last().copied().unwrap_or(f64::NAN),
+    )
+}
+
+/// Times every frame from the commit it carries, and every event
+/// (`(seq, committed at)`) to the first frame at or after it: with a
+/// coalescing window, or a progress frame superseded while a subscriber
+/// was behind, a newer frame carries an event's counters. So the frames
+/// measure the fan-out, and the events add what the window holds back.
+fn delivery(events: &[(i64, f64)], received: &[Vec<Frame>]) -> Delivery {
+    let mut event_latencies = Vec::with_capacity(events.len() * received.len());
+    let mut frame_latencies = Vec::new();
     let (mut frames, mut missed) = (0, 0);
     for read in received {
         frames += read.len();
+        frame_latencies.extend(read.iter().map(|f| f.arrived - f.committed));
         let mut next = read.iter().peekable();
         for &(seq, committed) in events {
-            while next.next_if(|(frame_seq, _)| *frame_seq < seq).is_some() {}
+            while next.next_if(|frame| frame.seq < seq).is_some() {}
             match next.peek() {
-                Some((_, arrived)) => latencies.push(arrived - committed),
+                Some(frame) => event_latencies.push(frame.arrived - committed),
                 None => missed += 1,
             }
         }
     }
-    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    for latencies in [&mut frame_latencies, &mut event_latencies] {
+        latencies.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    }
     Delivery {
-        latencies,
+        frame_latencies,
+        event_latencies,
         frames,
         missed,
     }
@@ -514,8 +642,12 @@ async fn open_subscribers(url: &str, count: usize) -> Subscribers {
                 if frame.kind != "progress_update" {
                     continue;
                 }
-                if let Some(seq) = frame.seq {
-                    reading.lock().expect("reading").push((seq, arrived));
+                if let (Some(seq), Some(committed)) = (frame.seq, frame.ts) {
+                    reading.lock().expect("reading").push(Frame {
+                        seq,
+                        committed,
+                        arrived,
+                    });
                 }
                 if frame.data.status == Some("completed") {
                     let _ = tx.send(());

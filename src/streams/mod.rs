@@ -17,6 +17,8 @@
 //! own format; the rendering is cached on the event, so a frame is
 //! serialised once for all clients of that protocol.
 
+pub mod fanout;
+pub mod outbox;
 pub mod protocol;
 
 use std::collections::HashMap;
@@ -27,7 +29,11 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use self::fanout::Fanout;
+use self::outbox::Outbox;
 
 use crate::store::{Change, Store, StoredEvent};
 
@@ -54,6 +60,8 @@ pub enum Format {
 pub struct HubEvent {
     pub event: StoredEvent,
     frames: [OnceLock<Option<Utf8Bytes>>; 4],
+    /// The seed-000 rendering as a whole WebSocket frame, for the fan-out.
+    ws_frame: OnceLock<Option<Bytes>>,
 }
 
 impl HubEvent {
@@ -61,7 +69,19 @@ impl HubEvent {
         Self {
             event,
             frames: Default::default(),
+            ws_frame: OnceLock::new(),
         }
+    }
+
+    /// [`HubEvent::frame`] encoded as a WebSocket text frame, once.
+    pub fn ws_frame(&self, format: Format) -> Option<Bytes> {
+        debug_assert_eq!(format, Format::Burki, "the fan-out sends seed 000");
+        self.ws_frame
+            .get_or_init(|| {
+                self.frame(format)
+                    .map(|text| outbox::text_frame(text.as_bytes()))
+            })
+            .clone()
     }
 
     pub fn seq(&self) -> i64 {
@@ -123,6 +143,8 @@ struct Channel {
     /// Progress waiting for its coalescing window.
     held: Option<StoredEvent>,
     last_progress_at: Option<Instant>,
+    /// Seed-000 sockets written to directly (see [`fanout`]).
+    fanout: Fanout,
 }
 
 /// A live subscription: events with `seq` greater than `from_seq` arrive
@@ -137,10 +159,32 @@ pub struct Subscription {
 impl State {
     fn listened(&self, channel: &Channel) -> bool {
         channel.sender.receiver_count() > 0
+            || channel.fanout.members() > 0
             || self
                 .workspaces
                 .get(&channel.workspace_id)
                 .is_some_and(|w| w.receiver_count() > 0)
+    }
+
+    /// The channel a new subscriber of a campaign joins. `current_seq` is
+    /// the log's newest sequence as the caller just read it.
+    fn subscriber_channel(
+        &mut self,
+        campaign_id: i64,
+        workspace_id: i64,
+        current_seq: i64,
+    ) -> &mut Channel {
+        let unwatched = match self.campaigns.get(&campaign_id) {
+            Some(channel) => !self.listened(channel),
+            None => true,
+        };
+        let channel = self.channel(campaign_id, workspace_id, current_seq);
+        if unwatched {
+            // Nobody listened, so nothing was read: start from now.
+            channel.read_seq = current_seq;
+            channel.held = None;
+        }
+        channel
     }
 
     fn channel(&mut self, campaign_id: i64, workspace_id: i64, read_seq: i64) -> &mut Channel {
@@ -152,6 +196,7 @@ impl State {
                 read_seq,
                 held: None,
                 last_progress_at: None,
+                fanout: Fanout::default(),
             })
     }
 }
@@ -226,20 +271,27 @@ impl Hub {
     /// as the caller just read it.
     pub fn subscribe(&self, campaign_id: i64, workspace_id: i64, current_seq: i64) -> Subscription {
         let mut state = self.inner.state.lock().expect("hub lock");
-        let unwatched = match state.campaigns.get(&campaign_id) {
-            Some(channel) => !state.listened(channel),
-            None => true,
-        };
-        let channel = state.channel(campaign_id, workspace_id, current_seq);
-        if unwatched {
-            // Nobody listened, so nothing was read: start from now.
-            channel.read_seq = current_seq;
-            channel.held = None;
-        }
+        let channel = state.subscriber_channel(campaign_id, workspace_id, current_seq);
         Subscription {
             receiver: channel.sender.subscribe(),
             from_seq: channel.read_seq,
         }
+    }
+
+    /// Subscribes a seed-000 socket to a campaign: the fan-out writes its
+    /// frames to `outbox`, which holds them until it is resumed. Returns
+    /// the log position live frames start after (see [`Subscription`]).
+    pub fn subscribe_direct(
+        &self,
+        campaign_id: i64,
+        workspace_id: i64,
+        current_seq: i64,
+        outbox: Arc<Outbox>,
+    ) -> i64 {
+        let mut state = self.inner.state.lock().expect("hub lock");
+        let channel = state.subscriber_channel(campaign_id, workspace_id, current_seq);
+        channel.fanout.add(outbox);
+        channel.read_seq
     }
 
     /// Subscribes to every campaign of a workspace. `current` holds each
@@ -401,6 +453,7 @@ impl Channel {
         if let Some(workspace) = workspace {
             let _ = workspace.send(event.clone());
         }
+        self.fanout.send(&event);
         let _ = self.sender.send(event);
     }
 }
