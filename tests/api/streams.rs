@@ -1035,3 +1035,47 @@ async fn a_connect_disconnect_storm_leaves_connections_and_memory_at_baseline() 
     };
     assert_eq!(ack["type"], "connection_ack");
 }
+
+#[tokio::test]
+async fn a_websocket_endpoint_names_the_handshake_header_that_is_wrong() {
+    let app = spawn_app_with(|_| {}).await;
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (&[], "Connection"),
+        (&[("Connection", "keep-alive, Upgrade")], "Upgrade"),
+        (
+            &[
+                ("Connection", "Upgrade"),
+                ("Upgrade", "websocket"),
+                ("Sec-WebSocket-Version", "8"),
+                ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ],
+            "Sec-WebSocket-Version",
+        ),
+        (
+            &[
+                ("Connection", "Upgrade"),
+                ("Upgrade", "websocket"),
+                ("Sec-WebSocket-Version", "13"),
+            ],
+            "Sec-WebSocket-Key",
+        ),
+    ];
+    for path in ["/ws/campaigns/1/progress", "/v1/ws/campaigns/1", "/api/v1/ws/me"] {
+        for (headers, field) in cases {
+            let mut request = app.client.get(app.url(&format!("{path}?token={}", app.key)));
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            let err = error_of(request.send().await.unwrap(), StatusCode::BAD_REQUEST).await;
+            assert_eq!(err["field"], field, "{path} with {headers:?}: {err}");
+        }
+    }
+    // The server still upgrades a proper handshake.
+    let campaign = external_campaign(&app).await;
+    let mut ws = Client::connect(
+        &app,
+        &format!("/ws/campaigns/{}/progress?token={}", campaign["id"], app.key),
+    )
+    .await;
+    assert_eq!(ws.next(5).await["type"], "connection_ack");
+}
