@@ -10,6 +10,7 @@ use axum::extract::FromRequestParts;
 use axum::http::{header, request::Parts, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
+use hyper_util::server::conn::auto::upgrade::downcast;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -127,23 +128,22 @@ impl WsUpgrade {
                 }
             };
             // Herald's accept loop serves TCP streams (`http.rs`).
-            let parts = match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<TcpStream>>(
-                upgraded,
-            ) {
-                Ok(parts) => parts,
+            let (conn, read_ahead) = match downcast::<TokioIo<TcpStream>>(upgraded) {
+                // The parts go out of scope here: their read buffer shares
+                // hyper's whole connection buffer, which kept for the
+                // socket's life cost about 7 KiB a connection.
+                Ok(parts) => (
+                    outbox.attach(parts.io.into_inner()),
+                    parts.read_buf.to_vec(),
+                ),
                 Err(_) => {
                     tracing::error!("a WebSocket upgrade not over a TCP stream");
                     return outbox.close();
                 }
             };
-            let conn = outbox.attach(parts.io.into_inner());
-            let socket = WebSocketStream::from_partially_read(
-                conn,
-                parts.read_buf.to_vec(),
-                Role::Server,
-                Some(config),
-            )
-            .await;
+            let socket =
+                WebSocketStream::from_partially_read(conn, read_ahead, Role::Server, Some(config))
+                    .await;
             serve(socket).await;
         });
         (

@@ -82,13 +82,27 @@ async fn run_shard(mut commands: mpsc::UnboundedReceiver<Command>, members: Arc<
     let mut outboxes: Vec<Arc<Outbox>> = Vec::new();
     let messages = metrics::counter!("herald_stream_messages_total", "protocol" => "seed000");
     let mut waiting = Vec::new();
+    // Sockets that closed are dropped at the next frame, or, for a campaign
+    // that has none, once as many have joined as the shard holds: a shard
+    // of a quiet campaign that clients keep opening and closing never
+    // grows past twice its open sockets.
+    let mut joined_since_pruned = 0;
     while commands.recv_many(&mut waiting, 256).await > 0 {
         // Sockets join in order with the events, and of the events only
         // the newest is sent (it supersedes the rest).
         let mut newest: Option<Arc<HubEvent>> = None;
         for command in waiting.drain(..) {
             match command {
-                Command::Add(outbox) => outboxes.push(outbox),
+                Command::Add(outbox) => {
+                    outboxes.push(outbox);
+                    joined_since_pruned += 1;
+                    if joined_since_pruned * 2 >= outboxes.len() {
+                        joined_since_pruned = 0;
+                        let before = outboxes.len();
+                        outboxes.retain(|outbox| !outbox.is_closed());
+                        members.fetch_sub(before - outboxes.len(), Ordering::Relaxed);
+                    }
+                }
                 Command::Send(event) => {
                     // Events come in log order: the last is the newest.
                     if newest.replace(event).is_some() {
@@ -108,5 +122,59 @@ async fn run_shard(mut commands: mpsc::UnboundedReceiver<Command>, members: Arc<
         messages.increment(outboxes.len() as u64);
         // Let the other shards of this event, and everything else, run.
         tokio::task::yield_now().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoredEvent;
+    use crate::streams::outbox::tests::{next_seq, pair};
+
+    fn event(seq: i64) -> Arc<HubEvent> {
+        Arc::new(HubEvent::new(StoredEvent {
+            campaign_id: 1,
+            seq,
+            kind: "progress".into(),
+            data: serde_json::json!({}),
+            created_at: 0,
+        }))
+    }
+
+    /// Lets the shard tasks run (the test runtime has one thread).
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn every_socket_gets_the_newest_frame_and_closed_ones_are_forgotten() {
+        let mut fanout = Fanout::default();
+        let mut sockets = Vec::new();
+        for _ in 0..3 {
+            let (outbox, conn, client) = pair().await;
+            outbox.resume(0);
+            fanout.add(outbox);
+            sockets.push((conn, client));
+        }
+        // Three events before the shard runs: it sends only the newest.
+        for seq in 1..=3 {
+            fanout.send(&event(seq));
+        }
+        settle().await;
+        for (_, client) in &mut sockets {
+            assert_eq!(next_seq(client).await, Some(3));
+        }
+        assert_eq!(fanout.members(), 3);
+        // A socket whose task ended is dropped at the next frame.
+        let (conn, _) = sockets.remove(0);
+        drop(conn);
+        fanout.send(&event(4));
+        settle().await;
+        assert_eq!(fanout.members(), 2);
+        for (_, client) in &mut sockets {
+            assert_eq!(next_seq(client).await, Some(4));
+        }
     }
 }

@@ -180,6 +180,10 @@ impl Outbox {
     pub fn close(&self) {
         self.lock().close();
     }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
 }
 
 impl Queue {
@@ -361,7 +365,7 @@ impl Outbox {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::{protocol::Role, Message};
@@ -369,7 +373,7 @@ mod tests {
 
     /// A connected pair: the server's outbox (attached, as after an
     /// upgrade) and the client's WebSocket.
-    async fn pair() -> (Arc<Outbox>, Conn, WebSocketStream<TcpStream>) {
+    pub(in crate::streams) async fn pair() -> (Arc<Outbox>, Conn, WebSocketStream<TcpStream>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap());
         let (client, accepted) = tokio::join!(client, listener.accept());
@@ -384,7 +388,9 @@ mod tests {
         text_frame(payload.as_bytes())
     }
 
-    async fn next_seq(client: &mut WebSocketStream<TcpStream>) -> Option<i64> {
+    pub(in crate::streams) async fn next_seq(
+        client: &mut WebSocketStream<TcpStream>,
+    ) -> Option<i64> {
         match client.next().await? {
             Ok(Message::Text(text)) => {
                 serde_json::from_str::<serde_json::Value>(&text).unwrap()["seq"].as_i64()

@@ -1060,9 +1060,15 @@ async fn a_websocket_endpoint_names_the_handshake_header_that_is_wrong() {
             "Sec-WebSocket-Key",
         ),
     ];
-    for path in ["/ws/campaigns/1/progress", "/v1/ws/campaigns/1", "/api/v1/ws/me"] {
+    for path in [
+        "/ws/campaigns/1/progress",
+        "/v1/ws/campaigns/1",
+        "/api/v1/ws/me",
+    ] {
         for (headers, field) in cases {
-            let mut request = app.client.get(app.url(&format!("{path}?token={}", app.key)));
+            let mut request = app
+                .client
+                .get(app.url(&format!("{path}?token={}", app.key)));
             for (name, value) in headers {
                 request = request.header(*name, *value);
             }
@@ -1074,7 +1080,10 @@ async fn a_websocket_endpoint_names_the_handshake_header_that_is_wrong() {
     let campaign = external_campaign(&app).await;
     let mut ws = Client::connect(
         &app,
-        &format!("/ws/campaigns/{}/progress?token={}", campaign["id"], app.key),
+        &format!(
+            "/ws/campaigns/{}/progress?token={}",
+            campaign["id"], app.key
+        ),
     )
     .await;
     assert_eq!(ws.next(5).await["type"], "connection_ack");
