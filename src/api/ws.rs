@@ -481,11 +481,7 @@ async fn subscribe(
     state: &AppState,
     campaign: &Campaign,
 ) -> Result<Subscription, (u16, &'static str)> {
-    let current = state
-        .store
-        .last_seq(campaign.id)
-        .await
-        .map_err(|_| (CLOSE_INTERNAL, "internal error"))?;
+    let current = newest_seq(state, campaign).await?;
     Ok(state
         .hub
         .subscribe(campaign.id, campaign.workspace_id, current))
@@ -497,15 +493,20 @@ async fn subscribe_direct(
     campaign: &Campaign,
     outbox: Arc<Outbox>,
 ) -> Result<LiveSource, (u16, &'static str)> {
-    let current = state
-        .store
-        .last_seq(campaign.id)
-        .await
-        .map_err(|_| (CLOSE_INTERNAL, "internal error"))?;
+    let current = newest_seq(state, campaign).await?;
     let from_seq = state
         .hub
         .subscribe_direct(campaign.id, campaign.workspace_id, current, outbox);
     Ok(LiveSource::Direct { from_seq })
+}
+
+/// The campaign log's newest sequence, as a subscription starts.
+async fn newest_seq(state: &AppState, campaign: &Campaign) -> Result<i64, (u16, &'static str)> {
+    state
+        .store
+        .last_seq(campaign.id)
+        .await
+        .map_err(|_| (CLOSE_INTERNAL, "internal error"))
 }
 
 /// [`open`], then [`subscribe`].
