@@ -114,7 +114,8 @@ fn as_object<S: serde::Serializer>(
     serializer.collect_map(pairs.iter().flatten().map(|(k, v)| (k, v)))
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+/// A page's schema; [`render_page`] writes it.
+#[derive(Debug, ToSchema)]
 pub struct ExecutionPage<'a> {
     pub executions: Vec<Execution<'a>>,
     pub pagination: Pagination,

@@ -96,8 +96,6 @@ enum End {
 /// One connected socket and the campaigns it follows.
 struct Session {
     socket: Socket,
-    /// The socket's writing side, which the hub's fan-out also writes to.
-    outbox: Arc<Outbox>,
     state: AppState,
     format: Format,
     /// The newest seq sent per campaign, to skip repeats.
@@ -131,7 +129,6 @@ impl Session {
             messages: metrics::counter!("herald_stream_messages_total",
                 "protocol" => protocol_name(format)),
             unreported_messages: 0,
-            outbox: socket.get_ref().outbox().clone(),
             socket,
             state,
             format,
@@ -139,6 +136,11 @@ impl Session {
             live: StreamMap::new(),
             workspace: None,
         }
+    }
+
+    /// The socket's writing side, which the hub's fan-out also writes to.
+    fn outbox(&self) -> &Arc<Outbox> {
+        self.socket.get_ref().outbox()
     }
 
     async fn send_json(&mut self, value: &Value) -> Result<(), End> {
@@ -288,7 +290,7 @@ impl Session {
                     .await?;
                 // The fan-out's frames start after what was just sent.
                 let sent = self.sent.get(&campaign.id).copied().unwrap_or(from_seq);
-                self.outbox.resume(sent);
+                self.outbox().resume(sent);
                 Ok(())
             }
         }
@@ -351,7 +353,7 @@ impl Session {
         };
         self.send_json(&json!({"type": kind, "data": data, "seq": position}))
             .await?;
-        self.outbox.sent(position);
+        self.outbox().sent(position);
         Ok(())
     }
 
@@ -782,7 +784,7 @@ async fn serve(
     let idle_timer = sleep_until(idle_until);
     let shutdown = session.state.shutdown.clone();
     let cancelled = shutdown.cancelled();
-    let outbox = session.outbox.clone();
+    let outbox = session.outbox().clone();
     tokio::pin!(ping, idle_timer, cancelled);
     loop {
         tokio::select! {

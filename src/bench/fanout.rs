@@ -50,7 +50,6 @@ struct HeraldFanout {
     distinct_frames: usize,
     finished: usize,
     server_cpu: Option<f64>,
-    per_connection: f64,
     rss_idle_server: u64,
     rss_connected: u64,
 }
@@ -59,6 +58,11 @@ impl HeraldFanout {
     fn cpu_per_frame_us(&self) -> Option<f64> {
         self.server_cpu
             .map(|cpu| cpu * 1e6 / self.delivery.frames.max(1) as f64)
+    }
+
+    /// Server RSS each open subscriber added, in bytes.
+    fn per_connection(&self) -> f64 {
+        self.rss_connected.saturating_sub(self.rss_idle_server) as f64 / self.open.max(1) as f64
     }
 }
 
@@ -159,7 +163,6 @@ async fn herald_fanout(
         distinct_frames,
         finished,
         server_cpu,
-        per_connection: (rss_connected.saturating_sub(rss_idle_server)) as f64 / open.max(1) as f64,
         rss_idle_server,
         rss_connected,
     })
@@ -205,7 +208,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
         "server RSS:           {:.1} MiB idle, {:.1} MiB with subscribers: {:.1} KiB per connection",
         run.rss_idle_server as f64 / 1048576.0,
         run.rss_connected as f64 / 1048576.0,
-        run.per_connection / 1024.0
+        run.per_connection() / 1024.0
     );
     let window = match args.coalesce_ms {
         0 => "no coalescing".to_owned(),
@@ -240,7 +243,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     }
     report.row(
         "server RSS per connection",
-        run.per_connection / 1024.0,
+        run.per_connection() / 1024.0,
         "KiB",
         Some(Target::AtMost(20_000.0 / 1024.0)),
     );
@@ -261,7 +264,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
            "p50_ms": p50, "p99_ms": p99, "max_ms": max,
            "frame_p50_ms": frame_p50, "frame_p99_ms": frame_p99, "final_seen": run.finished,
            "coalesce_ms": args.coalesce_ms, "server_cpu_per_frame_us": cpu_per_frame_us,
-           "rss_per_connection_bytes": run.per_connection});
+           "rss_per_connection_bytes": run.per_connection()});
     // The same subscribers and as many frames, at the same pace, through
     // the FastAPI peer.
     let frames_each = run.distinct_frames.max(1);
@@ -289,7 +292,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
             report.row("p99: FastAPI peer ÷ Herald", peer.p99 / p99, "×", None);
             report.row(
                 "RSS per connection: FastAPI peer ÷ Herald",
-                peer.per_connection / run.per_connection.max(1.0),
+                peer.per_connection / run.per_connection().max(1.0),
                 "×",
                 None,
             );

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::outbox::{Offered, Outbox};
-use super::{Format, HubEvent};
+use super::HubEvent;
 
 /// Sockets per shard task: enough that a frame to ten thousand sockets is
 /// a handful of tasks, few enough that every worker gets a share.
@@ -112,7 +112,7 @@ async fn run_shard(mut commands: mpsc::UnboundedReceiver<Command>, members: Arc<
             }
         }
         let Some(event) = newest else { continue };
-        let Some(frame) = event.ws_frame(Format::Burki) else {
+        let Some(frame) = event.seed000_ws_frame() else {
             continue;
         };
         let seq = event.seq();

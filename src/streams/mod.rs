@@ -73,12 +73,12 @@ impl HubEvent {
         }
     }
 
-    /// [`HubEvent::frame`] encoded as a WebSocket text frame, once.
-    pub fn ws_frame(&self, format: Format) -> Option<Bytes> {
-        debug_assert_eq!(format, Format::Burki, "the fan-out sends seed 000");
+    /// The seed-000 [`HubEvent::frame`] encoded as a WebSocket text frame,
+    /// once (the fan-out sends seed 000).
+    pub fn seed000_ws_frame(&self) -> Option<Bytes> {
         self.ws_frame
             .get_or_init(|| {
-                self.frame(format)
+                self.frame(Format::Burki)
                     .map(|text| outbox::text_frame(text.as_bytes()))
             })
             .clone()

@@ -108,35 +108,14 @@ impl Outbox {
             return Offered::Taken;
         }
         queue.sent_seq = seq;
-        if !queue.frames.is_empty() {
-            queue.push_live(frame.clone());
-            drop(queue);
-            self.waiting.notify_one();
-            return Offered::Taken;
-        }
-        let Some(tcp) = &queue.tcp else {
-            return Offered::Taken; // resumed before the upgrade completed
-        };
-        match tcp.try_write(frame) {
-            Ok(n) if n == frame.len() => Offered::Taken,
-            Ok(n) => {
-                queue.frames.push_back(Queued {
-                    bytes: frame.clone(),
-                    live: true,
-                });
-                queue.head_written = n;
-                drop(queue);
-                self.waiting.notify_one();
-                Offered::Taken
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                queue.push_live(frame.clone());
+        match queue.write_or_queue(frame, || frame.clone(), true) {
+            Ok(false) => Offered::Taken,
+            Ok(true) => {
                 drop(queue);
                 self.waiting.notify_one();
                 Offered::Taken
             }
             Err(_) => {
-                queue.close();
                 drop(queue);
                 self.waiting.notify_one();
                 Offered::Gone
@@ -153,7 +132,7 @@ impl Outbox {
         if let Some((seq, frame)) = queue.held.take() {
             if seq > queue.sent_seq {
                 queue.sent_seq = seq;
-                queue.push_live(frame);
+                queue.enqueue(frame, 0, true);
             }
         }
         let waiting = !queue.frames.is_empty();
@@ -194,16 +173,58 @@ impl Queue {
         self.held = None;
     }
 
-    /// Appends a live frame, dropping a live one that waits unwritten.
-    fn push_live(&mut self, bytes: Bytes) {
-        let untouched = |at: usize, head_written: usize| at > 0 || head_written == 0;
-        if let Some(at) = self.frames.iter().rposition(|q| q.live) {
-            if untouched(at, self.head_written) {
+    /// Writes `bytes` (one whole frame, or whatever tungstenite hands over)
+    /// at once when nothing waits before them and the socket takes them all;
+    /// otherwise queues them whole, made by `to_owned`, with what went out
+    /// marked written. `Ok(true)` when something was queued; an error
+    /// closes the connection.
+    fn write_or_queue(
+        &mut self,
+        bytes: &[u8],
+        to_owned: impl FnOnce() -> Bytes,
+        live: bool,
+    ) -> io::Result<bool> {
+        let Some(tcp) = &self.tcp else {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        };
+        let written = if self.frames.is_empty() {
+            match tcp.try_write(bytes) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => {
+                    self.close();
+                    return Err(e);
+                }
+            }
+        } else {
+            0
+        };
+        if written == bytes.len() {
+            return Ok(false);
+        }
+        self.enqueue(to_owned(), written, live);
+        Ok(true)
+    }
+
+    /// Appends a frame of which `written` bytes went out (only ever the
+    /// first in the queue); a live one replaces a live one that waits with
+    /// none of it written.
+    fn enqueue(&mut self, bytes: Bytes, written: usize, live: bool) {
+        if self.frames.is_empty() {
+            self.head_written = written;
+        } else if live {
+            let untouched = |at: usize| at > 0 || self.head_written == 0;
+            if let Some(at) = self
+                .frames
+                .iter()
+                .rposition(|q| q.live)
+                .filter(|&at| untouched(at))
+            {
                 metrics::counter!("herald_stream_frames_coalesced_total").increment(1);
                 self.frames.remove(at);
             }
         }
-        self.frames.push_back(Queued { bytes, live: true });
+        self.frames.push_back(Queued { bytes, live });
     }
 }
 
@@ -289,29 +310,7 @@ impl AsyncWrite for Conn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let mut queue = self.0.lock();
-        let Some(tcp) = &queue.tcp else {
-            return broken_pipe();
-        };
-        let mut written = 0;
-        if queue.frames.is_empty() {
-            match tcp.try_write(buf) {
-                Ok(n) => written = n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    queue.close();
-                    return Poll::Ready(Err(e));
-                }
-            }
-        }
-        if written < buf.len() {
-            queue.frames.push_back(Queued {
-                bytes: Bytes::copy_from_slice(buf),
-                live: false,
-            });
-            if queue.frames.len() == 1 {
-                queue.head_written = written;
-            }
-        }
+        queue.write_or_queue(buf, || Bytes::copy_from_slice(buf), false)?;
         Poll::Ready(Ok(buf.len()))
     }
 
