@@ -39,7 +39,7 @@ use super::extract::{authenticate, Auth};
 use super::upgrade::{Socket, WsUpgrade};
 use super::{ApiError, AppState};
 use crate::store::{Campaign, CampaignRef, StoredEvent};
-use crate::streams::outbox::Outbox;
+use crate::streams::outbox::{text_frame, Outbox};
 use crate::streams::protocol::{burki_data, snapshot_of};
 use crate::streams::{coalesce, is_coalescable, Format, HubEvent, Subscription};
 
@@ -103,6 +103,9 @@ struct Session {
     live: StreamMap<i64, BroadcastStream<Arc<HubEvent>>>,
     /// Every campaign of a workspace at once (seed 003), instead of `live`.
     workspace: Option<BroadcastStream<Arc<HubEvent>>>,
+    /// The campaign whose live frames the hub's fan-out writes to this
+    /// socket itself, bypassing `sent` (a seed-000 progress socket).
+    direct: Option<i64>,
     /// Paces the client's messages; the excess is dropped.
     inbound: governor::DefaultDirectRateLimiter,
     /// When the client was last told it sends too fast.
@@ -135,6 +138,7 @@ impl Session {
             sent: HashMap::new(),
             live: StreamMap::new(),
             workspace: None,
+            direct: None,
         }
     }
 
@@ -291,6 +295,7 @@ impl Session {
                 // The fan-out's frames start after what was just sent.
                 let sent = self.sent.get(&campaign.id).copied().unwrap_or(from_seq);
                 self.outbox().resume(sent);
+                self.direct = Some(campaign.id);
                 Ok(())
             }
         }
@@ -344,37 +349,54 @@ impl Session {
         let state = self.state.clone();
         let snapshot = snapshot(&state, campaign, position).await?;
         let mut data = burki_data(campaign.id, &snapshot);
-        let kind = match initial {
-            Initial::Progress => {
-                data["recent_activity"] = json!([]);
-                "initial_progress"
-            }
-            _ => "progress_update",
-        };
-        self.send_json(&json!({"type": kind, "data": data, "seq": position}))
+        data["recent_activity"] = json!([]);
+        self.send_json(&json!({"type": "initial_progress", "data": data, "seq": position}))
             .await?;
         self.outbox().sent(position);
         Ok(())
     }
 
-    /// A fresh `progress_update` of one campaign, read from the store.
+    /// A fresh `progress_update` of one campaign, read from the store: the
+    /// reply to `request_update`.
     async fn fresh_update(&mut self, campaign_id: i64) -> Result<(), End> {
+        let internal = |_: crate::store::StoreError| End::Close(CLOSE_INTERNAL, "internal error");
         let campaign = self
             .state
             .store
             .campaign(&CampaignRef::Id(campaign_id))
             .await
-            .map_err(|_| End::Close(CLOSE_INTERNAL, "internal error"))?
+            .map_err(internal)?
             .ok_or(End::Close(CLOSE_NOT_FOUND, "campaign not found"))?;
-        let position = self.sent.get(&campaign_id).copied().unwrap_or(0);
+        let sent = self.sent.get(&campaign_id).copied().unwrap_or(0);
         let current = self
             .state
             .store
             .last_seq(campaign_id)
             .await
-            .map_err(|_| End::Close(CLOSE_INTERNAL, "internal error"))?;
-        self.send_initial(&campaign, current.max(position), Initial::Update)
-            .await
+            .map_err(internal)?;
+        let position = current.max(sent);
+        let snapshot = snapshot(&self.state, &campaign, position).await?;
+        let reply = json!({"type": "progress_update",
+                           "data": burki_data(campaign_id, &snapshot), "seq": position});
+        // Live events no newer, still on their way from the hub, are now
+        // repeats: they would take the client back in time.
+        self.sent.insert(campaign_id, position);
+        if self.direct != Some(campaign_id) {
+            return self.send_json(&reply).await;
+        }
+        // The fan-out writes this campaign's live frames, not this task: the
+        // outbox skips the reply should a newer frame have gone out since
+        // the store was read. What tungstenite holds goes out first.
+        self.flush().await?;
+        let frame = text_frame(reply.to_string().as_bytes());
+        if self
+            .outbox()
+            .reply(position, frame)
+            .map_err(|_| End::Drop)?
+        {
+            self.unreported_messages += 1;
+        }
+        Ok(())
     }
 
     /// After a lag, catches a campaign up from the log.
@@ -427,7 +449,6 @@ fn protocol_name(format: Format) -> &'static str {
 enum Initial {
     None,
     Progress,
-    Update,
 }
 
 fn parse_since(raw: Option<&str>) -> Result<Option<i64>, String> {

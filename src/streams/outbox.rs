@@ -149,6 +149,25 @@ impl Outbox {
         queue.sent_seq = queue.sent_seq.max(seq);
     }
 
+    /// Writes a snapshot as of `seq` that the socket's task read itself (the
+    /// reply to a client's `request_update`), unless a newer frame went out
+    /// meanwhile: the task read the store after the request came, so a newer
+    /// frame was sent after the request and answers it, and this one would
+    /// take the client back in time. `Ok(false)` when skipped.
+    pub fn reply(&self, seq: i64, frame: Bytes) -> io::Result<bool> {
+        let mut queue = self.lock();
+        if seq < queue.sent_seq {
+            return Ok(false);
+        }
+        queue.sent_seq = seq;
+        let queued = queue.write_or_queue(&frame, || frame.clone(), true)?;
+        drop(queue);
+        if queued {
+            self.waiting.notify_one();
+        }
+        Ok(true)
+    }
+
     /// Completes when frames wait for the socket's task to write them.
     pub async fn frames_waiting(&self) {
         self.waiting.notified().await;
@@ -471,6 +490,27 @@ pub(super) mod tests {
         flushing.await.unwrap();
         let expected: Vec<i64> = (1..=last_whole).chain([seq + 2, -1]).collect();
         assert_eq!(read, expected);
+    }
+
+    #[tokio::test]
+    async fn a_reply_older_than_a_frame_already_sent_is_skipped_and_a_newer_one_skips_older_frames()
+    {
+        let (outbox, _conn, mut client) = pair().await;
+        outbox.resume(0);
+        outbox.offer(5, &live(5, 0));
+        // The session read the store at 4, then the fan-out sent 5.
+        assert!(!outbox.reply(4, live(4, 0)).unwrap());
+        // A reply as new as what went out is written: the client asked.
+        assert!(outbox.reply(5, live(5, 0)).unwrap());
+        assert!(outbox.reply(7, live(7, 0)).unwrap());
+        // Live frames the reply is newer than are not sent after it.
+        outbox.offer(6, &live(6, 0));
+        outbox.offer(8, &live(8, 0));
+        let mut seqs = Vec::new();
+        for _ in 0..4 {
+            seqs.push(next_seq(&mut client).await.unwrap());
+        }
+        assert_eq!(seqs, [5, 5, 7, 8]);
     }
 
     #[tokio::test]
