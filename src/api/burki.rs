@@ -19,7 +19,8 @@ use super::views::rfc3339_opt;
 use super::{ApiError, AppState};
 use crate::domain::{Channel, ExecutionStatus, Template};
 use crate::store::{
-    ExecutionPageRead, ExecutionQuery, ExecutionRecord, RenderPage, RenderedPage, RunSnapshot,
+    ExecutionPageRead, ExecutionQuery, ExecutionRow, RenderPage, RenderedPage, RunSnapshot,
+    StoreResult, Variables,
 };
 
 pub fn router() -> Router<AppState> {
@@ -63,8 +64,8 @@ pub struct ExecutionParams {
     cursor: Option<String>,
 }
 
-/// One execution as seed 001 shows it, borrowed from the record it was
-/// read into: a page writes 100 of them straight out, so the view copies
+/// One execution as seed 001 shows it, borrowed from the row it was read
+/// from: a page writes 100 of them straight out, so the view copies
 /// nothing.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Execution<'a> {
@@ -92,7 +93,7 @@ pub struct ExecutionData<'a> {
     from_number: Option<&'a str>,
     to_number: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    personalized_welcome_message: Option<String>,
+    personalized_welcome_message: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "as_object")]
     template_variables_used: Option<Vec<(&'a str, &'a str)>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -131,42 +132,51 @@ struct FrozenRun {
     variables: Vec<String>,
 }
 
-fn execution_view<'a>(e: &'a ExecutionRecord, frozen: Option<&'a FrozenRun>) -> Execution<'a> {
+/// `message` is the buffer the personalised message is rendered into,
+/// reused from row to row.
+fn execution_view<'a>(
+    e: &ExecutionRow<'a>,
+    variables: &'a Variables<'a>,
+    frozen: Option<&'a FrozenRun>,
+    message: &'a mut String,
+) -> Execution<'a> {
     let snapshot = frozen.map(|f| &f.snapshot);
     let channel = snapshot.map_or(Channel::Sms, |s| s.channel);
     let template = frozen.and_then(|f| f.template.as_ref());
-    let lookup = |v: &str| {
-        crate::domain::contact::variable_value(&e.phone, e.name.as_deref(), &e.variables, v)
-    };
-    let personalized_welcome_message = template.and_then(|t| t.render(lookup).ok());
+    let lookup =
+        |v: &str| crate::domain::contact::variable_value(e.phone, e.name, |v| variables.get(v), v);
+    message.clear();
+    let personalized_welcome_message = template
+        .and_then(|t| t.render_into(message, lookup).ok())
+        .map(|()| message.as_str());
     let template_variables_used = frozen.filter(|f| f.template.is_some()).map(|f| {
         f.variables
             .iter()
             .filter_map(|v| lookup(v).map(|value| (v.as_str(), value)))
             .collect()
     });
-    let provider_message_id = e.provider_message_id.as_deref();
+    let provider_message_id = e.provider_message_id;
     let (call_id, sms_id) = match channel {
         Channel::Voice => (provider_message_id, None),
         _ => (None, provider_message_id),
     };
     let execution_data = ExecutionData {
         from_number: snapshot.and_then(|s| s.sender.as_deref()),
-        to_number: &e.phone,
+        to_number: e.phone,
         personalized_welcome_message,
         template_variables_used,
         duration_seconds: e.duration_seconds,
-        error_details: e.error_details.as_deref(),
-        retry_reason: e.retry_reason.as_deref(),
-        message_status: e.message_status.as_deref(),
+        error_details: e.error_details,
+        retry_reason: e.retry_reason,
+        message_status: e.message_status,
         attempts: e.attempts,
     };
     Execution {
         id: e.id,
         execution_id: e.id,
         contact_id: e.contact_id,
-        contact_name: e.name.as_deref(),
-        contact_phone: &e.phone,
+        contact_name: e.name,
+        contact_phone: e.phone,
         status: e.status,
         call_id,
         sms_id,
@@ -248,14 +258,14 @@ pub async fn executions(
         let owner = read.workspace_id;
         // Another workspace's campaign is refused below, unread.
         let body = if owner == workspace_id {
-            render_page(read, page)
+            render_page(read, page)?
         } else {
             Vec::new()
         };
-        RenderedPage {
+        Ok(RenderedPage {
             workspace_id: owner,
             body,
-        }
+        })
     });
     let store = &state.store;
     let rendered = auth
@@ -274,7 +284,7 @@ pub async fn executions(
 }
 
 /// Seed 001's JSON of a page of executions.
-fn render_page(read: ExecutionPageRead, page: super::extract::Page) -> Vec<u8> {
+fn render_page(read: ExecutionPageRead, page: super::extract::Page) -> StoreResult<Vec<u8>> {
     let rows = read.executions;
     let snapshots: HashMap<i64, Option<FrozenRun>> = read
         .snapshots
@@ -300,12 +310,15 @@ fn render_page(read: ExecutionPageRead, page: super::extract::Page) -> Vec<u8> {
     // About 400 bytes a row.
     let mut body = Vec::with_capacity(256 + 512 * rows.len());
     body.extend_from_slice(b"{\"executions\":[");
+    let mut message = String::new();
     for (i, row) in rows.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
         let snapshot = snapshots.get(&row.run_id).and_then(Option::as_ref);
-        write_execution(&mut body, &execution_view(row, snapshot));
+        let variables = row.parse_variables()?;
+        let view = execution_view(&row, &variables, snapshot, &mut message);
+        write_execution(&mut body, &view);
     }
     body.extend_from_slice(b"],\"pagination\":");
     serde_json::to_writer(&mut body, &Pagination::new(page, read.total))
@@ -313,7 +326,7 @@ fn render_page(read: ExecutionPageRead, page: super::extract::Page) -> Vec<u8> {
     body.extend_from_slice(b",\"next_cursor\":");
     serde_json::to_writer(&mut body, &next_cursor).expect("a cursor serialises");
     body.push(b'}');
-    body
+    Ok(body)
 }
 
 /// Writes one execution exactly as its `Serialize` derive would (a test
@@ -429,18 +442,20 @@ mod tests {
         }
     }
 
-    fn record(id: i64, name: Option<&str>, variables: &[(&str, &str)]) -> ExecutionRecord {
-        ExecutionRecord {
+    fn row<'a>(
+        id: i64,
+        phone: &'a str,
+        name: Option<&'a str>,
+        variables: &'a str,
+    ) -> ExecutionRow<'a> {
+        ExecutionRow {
             id,
             run_id: 1,
             batch_sequence: 1,
             contact_id: id / 7,
-            phone: format!("+1555{id:07}"),
-            name: name.map(str::to_owned),
-            variables: variables
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            phone,
+            name,
+            variables,
             status: ExecutionStatus::Pending,
             message_status: None,
             attempts: 0,
@@ -455,18 +470,25 @@ mod tests {
 
     #[test]
     fn an_execution_is_written_byte_for_byte_as_serde_writes_it() {
-        let mut finished = record(2, Some("Zoë \"Z\" O'Neil"), &[("day", "Mon\nday\t\\")]);
-        finished.status = ExecutionStatus::Completed;
-        finished.message_status = Some("delivered".into());
-        finished.attempts = 2;
-        finished.provider_message_id = Some("SM0123456789abcdef".into());
-        finished.duration_seconds = Some(-1);
-        finished.error_details = Some("a \u{1} control, a / slash, an é".into());
-        finished.retry_reason = Some(r"C:\back\slash".into());
-        finished.executed_at = Some(1_764_599_891_110);
-        let records = [
-            record(1, None, &[]),
-            record(i64::MAX, Some(""), &[("name", "from variables")]),
+        let finished = ExecutionRow {
+            status: ExecutionStatus::Completed,
+            message_status: Some("delivered"),
+            attempts: 2,
+            provider_message_id: Some("SM0123456789abcdef"),
+            duration_seconds: Some(-1),
+            error_details: Some("a \u{1} control, a / slash, an é"),
+            retry_reason: Some(r"C:\back\slash"),
+            executed_at: Some(1_764_599_891_110),
+            ..row(
+                2,
+                "+15550000002",
+                Some("Zoë \"Z\" O'Neil"),
+                r#"{"day":"Mon\nday\t\\"}"#,
+            )
+        };
+        let rows = [
+            row(1, "+15550000001", None, "{}"),
+            row(i64::MAX, "+1555", Some(""), r#"{"name":"from variables"}"#),
             finished,
         ];
         let runs = [
@@ -480,14 +502,14 @@ mod tests {
             Some(frozen(Channel::Sms, "No variables", None)),
             Some(frozen(Channel::Sms, "Missing {{nothing}}", None)),
         ];
+        // One buffer for every message, as a page renders them.
+        let mut message = String::new();
         for run in &runs {
-            for record in &records {
+            for row in &rows {
                 for status in [ExecutionStatus::Pending, ExecutionStatus::NoAnswer] {
-                    let record = ExecutionRecord {
-                        status,
-                        ..record.clone()
-                    };
-                    let view = execution_view(&record, run.as_ref());
+                    let row = ExecutionRow { status, ..*row };
+                    let variables = row.parse_variables().unwrap();
+                    let view = execution_view(&row, &variables, run.as_ref(), &mut message);
                     let mut written = Vec::new();
                     write_execution(&mut written, &view);
                     let expected = serde_json::to_vec(&view).unwrap();

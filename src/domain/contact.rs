@@ -38,16 +38,18 @@ pub struct ContactError {
 /// come from the recipient itself (a missing name from its `name` variable),
 /// anything else from its variables. One rule for the import's check, the
 /// engine's sends and the rendered messages a page shows.
+/// `variables` looks a name up in the recipient's variables, however they
+/// are held.
 pub fn variable_value<'a>(
     phone: &'a str,
     name: Option<&'a str>,
-    variables: &'a BTreeMap<String, String>,
+    variables: impl Fn(&str) -> Option<&'a str>,
     variable: &str,
 ) -> Option<&'a str> {
     match variable {
         "phone" => Some(phone),
-        "name" => name.or_else(|| variables.get("name").map(String::as_str)),
-        other => variables.get(other).map(String::as_str),
+        "name" => name.or_else(|| variables("name")),
+        other => variables(other),
     }
 }
 
@@ -57,7 +59,7 @@ impl NewContact {
         variable_value(
             self.phone.as_str(),
             self.name.as_deref(),
-            &self.variables,
+            |v| self.variables.get(v).map(String::as_str),
             variable,
         )
     }

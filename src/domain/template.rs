@@ -98,6 +98,17 @@ impl Template {
         lookup: impl Fn(&str) -> Option<&'a str>,
     ) -> Result<String, MissingVariable> {
         let mut out = String::with_capacity(self.source.len() + 32);
+        self.render_into(&mut out, lookup)?;
+        Ok(out)
+    }
+
+    /// [`Template::render`] appending to `out`, which a caller rendering
+    /// many messages reuses; on an error `out` holds part of the message.
+    pub fn render_into<'a>(
+        &self,
+        out: &mut String,
+        lookup: impl Fn(&str) -> Option<&'a str>,
+    ) -> Result<(), MissingVariable> {
         for part in &self.parts {
             match part {
                 Part::Text(text) => out.push_str(text),
@@ -107,7 +118,7 @@ impl Template {
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 

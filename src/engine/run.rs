@@ -40,7 +40,7 @@ fn lookup<'a>(execution: &'a PendingExecution, variable: &str) -> Option<&'a str
     crate::domain::contact::variable_value(
         &execution.phone,
         execution.name.as_deref(),
-        &execution.variables,
+        |v| execution.variables.get(v).map(String::as_str),
         variable,
     )
 }

@@ -9,8 +9,8 @@
 
 use std::collections::BTreeMap;
 
+use super::execution_rows::ExecutionRow;
 use super::{ExecutionRecord, RunSnapshot, StoreError, StoreResult};
-use crate::domain::ExecutionStatus;
 
 /// A row's values by position, borrowed where the driver allows it.
 pub trait Columns {
@@ -22,26 +22,26 @@ pub trait Columns {
 
 /// A record read from a row, by position.
 pub trait FromColumns: Sized + Send + 'static {
-    fn from_columns(row: &impl Columns) -> StoreResult<Self>;
+    fn from_columns(row: &dyn Columns) -> StoreResult<Self>;
 }
 
 /// A single integer column.
 impl FromColumns for i64 {
-    fn from_columns(row: &impl Columns) -> StoreResult<Self> {
+    fn from_columns(row: &dyn Columns) -> StoreResult<Self> {
         row.int(0)
     }
 }
 
 /// A campaign's id and its workspace's.
 impl FromColumns for (i64, i64) {
-    fn from_columns(row: &impl Columns) -> StoreResult<Self> {
+    fn from_columns(row: &dyn Columns) -> StoreResult<Self> {
         Ok((row.int(0)?, row.int(1)?))
     }
 }
 
 /// A run's id and its frozen settings (none before it is frozen).
 impl FromColumns for (i64, Option<RunSnapshot>) {
-    fn from_columns(row: &impl Columns) -> StoreResult<Self> {
+    fn from_columns(row: &dyn Columns) -> StoreResult<Self> {
         Ok((row.int(0)?, snapshot_from(row.opt_text(1)?)?))
     }
 }
@@ -53,7 +53,7 @@ pub fn snapshot_from(raw: Option<&str>) -> StoreResult<Option<RunSnapshot>> {
         .map_err(|e| StoreError::Corrupt(format!("snapshot: {e}")))
 }
 
-/// What [`ExecutionRecord::from_columns`] reads, in its order. A page
+/// What [`ExecutionRow::from_columns`] reads, in its order. A page
 /// copies every column of every row it selects, so it selects no more
 /// than the record holds.
 pub const EXECUTION_COLUMNS: &str = "id, run_id, batch_sequence, contact_id, phone, name, \
@@ -73,27 +73,8 @@ pub fn variables_from(raw: &str) -> StoreResult<BTreeMap<String, String>> {
 }
 
 impl FromColumns for ExecutionRecord {
-    fn from_columns(row: &impl Columns) -> StoreResult<Self> {
-        let status = row.text(7)?;
-        Ok(ExecutionRecord {
-            id: row.int(0)?,
-            run_id: row.int(1)?,
-            batch_sequence: row.int(2)?,
-            contact_id: row.int(3)?,
-            phone: row.text(4)?.to_owned(),
-            name: row.opt_text(5)?.map(str::to_owned),
-            variables: variables_from(row.text(6)?)?,
-            status: ExecutionStatus::parse(status)
-                .ok_or_else(|| StoreError::Corrupt(status.into()))?,
-            message_status: row.opt_text(8)?.map(str::to_owned),
-            attempts: row.int(9)?,
-            provider_message_id: row.opt_text(10)?.map(str::to_owned),
-            duration_seconds: row.opt_int(11)?,
-            error_details: row.opt_text(12)?.map(str::to_owned),
-            retry_reason: row.opt_text(13)?.map(str::to_owned),
-            executed_at: row.opt_int(14)?,
-            delivered_at: row.opt_int(15)?,
-        })
+    fn from_columns(row: &dyn Columns) -> StoreResult<Self> {
+        ExecutionRow::from_columns(row)?.to_record()
     }
 }
 

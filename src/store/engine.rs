@@ -228,7 +228,7 @@ pub struct MinuteBucket {
 pub struct ExecutionPageRead {
     /// The campaign's workspace, for the caller's access check.
     pub workspace_id: i64,
-    pub executions: Vec<ExecutionRecord>,
+    pub executions: super::ExecutionRows,
     /// Executions that match the filter, on every page.
     pub total: i64,
     /// The frozen settings of each run the page's executions are of.
@@ -237,7 +237,7 @@ pub struct ExecutionPageRead {
 
 /// What a caller makes of an [`ExecutionPageRead`] (see
 /// [`ReportStore::execution_page`]).
-pub type RenderPage = Box<dyn FnOnce(ExecutionPageRead) -> RenderedPage + Send>;
+pub type RenderPage = Box<dyn FnOnce(ExecutionPageRead) -> StoreResult<RenderedPage> + Send>;
 
 /// A page of executions as its caller rendered it.
 #[derive(Debug, Clone)]

@@ -11,10 +11,12 @@
 
 pub mod columns;
 pub mod engine;
+pub mod execution_rows;
 pub mod postgres;
 pub mod sqlite;
 
 pub use engine::*;
+pub use execution_rows::{ExecutionRow, ExecutionRows, Variables};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -217,6 +217,21 @@ pub(crate) mod dialect {
             sql: &str,
             params: Vec<crate::store::columns::Param>,
         ) -> StoreResult<Vec<T>> {
+            let mut records = Vec::new();
+            self.each_row(sql, params, &mut |row| {
+                records.push(T::from_columns(row)?);
+                Ok(())
+            })?;
+            Ok(records)
+        }
+
+        /// Hands each row of a statement to `row`, borrowed.
+        pub fn each_row(
+            &mut self,
+            sql: &str,
+            params: Vec<crate::store::columns::Param>,
+            row: &mut dyn FnMut(&dyn crate::store::columns::Columns) -> StoreResult<()>,
+        ) -> StoreResult<()> {
             use crate::store::columns::Param;
             let sql = placeholders(sql);
             let mut query = sqlx::query(&sql);
@@ -226,11 +241,13 @@ pub(crate) mod dialect {
                     Param::Text(value) => query.bind(value.as_str()),
                 };
             }
-            self.runtime
+            for next in self
+                .runtime
                 .block_on(query.fetch_all(&mut *self.connection))?
-                .iter()
-                .map(T::from_columns)
-                .collect()
+            {
+                row(&next)?;
+            }
+            Ok(())
         }
     }
 

@@ -66,13 +66,29 @@ pub(crate) mod dialect {
             sql: &str,
             params: Vec<crate::store::columns::Param>,
         ) -> crate::store::StoreResult<Vec<T>> {
+            let mut records = Vec::new();
+            self.each_row(sql, params, &mut |row| {
+                records.push(T::from_columns(row)?);
+                Ok(())
+            })?;
+            Ok(records)
+        }
+
+        /// Hands each row of a statement to `row`, borrowed.
+        pub fn each_row(
+            &mut self,
+            sql: &str,
+            params: Vec<crate::store::columns::Param>,
+            row: &mut dyn FnMut(
+                &dyn crate::store::columns::Columns,
+            ) -> crate::store::StoreResult<()>,
+        ) -> crate::store::StoreResult<()> {
             let mut statement = self.connection.prepare_cached(sql)?;
             let mut rows = statement.query(rusqlite::params_from_iter(params))?;
-            let mut records = Vec::new();
-            while let Some(row) = rows.next()? {
-                records.push(T::from_columns(row)?);
+            while let Some(next) = rows.next()? {
+                row(next)?;
             }
-            Ok(records)
+            Ok(())
         }
     }
 

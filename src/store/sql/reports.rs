@@ -7,7 +7,7 @@ use sqlx::Row;
 use super::engine::{counters_from_row, run_from_row, RUN_COLUMNS};
 use super::{campaign_from_row, dialect, DbRow, SqlStore, CAMPAIGN_COLUMNS};
 use crate::domain::{ExecutionStatus, RunStatus};
-use crate::store::columns::{Param, EXECUTION_COLUMNS};
+use crate::store::columns::{Columns, FromColumns, Param, EXECUTION_COLUMNS};
 use crate::store::*;
 
 fn batch_from_row(row: &DbRow) -> StoreResult<BatchRecord> {
@@ -33,18 +33,19 @@ fn batch_from_row(row: &DbRow) -> StoreResult<BatchRecord> {
     })
 }
 
-/// A page of a campaign's executions, newest first.
-fn execution_rows(
+/// Hands each execution of a page of a campaign's, newest first, to `row`.
+fn each_execution(
     reader: &mut dialect::Reader<'_>,
     campaign_id: i64,
     query: &ExecutionQuery,
-) -> StoreResult<Vec<ExecutionRecord>> {
+    row: &mut dyn FnMut(&dyn Columns) -> StoreResult<()>,
+) -> StoreResult<()> {
     let unfiltered = query.status.is_none() && query.run_id.is_none();
     if unfiltered && query.before_id.is_none() && query.offset > 0 {
         // Ordinals number the campaign's executions 1..n in id order: the
         // page at any offset is one index range, below the newest ordinal
         // (one more index lookup in the same statement).
-        return reader.rows(
+        return reader.each_row(
             &format!(
                 "SELECT {EXECUTION_COLUMNS} FROM executions WHERE campaign_id = ? AND campaign_ordinal <=
                      (SELECT COALESCE(MAX(campaign_ordinal), 0) FROM executions WHERE campaign_id = ?) - ?
@@ -56,6 +57,7 @@ fn execution_rows(
                 Param::Int(query.offset),
                 Param::Int(query.limit),
             ],
+            row,
         );
     }
     // Only the predicates in use, so the (campaign_id, id) index drives the
@@ -81,7 +83,7 @@ fn execution_rows(
             boundary_params,
         )?;
         let Some(id) = ids.first() else {
-            return Ok(Vec::new());
+            return Ok(());
         };
         below = Some(*id);
     }
@@ -90,9 +92,10 @@ fn execution_rows(
         params.push(Param::Int(below));
     }
     params.push(Param::Int(query.limit));
-    reader.rows(
+    reader.each_row(
         &format!("SELECT {EXECUTION_COLUMNS} FROM executions{filter} ORDER BY id DESC LIMIT ?"),
         params,
+        row,
     )
 }
 
@@ -182,7 +185,12 @@ impl ReportStore for SqlStore {
     ) -> StoreResult<Vec<ExecutionRecord>> {
         let query = query.clone();
         dialect::read_job(&self.reader, move |reader| {
-            execution_rows(reader, campaign_id, &query)
+            let mut records = Vec::new();
+            each_execution(reader, campaign_id, &query, &mut |row| {
+                records.push(ExecutionRecord::from_columns(row)?);
+                Ok(())
+            })?;
+            Ok(records)
         })
         .await
     }
@@ -211,7 +219,12 @@ impl ReportStore for SqlStore {
             let Some(&(campaign_id, workspace_id)) = found.first() else {
                 return Ok(None);
             };
-            let executions = execution_rows(reader, campaign_id, &query)?;
+            // About 150 bytes of text a row.
+            let mut executions = ExecutionRows::with_capacity(query.limit as usize, 160);
+            each_execution(reader, campaign_id, &query, &mut |row| {
+                executions.push(&ExecutionRow::from_columns(row)?);
+                Ok(())
+            })?;
             let total = execution_total(reader, campaign_id, query.status)?;
             let mut run_ids: Vec<i64> = executions.iter().map(|e| e.run_id).collect();
             run_ids.sort_unstable();
@@ -225,12 +238,13 @@ impl ReportStore for SqlStore {
                     run_ids.into_iter().map(Param::Int).collect(),
                 )?
             };
-            Ok(Some(render(ExecutionPageRead {
+            render(ExecutionPageRead {
                 workspace_id,
                 executions,
                 total,
                 snapshots: snapshots.into_iter().collect(),
-            })))
+            })
+            .map(Some)
         })
         .await
     }
