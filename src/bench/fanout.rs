@@ -50,6 +50,8 @@ struct HeraldFanout {
     distinct_frames: usize,
     finished: usize,
     server_cpu: Option<f64>,
+    /// CPU the subscribers (this process) took meanwhile, on the same cores.
+    subscribers_cpu: Option<f64>,
     rss_idle_server: u64,
     rss_connected: u64,
 }
@@ -57,6 +59,11 @@ struct HeraldFanout {
 impl HeraldFanout {
     fn cpu_per_frame_us(&self) -> Option<f64> {
         self.server_cpu
+            .map(|cpu| cpu * 1e6 / self.delivery.frames.max(1) as f64)
+    }
+
+    fn subscribers_cpu_per_frame_us(&self) -> Option<f64> {
+        self.subscribers_cpu
             .map(|cpu| cpu * 1e6 / self.delivery.frames.max(1) as f64)
     }
 
@@ -107,11 +114,12 @@ async fn herald_fanout(
     let rss_idle_server = rss_of(server_pid).unwrap_or(0);
     println!("opening {subscribers} subscribers …");
     let url = format!("ws://127.0.0.1:{port}/ws/campaigns/{id}/progress?token={key}");
-    let mut subscribed = open_subscribers(&url, subscribers).await;
+    let mut subscribed = super::subscribers::open(&url, subscribers).await?;
     let open = subscribed.open;
     let rss_connected = rss_of(server_pid).unwrap_or(0);
     println!("{open} connected; running the campaign ({coalesce_ms} ms coalescing) …");
     let cpu = CpuClock::start(server_pid);
+    let subscribers_cpu = CpuClock::start(std::process::id());
     let started = Instant::now();
     let started_ms = chrono::Utc::now().timestamp_millis();
     client
@@ -124,8 +132,8 @@ async fn herald_fanout(
         .wait_for_final(std::time::Duration::from_secs(600))
         .await;
     let elapsed = started.elapsed();
+    let (server_cpu, subscribers_cpu) = (cpu.used(), subscribers_cpu.used());
     let received = subscribed.stop();
-    let server_cpu = cpu.used();
     server.stop().await;
     // Every event of the run, as committed: what each subscriber should
     // have been told, and when it happened.
@@ -163,6 +171,7 @@ async fn herald_fanout(
         distinct_frames,
         finished,
         server_cpu,
+        subscribers_cpu,
         rss_idle_server,
         rss_connected,
     })
@@ -198,6 +207,13 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     if let (Some(cpu), Some(per_frame)) = (run.server_cpu, cpu_per_frame_us) {
         println!(
             "server CPU:           {cpu:.1} s during the run ({:.2} cores): {per_frame:.1} µs per frame delivered (engine included)",
+            cpu / run.elapsed.as_secs_f64()
+        );
+    }
+    if let (Some(cpu), Some(per_frame)) = (run.subscribers_cpu, run.subscribers_cpu_per_frame_us())
+    {
+        println!(
+            "subscribers' CPU:     {cpu:.1} s on the same cores ({:.2} cores): {per_frame:.1} µs per frame read",
             cpu / run.elapsed.as_secs_f64()
         );
     }
@@ -241,6 +257,14 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
             None,
         );
     }
+    if let Some(per_frame) = run.subscribers_cpu_per_frame_us() {
+        report.row(
+            "subscribers' CPU per frame read (same cores)",
+            per_frame,
+            "µs",
+            None,
+        );
+    }
     report.row(
         "server RSS per connection",
         run.per_connection() / 1024.0,
@@ -264,6 +288,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
            "p50_ms": p50, "p99_ms": p99, "max_ms": max,
            "frame_p50_ms": frame_p50, "frame_p99_ms": frame_p99, "final_seen": run.finished,
            "coalesce_ms": args.coalesce_ms, "server_cpu_per_frame_us": cpu_per_frame_us,
+           "subscribers_cpu_per_frame_us": run.subscribers_cpu_per_frame_us(),
            "rss_per_connection_bytes": run.per_connection()});
     // The same subscribers and as many frames, at the same pace, through
     // the FastAPI peer.
@@ -388,7 +413,7 @@ async fn peer_fanout(
     let rss_idle = rss_of(peer.pid).unwrap_or(0);
     let url = format!("{}/ws", peer.base.replacen("http", "ws", 1));
     println!("FastAPI peer: opening {subscribers} subscribers …");
-    let mut subscribed = open_subscribers(&url, subscribers).await;
+    let mut subscribed = super::subscribers::open(&url, subscribers).await?;
     let open = subscribed.open;
     let rss_connected = rss_of(peer.pid).unwrap_or(0);
     println!(
@@ -438,71 +463,14 @@ async fn peer_fanout(
     })
 }
 
-/// What a subscriber reads of a frame.
-#[derive(serde::Deserialize)]
-struct FrameHead<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: &'a str,
-    seq: Option<i64>,
-    /// When the event it carries was committed (Unix ms).
-    ts: Option<f64>,
-    #[serde(default, borrow)]
-    data: FrameData<'a>,
-}
-
-#[derive(serde::Deserialize, Default)]
-struct FrameData<'a> {
-    #[serde(borrow)]
-    status: Option<&'a str>,
-}
-
 /// A `progress_update` frame as a subscriber read it.
-#[derive(Clone, Copy)]
-struct Frame {
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Frame {
     /// The log position of the event it carries.
-    seq: i64,
+    pub seq: i64,
     /// When that event was committed and when the frame arrived (Unix ms).
-    committed: f64,
-    arrived: f64,
-}
-
-/// Each connected subscriber's reading: every frame, in order.
-type Reading = std::sync::Arc<std::sync::Mutex<Vec<Frame>>>;
-
-/// Subscribers reading `progress_update` frames.
-struct Subscribers {
-    tasks: tokio::task::JoinSet<()>,
-    readings: std::sync::Arc<std::sync::Mutex<Vec<Reading>>>,
-    /// One message per subscriber that saw the final status.
-    finals: tokio::sync::mpsc::UnboundedReceiver<()>,
-    /// How many connected.
-    open: usize,
-}
-
-impl Subscribers {
-    /// Waits until every subscriber has seen the final status, or
-    /// `patience` has passed; how many saw it.
-    async fn wait_for_final(&mut self, patience: std::time::Duration) -> usize {
-        let deadline = tokio::time::Instant::now() + patience;
-        let mut seen = 0;
-        while seen < self.open {
-            match tokio::time::timeout_at(deadline, self.finals.recv()).await {
-                Ok(Some(())) => seen += 1,
-                _ => break,
-            }
-        }
-        seen
-    }
-
-    /// Closes the sockets; what each connected subscriber read.
-    fn stop(mut self) -> Vec<Vec<Frame>> {
-        self.tasks.abort_all();
-        let readings = std::mem::take(&mut *self.readings.lock().expect("readings"));
-        readings
-            .into_iter()
-            .map(|reading| std::mem::take(&mut *reading.lock().expect("reading")))
-            .collect()
-    }
+    pub committed: f64,
+    pub arrived: f64,
 }
 
 /// Commit → receipt at every subscriber, of every frame and every event.
@@ -568,86 +536,5 @@ fn delivery(events: &[(i64, f64)], received: &[Vec<Frame>]) -> Delivery {
         event_latencies,
         frames,
         missed,
-    }
-}
-
-/// tungstenite zero-fills its whole read buffer (128 KiB by default) before
-/// every read: with ten thousand subscribers that memset was half of the
-/// client's CPU, taken from the two cores the server runs on. Frames are
-/// short; 4 KiB reads them in one go.
-fn small_buffers() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
-    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(4 * 1024)
-}
-
-/// Opens `count` WebSocket subscribers to `url` (Herald's or the peer's, which
-/// send the same frames) and waits until they are connected.
-async fn open_subscribers(url: &str, count: usize) -> Subscribers {
-    use futures::StreamExt as _;
-    let (tx, finals) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let readings = std::sync::Arc::new(std::sync::Mutex::new(Vec::with_capacity(count)));
-    let mut tasks = tokio::task::JoinSet::new();
-    let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    for n in 0..count {
-        let (url, tx, connected, readings) = (
-            url.to_owned(),
-            tx.clone(),
-            connected.clone(),
-            readings.clone(),
-        );
-        tasks.spawn(async move {
-            let Ok((mut socket, _)) =
-                tokio_tungstenite::connect_async_with_config(&url, Some(small_buffers()), false)
-                    .await
-            else {
-                return;
-            };
-            connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let reading = Reading::default();
-            readings.lock().expect("readings").push(reading.clone());
-            while let Some(Ok(message)) = socket.next().await {
-                let arrived = chrono::Utc::now().timestamp_micros() as f64 / 1000.0;
-                let tokio_tungstenite::tungstenite::Message::Text(text) = message else {
-                    continue;
-                };
-                // Only the fields measured, borrowed: ten thousand clients
-                // share the server's two cores, and building a whole
-                // `Value` per frame made the client the bottleneck.
-                let Ok(frame) = serde_json::from_str::<FrameHead>(&text) else {
-                    continue;
-                };
-                if frame.kind != "progress_update" {
-                    continue;
-                }
-                if let (Some(seq), Some(committed)) = (frame.seq, frame.ts) {
-                    reading.lock().expect("reading").push(Frame {
-                        seq,
-                        committed,
-                        arrived,
-                    });
-                }
-                if frame.data.status == Some("completed") {
-                    let _ = tx.send(());
-                    return;
-                }
-            }
-        });
-        // Keep the accept queue from overflowing.
-        if n % 500 == 499 {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    }
-    let deadline = Instant::now() + std::time::Duration::from_secs(120);
-    while connected.load(std::sync::atomic::Ordering::Relaxed) < count && Instant::now() < deadline
-    {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    Subscribers {
-        tasks,
-        readings,
-        finals,
-        open: connected.load(std::sync::atomic::Ordering::Relaxed),
     }
 }

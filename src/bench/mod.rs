@@ -13,6 +13,7 @@ mod fanout;
 mod import;
 mod peers;
 mod rest;
+mod subscribers;
 
 pub use engine::EngineArgs;
 pub use fanout::FanoutArgs;

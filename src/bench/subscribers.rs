@@ -1,0 +1,460 @@
+//! The fan-out benchmark's subscribers: thousands of WebSocket clients
+//! that take as little of the machine as they can.
+//!
+//! They run on the two cores the server they measure runs on. As tokio
+//! tasks reading through tokio-tungstenite they took 8.3 µs of CPU per
+//! frame, more than the server took to send it (4.9 µs), and a frame's
+//! latency counted the time it waited for a client core as much as the
+//! server's work. Here a couple of threads each wait on one `epoll` set
+//! (mio) for their share of the sockets, read what arrived, and take the
+//! frames apart by hand (RFC 6455: a server's frames are unmasked; pings are
+//! answered, fragments joined, a close ends the socket). Only the opening
+//! handshake runs on tokio.
+//!
+//! A subscriber reads `progress_update` frames, notes the `seq` and `ts`
+//! each carries and when it arrived, and stops at the one whose status is
+//! `completed`.
+
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::fanout::Frame;
+
+/// Reading threads: one per core the server leaves them.
+const THREADS: usize = 2;
+
+/// What a subscriber reads of a frame.
+#[derive(serde::Deserialize)]
+struct FrameHead<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    seq: Option<i64>,
+    /// When the event it carries was committed (Unix ms).
+    ts: Option<f64>,
+    #[serde(default, borrow)]
+    data: FrameData<'a>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct FrameData<'a> {
+    #[serde(borrow)]
+    status: Option<&'a str>,
+}
+
+/// Subscribers reading `progress_update` frames.
+pub(super) struct Subscribers {
+    threads: Vec<std::thread::JoinHandle<Vec<Vec<Frame>>>>,
+    stop: Arc<AtomicBool>,
+    /// One message per subscriber that saw the final status.
+    finals: tokio::sync::mpsc::UnboundedReceiver<()>,
+    /// How many connected.
+    pub open: usize,
+}
+
+impl Subscribers {
+    /// Waits until every subscriber has seen the final status, or
+    /// `patience` has passed; how many saw it.
+    pub async fn wait_for_final(&mut self, patience: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut seen = 0;
+        while seen < self.open {
+            match tokio::time::timeout_at(deadline, self.finals.recv()).await {
+                Ok(Some(())) => seen += 1,
+                _ => break,
+            }
+        }
+        seen
+    }
+
+    /// Closes the sockets; what each connected subscriber read.
+    pub fn stop(self) -> Vec<Vec<Frame>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .flat_map(|thread| thread.join().unwrap_or_default())
+            .collect()
+    }
+}
+
+/// Opens `count` WebSocket subscribers to `url` (`ws://host:port/path`,
+/// Herald's or the peer's, which send the same frames) and waits until
+/// they are connected.
+pub(super) async fn open(url: &str, count: usize) -> anyhow::Result<Subscribers> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or_else(|| anyhow::anyhow!("{url}: only ws:// URLs"))?;
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let (host, path) = (host.to_owned(), path.to_owned());
+    let mut connecting = tokio::task::JoinSet::new();
+    for n in 0..count {
+        let (host, path) = (host.clone(), path.clone());
+        connecting.spawn(async move {
+            tokio::time::timeout(Duration::from_secs(60), connect(&host, &path)).await?
+        });
+        // Keep the accept queue from overflowing.
+        if n % 500 == 499 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut sockets = Vec::with_capacity(count);
+    let mut failed = 0;
+    while let Some(joined) = connecting.join_next().await {
+        match joined {
+            Ok(Ok(socket)) => sockets.push(socket),
+            _ => failed += 1,
+        }
+    }
+    if failed > 0 {
+        println!("{failed} subscribers could not connect");
+    }
+    let open = sockets.len();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, finals) = tokio::sync::mpsc::unbounded_channel();
+    let mut threads = Vec::new();
+    let share = open.div_ceil(THREADS).max(1);
+    while !sockets.is_empty() {
+        let mine: Vec<Socket> = sockets.drain(..share.min(sockets.len())).collect();
+        let (stop, tx) = (stop.clone(), tx.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name("subscribers".into())
+                .spawn(move || read_all(mine, &stop, &tx))?,
+        );
+    }
+    // Let the server finish with the upgrades before the run starts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(Subscribers {
+        threads,
+        stop,
+        finals,
+        open,
+    })
+}
+
+/// One subscriber's connection and what it read.
+struct Socket {
+    tcp: mio::net::TcpStream,
+    /// Bytes read and not yet taken apart into frames.
+    buffer: Vec<u8>,
+    /// A fragmented message's payload so far.
+    message: Vec<u8>,
+    frames: Vec<Frame>,
+    /// Saw the final status, or the connection ended.
+    done: bool,
+}
+
+/// Connects and completes the opening handshake (RFC 6455 §4.1).
+async fn connect(host: &str, path: &str) -> anyhow::Result<Socket> {
+    use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
+    let mut tcp = tokio::net::TcpStream::connect(host).await?;
+    let key = generate_key();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await?;
+    let mut buffer = Vec::with_capacity(1024);
+    let end = loop {
+        if tcp.read_buf(&mut buffer).await? == 0 {
+            anyhow::bail!("closed during the handshake");
+        }
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        anyhow::ensure!(buffer.len() < 16 * 1024, "handshake response too long");
+    };
+    let head = std::str::from_utf8(&buffer[..end])?.to_ascii_lowercase();
+    anyhow::ensure!(
+        head.starts_with("http/1.1 101"),
+        "no upgrade: {}",
+        head.lines().next().unwrap_or_default()
+    );
+    let accept = derive_accept_key(key.as_bytes()).to_ascii_lowercase();
+    anyhow::ensure!(
+        head.lines()
+            .any(|line| line.strip_prefix("sec-websocket-accept:").map(str::trim) == Some(&accept)),
+        "wrong Sec-WebSocket-Accept"
+    );
+    // Frames that came with the response stay in the buffer.
+    buffer.drain(..end);
+    let tcp = tcp.into_std()?;
+    tcp.set_nodelay(true)?;
+    Ok(Socket {
+        tcp: mio::net::TcpStream::from_std(tcp),
+        buffer,
+        message: Vec::new(),
+        frames: Vec::new(),
+        done: false,
+    })
+}
+
+/// One thread's share of the subscribers, read until `stop`; what each read.
+fn read_all(
+    mut sockets: Vec<Socket>,
+    stop: &AtomicBool,
+    finals: &tokio::sync::mpsc::UnboundedSender<()>,
+) -> Vec<Vec<Frame>> {
+    let Ok(mut poll) = mio::Poll::new() else {
+        return Vec::new();
+    };
+    for (token, socket) in sockets.iter_mut().enumerate() {
+        let registered =
+            poll.registry()
+                .register(&mut socket.tcp, mio::Token(token), mio::Interest::READABLE);
+        if registered.is_err() {
+            socket.done = true;
+        }
+    }
+    // Frames that arrived with the handshake.
+    for socket in &mut sockets {
+        socket.take_frames(finals);
+    }
+    let mut events = mio::Events::with_capacity(1024);
+    let mut chunk = vec![0u8; 16 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        if let Err(e) = poll.poll(&mut events, Some(Duration::from_millis(50))) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        for event in &events {
+            let socket = &mut sockets[event.token().0];
+            if socket.done {
+                continue;
+            }
+            socket.read_ready(&mut chunk, finals);
+            if socket.done {
+                let _ = poll.registry().deregister(&mut socket.tcp);
+            }
+        }
+    }
+    sockets.into_iter().map(|socket| socket.frames).collect()
+}
+
+impl Socket {
+    /// Reads what arrived and takes the frames in it.
+    fn read_ready(&mut self, chunk: &mut [u8], finals: &tokio::sync::mpsc::UnboundedSender<()>) {
+        loop {
+            match self.tcp.read(chunk) {
+                Ok(0) => {
+                    self.done = true;
+                    return;
+                }
+                Ok(n) => {
+                    self.buffer.extend_from_slice(&chunk[..n]);
+                    self.take_frames(finals);
+                    // A short read emptied the socket: the next arrival
+                    // raises a new edge, so no read just to see WouldBlock.
+                    if n < chunk.len() || self.done {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.done = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes every whole frame off the front of the buffer.
+    fn take_frames(&mut self, finals: &tokio::sync::mpsc::UnboundedSender<()>) {
+        // The frames of one read arrived together.
+        let arrived = chrono::Utc::now().timestamp_micros() as f64 / 1000.0;
+        let mut buffer = std::mem::take(&mut self.buffer);
+        let mut at = 0;
+        while !self.done {
+            let Some((header, opcode, fin, len)) = frame_header(&buffer[at..]) else {
+                break;
+            };
+            let Some(payload) = buffer.get(at + header..at + header + len) else {
+                break;
+            };
+            match opcode {
+                // Text, or the continuation of a fragmented one.
+                0x1 | 0x0 => {
+                    if fin && self.message.is_empty() {
+                        self.frames_read(payload, arrived, finals);
+                    } else {
+                        self.message.extend_from_slice(payload);
+                        if fin {
+                            let message = std::mem::take(&mut self.message);
+                            self.frames_read(&message, arrived, finals);
+                        }
+                    }
+                }
+                0x8 => self.done = true,
+                0x9 => {
+                    let pong = masked_frame(0xA, payload);
+                    let _ = self.tcp.write_all(&pong);
+                }
+                _ => {}
+            }
+            at += header + len;
+        }
+        buffer.drain(..at);
+        self.buffer = buffer;
+    }
+
+    /// Notes a `progress_update` message; the final status ends the socket.
+    fn frames_read(
+        &mut self,
+        payload: &[u8],
+        arrived: f64,
+        finals: &tokio::sync::mpsc::UnboundedSender<()>,
+    ) {
+        let Ok(frame) = serde_json::from_slice::<FrameHead>(payload) else {
+            return;
+        };
+        if frame.kind != "progress_update" {
+            return;
+        }
+        if let (Some(seq), Some(committed)) = (frame.seq, frame.ts) {
+            self.frames.push(Frame {
+                seq,
+                committed,
+                arrived,
+            });
+        }
+        if frame.data.status == Some("completed") {
+            let _ = finals.send(());
+            self.done = true;
+        }
+    }
+}
+
+/// A frame's header length, opcode, FIN bit and payload length, once the
+/// header is all in `bytes`.
+fn frame_header(bytes: &[u8]) -> Option<(usize, u8, bool, usize)> {
+    let (&first, &second) = (bytes.first()?, bytes.get(1)?);
+    let masked = second & 0x80 != 0;
+    let (header, len) = match second & 0x7F {
+        126 => (
+            4,
+            u16::from_be_bytes(bytes.get(2..4)?.try_into().ok()?) as usize,
+        ),
+        127 => (
+            10,
+            u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?) as usize,
+        ),
+        len => (2, len as usize),
+    };
+    // A server never masks its frames; were one masked, its key is skipped
+    // (the payload is then not readable, and is ignored as not JSON).
+    let header = header + if masked { 4 } else { 0 };
+    (bytes.len() >= header).then_some((header, first & 0x0F, first & 0x80 != 0, len))
+}
+
+/// A client's frame: masked, as RFC 6455 requires of clients.
+fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask: [u8; 4] = rand::random();
+    let mut frame = vec![0x80 | opcode, 0x80 | payload.len().min(125) as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(
+        payload
+            .iter()
+            .take(125)
+            .enumerate()
+            .map(|(i, b)| b ^ mask[i % 4]),
+    );
+    frame
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_of_every_length_form_and_partial_headers() {
+        let server = |payload: &[u8]| crate::streams::outbox::text_frame(payload);
+        for len in [0, 125, 126, 65_535, 65_536] {
+            let frame = server(&vec![b'a'; len]);
+            let (header, opcode, fin, read) = frame_header(&frame).unwrap();
+            assert_eq!(
+                (header + read, opcode, fin, read),
+                (frame.len(), 1, true, len)
+            );
+            // Cut inside the header: not yet readable.
+            assert!(frame_header(&frame[..header - 1]).is_none());
+        }
+    }
+
+    #[test]
+    fn a_pong_is_masked_and_unmasks_to_the_ping() {
+        let pong = masked_frame(0xA, b"hello");
+        let (header, opcode, fin, len) = frame_header(&pong).unwrap();
+        assert_eq!((header, opcode, fin, len), (6, 0xA, true, 5));
+        let mask = &pong[2..6];
+        let unmasked: Vec<u8> = pong[6..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ mask[i % 4])
+            .collect();
+        assert_eq!(unmasked, b"hello");
+    }
+
+    #[tokio::test]
+    async fn subscribers_read_fragments_answer_pings_and_stop_at_the_final_status() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/progress", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+            use futures::{SinkExt, StreamExt};
+            use tokio_tungstenite::tungstenite::Message;
+            let update = |seq: i64, status: &str| {
+                serde_json::json!({"type": "progress_update", "seq": seq, "ts": 1.5,
+                                   "data": {"status": status}})
+                .to_string()
+            };
+            ws.send(Message::text(update(1, "running"))).await.unwrap();
+            ws.send(Message::Ping(b"are you there".to_vec().into()))
+                .await
+                .unwrap();
+            let pong = ws.next().await.unwrap().unwrap();
+            // A message in two fragments, then the final status.
+            let text = update(2, "running");
+            let (first, second) = text.split_at(10);
+            let raw = ws.get_mut();
+            let fragment = |opcode: u8, payload: &[u8]| {
+                let mut frame = vec![opcode, payload.len() as u8];
+                frame.extend_from_slice(payload);
+                frame
+            };
+            raw.write_all(&fragment(0x01, first.as_bytes()))
+                .await
+                .unwrap();
+            raw.write_all(&fragment(0x80, second.as_bytes()))
+                .await
+                .unwrap();
+            ws.send(Message::text(update(3, "completed")))
+                .await
+                .unwrap();
+            // Held open: the subscriber stops by itself.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            pong
+        });
+        let mut subscribers = open(&url, 1).await.unwrap();
+        assert_eq!(subscribers.open, 1);
+        let finished = subscribers.wait_for_final(Duration::from_secs(10)).await;
+        assert_eq!(finished, 1);
+        let read = subscribers.stop();
+        let seqs: Vec<i64> = read[0].iter().map(|f| f.seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        assert!(read[0]
+            .iter()
+            .all(|f| f.committed == 1.5 && f.arrived > 0.0));
+        let pong = server.await.unwrap();
+        assert_eq!(
+            pong,
+            tokio_tungstenite::tungstenite::Message::Pong(b"are you there".to_vec().into())
+        );
+    }
+}
