@@ -20,6 +20,27 @@ pub trait Columns {
     fn opt_text(&self, at: usize) -> StoreResult<Option<&str>>;
 }
 
+/// What reads rows with either driver (each dialect's `Reader`).
+pub trait ReadRows {
+    /// Hands each row of a statement with `?` placeholders to `row`, borrowed.
+    fn each_row(
+        &mut self,
+        sql: &str,
+        params: Vec<Param>,
+        row: &mut dyn FnMut(&dyn Columns) -> StoreResult<()>,
+    ) -> StoreResult<()>;
+
+    /// Records of a statement with `?` placeholders.
+    fn rows<T: FromColumns>(&mut self, sql: &str, params: Vec<Param>) -> StoreResult<Vec<T>> {
+        let mut records = Vec::new();
+        self.each_row(sql, params, &mut |row| {
+            records.push(T::from_columns(row)?);
+            Ok(())
+        })?;
+        Ok(records)
+    }
+}
+
 /// A record read from a row, by position.
 pub trait FromColumns: Sized + Send + 'static {
     fn from_columns(row: &dyn Columns) -> StoreResult<Self>;

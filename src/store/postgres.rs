@@ -210,23 +210,8 @@ pub(crate) mod dialect {
         runtime: &'c tokio::runtime::Handle,
     }
 
-    impl Reader<'_> {
-        /// Records of a statement with `?` placeholders.
-        pub fn rows<T: crate::store::columns::FromColumns>(
-            &mut self,
-            sql: &str,
-            params: Vec<crate::store::columns::Param>,
-        ) -> StoreResult<Vec<T>> {
-            let mut records = Vec::new();
-            self.each_row(sql, params, &mut |row| {
-                records.push(T::from_columns(row)?);
-                Ok(())
-            })?;
-            Ok(records)
-        }
-
-        /// Hands each row of a statement to `row`, borrowed.
-        pub fn each_row(
+    impl crate::store::columns::ReadRows for Reader<'_> {
+        fn each_row(
             &mut self,
             sql: &str,
             params: Vec<crate::store::columns::Param>,

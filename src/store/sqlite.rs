@@ -59,23 +59,8 @@ pub(crate) mod dialect {
         connection: &'c rusqlite::Connection,
     }
 
-    impl Reader<'_> {
-        /// Records of a statement with `?` placeholders.
-        pub fn rows<T: crate::store::columns::FromColumns>(
-            &mut self,
-            sql: &str,
-            params: Vec<crate::store::columns::Param>,
-        ) -> crate::store::StoreResult<Vec<T>> {
-            let mut records = Vec::new();
-            self.each_row(sql, params, &mut |row| {
-                records.push(T::from_columns(row)?);
-                Ok(())
-            })?;
-            Ok(records)
-        }
-
-        /// Hands each row of a statement to `row`, borrowed.
-        pub fn each_row(
+    impl crate::store::columns::ReadRows for Reader<'_> {
+        fn each_row(
             &mut self,
             sql: &str,
             params: Vec<crate::store::columns::Param>,
@@ -474,6 +459,7 @@ impl SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::columns::ReadRows;
 
     async fn pool_of(size: u32) -> (tempfile::TempDir, ReadPool) {
         let dir = tempfile::tempdir().expect("temporary directory");

@@ -7,7 +7,7 @@ use sqlx::Row;
 use super::engine::{counters_from_row, run_from_row, RUN_COLUMNS};
 use super::{campaign_from_row, dialect, DbRow, SqlStore, CAMPAIGN_COLUMNS};
 use crate::domain::{ExecutionStatus, RunStatus};
-use crate::store::columns::{Columns, FromColumns, Param, EXECUTION_COLUMNS};
+use crate::store::columns::{Columns, FromColumns, Param, ReadRows, EXECUTION_COLUMNS};
 use crate::store::*;
 
 fn batch_from_row(row: &DbRow) -> StoreResult<BatchRecord> {
