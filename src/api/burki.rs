@@ -469,6 +469,41 @@ mod tests {
     }
 
     #[test]
+    fn each_row_s_message_is_its_own_though_the_buffer_is_shared() {
+        let run = frozen(Channel::Sms, "Hi {{name}}, day {{day}}", None);
+        let rows = [
+            row(1, "+15550000001", Some("Ann"), r#"{"day":"Monday"}"#),
+            // No day: no message, and nothing left over from Ann's.
+            row(2, "+15550000002", Some("Bob"), "{}"),
+            row(
+                3,
+                "+15550000003",
+                None,
+                r#"{"name":"Cy","day":"Tue\tsday"}"#,
+            ),
+        ];
+        let mut message = String::new();
+        let messages: Vec<Option<String>> = rows
+            .iter()
+            .map(|row| {
+                let variables = row.parse_variables().unwrap();
+                let view = execution_view(row, &variables, Some(&run), &mut message);
+                view.execution_data
+                    .personalized_welcome_message
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                Some("Hi Ann, day Monday".to_owned()),
+                None,
+                Some("Hi Cy, day Tue\tsday".to_owned())
+            ]
+        );
+    }
+
+    #[test]
     fn an_execution_is_written_byte_for_byte_as_serde_writes_it() {
         let finished = ExecutionRow {
             status: ExecutionStatus::Completed,
