@@ -93,6 +93,11 @@ enum End {
     Drop,
 }
 
+/// A store failure ends the socket with 1011, "internal error".
+fn internal(_: crate::store::StoreError) -> End {
+    End::Close(CLOSE_INTERNAL, "internal error")
+}
+
 /// One connected socket and the campaigns it follows.
 struct Session {
     socket: Socket,
@@ -251,7 +256,7 @@ impl Session {
                 .store
                 .events_since(campaign_id, from, 1000)
                 .await
-                .map_err(|_| End::Close(CLOSE_INTERNAL, "internal error"))?;
+                .map_err(internal)?;
             let Some(last) = events.last() else {
                 return Ok(());
             };
@@ -316,7 +321,7 @@ impl Session {
                 .store
                 .oldest_seq(campaign.id)
                 .await
-                .map_err(|_| End::Close(CLOSE_INTERNAL, "internal error"))?;
+                .map_err(internal)?;
             let unavailable = since > position || oldest.is_some_and(|o| o > since + 1);
             if !unavailable {
                 self.sent.insert(campaign.id, since);
@@ -359,7 +364,6 @@ impl Session {
     /// A fresh `progress_update` of one campaign, read from the store: the
     /// reply to `request_update`.
     async fn fresh_update(&mut self, campaign_id: i64) -> Result<(), End> {
-        let internal = |_: crate::store::StoreError| End::Close(CLOSE_INTERNAL, "internal error");
         let campaign = self
             .state
             .store
@@ -409,7 +413,6 @@ impl Session {
 /// The campaign as of log position `position` (the event's own
 /// snapshot), or as stored now when the log is empty.
 async fn snapshot(state: &AppState, campaign: &Campaign, position: i64) -> Result<Value, End> {
-    let internal = |_: crate::store::StoreError| End::Close(CLOSE_INTERNAL, "internal error");
     if position > 0 {
         let events = state
             .store
@@ -654,7 +657,7 @@ async fn answer_common(
                     .store
                     .metrics_history(*id, since_minute)
                     .await
-                    .map_err(|_| End::Close(CLOSE_INTERNAL, "internal error"))?;
+                    .map_err(internal)?;
                 for b in buckets {
                     let attempts = b.completed + b.failed;
                     data.push(json!({
@@ -1042,7 +1045,7 @@ async fn run_monitor(session: &mut Session, auth: &Auth) -> End {
             .store
             .list_campaigns(auth.workspace_id, None, 0, 100)
             .await
-            .map_err(|_| End::Close(CLOSE_INTERNAL, "internal error"))?;
+            .map_err(internal)?;
         let overview: Vec<Value> = campaigns
             .iter()
             .map(|c| json!({"campaign_id": c.id, "uuid": c.uuid, "name": c.name, "status": c.status}))

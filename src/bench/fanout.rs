@@ -58,13 +58,16 @@ struct HeraldFanout {
 
 impl HeraldFanout {
     fn cpu_per_frame_us(&self) -> Option<f64> {
-        self.server_cpu
-            .map(|cpu| cpu * 1e6 / self.delivery.frames.max(1) as f64)
+        self.per_frame_us(self.server_cpu)
     }
 
     fn subscribers_cpu_per_frame_us(&self) -> Option<f64> {
-        self.subscribers_cpu
-            .map(|cpu| cpu * 1e6 / self.delivery.frames.max(1) as f64)
+        self.per_frame_us(self.subscribers_cpu)
+    }
+
+    /// `cpu` seconds, in µs per frame the subscribers read.
+    fn per_frame_us(&self, cpu: Option<f64>) -> Option<f64> {
+        cpu.map(|cpu| cpu * 1e6 / self.delivery.frames.max(1) as f64)
     }
 
     /// Server RSS each open subscriber added, in bytes.

@@ -108,18 +108,9 @@ impl Outbox {
             return Offered::Taken;
         }
         queue.sent_seq = seq;
-        match queue.write_or_queue(frame, || frame.clone(), true) {
-            Ok(false) => Offered::Taken,
-            Ok(true) => {
-                drop(queue);
-                self.waiting.notify_one();
-                Offered::Taken
-            }
-            Err(_) => {
-                drop(queue);
-                self.waiting.notify_one();
-                Offered::Gone
-            }
+        match self.write_live(queue, frame) {
+            Ok(()) => Offered::Taken,
+            Err(_) => Offered::Gone,
         }
     }
 
@@ -160,12 +151,19 @@ impl Outbox {
             return Ok(false);
         }
         queue.sent_seq = seq;
-        let queued = queue.write_or_queue(&frame, || frame.clone(), true)?;
+        self.write_live(queue, &frame)?;
+        Ok(true)
+    }
+
+    /// Writes a live frame, or queues it and wakes the socket's task to
+    /// write it; after an error the task is woken too, to end.
+    fn write_live(&self, mut queue: MutexGuard<'_, Queue>, frame: &Bytes) -> io::Result<()> {
+        let written = queue.write_or_queue(frame, || frame.clone(), true);
         drop(queue);
-        if queued {
+        if !matches!(written, Ok(false)) {
             self.waiting.notify_one();
         }
-        Ok(true)
+        written.map(|_| ())
     }
 
     /// Completes when frames wait for the socket's task to write them.

@@ -7,7 +7,7 @@ use sqlx::Row;
 use super::engine::{counters_from_row, run_from_row, RUN_COLUMNS};
 use super::{campaign_from_row, dialect, DbRow, SqlStore, CAMPAIGN_COLUMNS};
 use crate::domain::{ExecutionStatus, RunStatus};
-use crate::store::columns::{Columns, FromColumns, Param, ReadRows, EXECUTION_COLUMNS};
+use crate::store::columns::{Param, ReadRows, EXECUTION_COLUMNS};
 use crate::store::*;
 
 fn batch_from_row(row: &DbRow) -> StoreResult<BatchRecord> {
@@ -33,20 +33,20 @@ fn batch_from_row(row: &DbRow) -> StoreResult<BatchRecord> {
     })
 }
 
-/// Hands each execution of a page of a campaign's, newest first, to `row`.
-fn each_execution(
+/// The statement that selects a page of a campaign's executions, newest
+/// first; `None` when the page is past the last one.
+fn execution_select(
     reader: &mut dialect::Reader<'_>,
     campaign_id: i64,
     query: &ExecutionQuery,
-    row: &mut dyn FnMut(&dyn Columns) -> StoreResult<()>,
-) -> StoreResult<()> {
+) -> StoreResult<Option<(String, Vec<Param>)>> {
     let unfiltered = query.status.is_none() && query.run_id.is_none();
     if unfiltered && query.before_id.is_none() && query.offset > 0 {
         // Ordinals number the campaign's executions 1..n in id order: the
         // page at any offset is one index range, below the newest ordinal
         // (one more index lookup in the same statement).
-        return reader.each_row(
-            &format!(
+        return Ok(Some((
+            format!(
                 "SELECT {EXECUTION_COLUMNS} FROM executions WHERE campaign_id = ? AND campaign_ordinal <=
                      (SELECT COALESCE(MAX(campaign_ordinal), 0) FROM executions WHERE campaign_id = ?) - ?
                  ORDER BY campaign_ordinal DESC LIMIT ?"
@@ -57,8 +57,7 @@ fn each_execution(
                 Param::Int(query.offset),
                 Param::Int(query.limit),
             ],
-            row,
-        );
+        )));
     }
     // Only the predicates in use, so the (campaign_id, id) index drives the
     // scan.
@@ -83,7 +82,7 @@ fn each_execution(
             boundary_params,
         )?;
         let Some(id) = ids.first() else {
-            return Ok(());
+            return Ok(None);
         };
         below = Some(*id);
     }
@@ -92,11 +91,10 @@ fn each_execution(
         params.push(Param::Int(below));
     }
     params.push(Param::Int(query.limit));
-    reader.each_row(
-        &format!("SELECT {EXECUTION_COLUMNS} FROM executions{filter} ORDER BY id DESC LIMIT ?"),
+    Ok(Some((
+        format!("SELECT {EXECUTION_COLUMNS} FROM executions{filter} ORDER BY id DESC LIMIT ?"),
         params,
-        row,
-    )
+    )))
 }
 
 /// A campaign's executions (in one status, if given), on every page.
@@ -185,12 +183,10 @@ impl ReportStore for SqlStore {
     ) -> StoreResult<Vec<ExecutionRecord>> {
         let query = query.clone();
         dialect::read_job(&self.reader, move |reader| {
-            let mut records = Vec::new();
-            each_execution(reader, campaign_id, &query, &mut |row| {
-                records.push(ExecutionRecord::from_columns(row)?);
-                Ok(())
-            })?;
-            Ok(records)
+            match execution_select(reader, campaign_id, &query)? {
+                Some((sql, params)) => reader.rows(&sql, params),
+                None => Ok(Vec::new()),
+            }
         })
         .await
     }
@@ -221,10 +217,12 @@ impl ReportStore for SqlStore {
             };
             // About 150 bytes of text a row.
             let mut executions = ExecutionRows::with_capacity(query.limit as usize, 160);
-            each_execution(reader, campaign_id, &query, &mut |row| {
-                executions.push(&ExecutionRow::from_columns(row)?);
-                Ok(())
-            })?;
+            if let Some((sql, params)) = execution_select(reader, campaign_id, &query)? {
+                reader.each_row(&sql, params, &mut |row| {
+                    executions.push(&ExecutionRow::from_columns(row)?);
+                    Ok(())
+                })?;
+            }
             let total = execution_total(reader, campaign_id, query.status)?;
             let mut run_ids: Vec<i64> = executions.iter().map(|e| e.run_id).collect();
             run_ids.sort_unstable();
