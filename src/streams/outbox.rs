@@ -133,6 +133,12 @@ impl Outbox {
         }
     }
 
+    /// The newest log position written or queued to the socket.
+    #[cfg(test)]
+    pub(in crate::streams) fn sent_seq(&self) -> i64 {
+        self.lock().sent_seq
+    }
+
     /// The socket's task sent a snapshot as of `seq` itself (a fresh update
     /// it was asked for): live frames no newer are skipped.
     pub fn sent(&self, seq: i64) {
