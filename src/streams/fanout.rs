@@ -38,9 +38,9 @@ const SHARD_SIZE: usize = 1024;
 /// slice (about 1.5 ms on two cores) before a thread it woke gets the core,
 /// and an engine transaction is a dozen statements, each a wake-up of
 /// SQLite's thread and then of a tokio worker: behind sweeps that never
-/// yield, one commit in a hundred took 25–33 ms to reach the hub; yielding
-/// every 64 sockets (about 0.3 ms of `send`s), 13–25 ms, and the fan-out's
-/// p99 fell by ten. Every 16 or every 256 measured worse than 64.
+/// yield, one transaction in a hundred took 24–33 ms; yielding every 64
+/// sockets (about 0.3 ms of `send`s), 13–25 ms, and the fan-out's p50 and
+/// p99 fell by about 10 ms. Every 16 or every 256 measured worse than 64.
 const YIELD_EVERY: usize = 64;
 
 enum Command {
