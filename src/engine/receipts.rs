@@ -145,8 +145,8 @@ fn publish(hub: &Hub, report: crate::store::ReceiptReport, unknown: u64) {
     metrics::counter!("herald_receipts_total", "result" => "applied").increment(report.applied);
     metrics::counter!("herald_receipts_total", "result" => "duplicate").increment(report.duplicate);
     metrics::counter!("herald_receipts_total", "result" => "unknown").increment(unknown);
-    for (campaign, workspace) in report.campaigns {
-        hub.notify(campaign, workspace);
+    for (campaign, workspace, progress) in report.campaigns {
+        hub.publish(campaign, workspace, vec![progress]);
     }
 }
 

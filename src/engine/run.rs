@@ -310,16 +310,36 @@ impl Pipeline<'_> {
         let now = now_ms();
         let lease_until = now + shared.config.lease.as_millis() as i64;
         let unrecorded = self.unrecorded.take();
+        let hub = shared.hub.clone();
+        let (campaign, workspace) = self.campaign;
         let write = tokio::spawn(async move {
-            match unrecorded {
+            let written = match unrecorded {
                 Some(outcomes) => retry_transient(|| {
                     store.record_and_take(run_id, &outcomes, &owner, now, lease_until, limit)
                 })
                 .await
-                .map(|(_, slice)| slice),
+                .map(|(update, mut slice)| {
+                    let mut events = update.events;
+                    events.append(&mut slice.events);
+                    (events, slice)
+                }),
                 None => {
                     retry_transient(|| store.take_slice(run_id, &owner, now, lease_until, limit))
                         .await
+                        .map(|mut slice| (std::mem::take(&mut slice.events), slice))
+                }
+            };
+            // Recording moved counters and appended progress; opening a
+            // batch appended its event. The hub hears of them here, as the
+            // commit returns, rather than once the run's task is next polled.
+            match written {
+                Ok((events, slice)) => {
+                    hub.publish(campaign, workspace, events);
+                    Ok(slice)
+                }
+                Err(error) => {
+                    hub.notify(campaign, workspace);
+                    Err(error)
                 }
             }
         });
@@ -335,8 +355,6 @@ impl Pipeline<'_> {
                 }
             },
         };
-        // Recording moved counters; opening a batch appended its event.
-        self.notify();
         Ok(slice)
     }
 

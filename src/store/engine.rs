@@ -122,6 +122,9 @@ pub struct Slice {
     /// the run and none is free to take (other workers are finishing it).
     pub next_retry_at: Option<i64>,
     pub counters: Counters,
+    /// Events the claim appended (a batch opened or written off), to
+    /// publish after commit.
+    pub events: Vec<StoredEvent>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -364,8 +367,9 @@ pub struct ReceiptReport {
     /// already settled: the send is not recorded (yet: a receipt can
     /// overtake the write that records its send), so they may be retried.
     pub unknown_ids: Vec<String>,
-    /// `(campaign id, workspace id)` of every campaign whose counters moved.
-    pub campaigns: Vec<(i64, i64)>,
+    /// `(campaign id, workspace id, the progress event appended)` of every
+    /// campaign whose counters moved.
+    pub campaigns: Vec<(i64, i64, StoredEvent)>,
 }
 
 #[async_trait]

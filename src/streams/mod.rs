@@ -1,8 +1,10 @@
 //! Live progress: one broadcast channel per campaign per node.
 //!
 //! Writers (the engine, the API) append events to the store's log and then
-//! [`Hub::notify`] the campaign. The hub's single task reads the new events
-//! from the log once — however many subscribers there are — coalesces
+//! [`Hub::notify`] the campaign, or hand the hub the events they committed
+//! ([`Hub::publish`], the engine's way). The hub's single task reads new
+//! events from the log once — however many subscribers there are — unless
+//! it was handed them and they follow the last it read; it coalesces
 //! progress (at most one frame per `coalesce` window per campaign; the
 //! newest counters win; nothing else is ever dropped) and broadcasts
 //! `Arc<HubEvent>`s. Subscribers never read the database for live events.
@@ -99,6 +101,16 @@ impl HubEvent {
     }
 }
 
+/// Whether `committed` are the events right after sequence `read`, with
+/// none missing between them.
+fn follows(read: i64, committed: &[StoredEvent]) -> bool {
+    !committed.is_empty()
+        && committed
+            .iter()
+            .enumerate()
+            .all(|(n, event)| event.seq == read + 1 + n as i64)
+}
+
 /// Whether an event may be merged into a later one of the same kind.
 pub fn is_coalescable(kind: &str) -> bool {
     kind == "progress"
@@ -125,7 +137,14 @@ pub struct Hub {
 
 struct Inner {
     state: Mutex<State>,
-    notify: mpsc::UnboundedSender<(i64, i64)>,
+    notify: mpsc::UnboundedSender<Notice>,
+}
+
+/// A campaign's log has new events: these, if the writer has them.
+struct Notice {
+    campaign_id: i64,
+    workspace_id: i64,
+    committed: Vec<StoredEvent>,
 }
 
 #[derive(Default)]
@@ -264,7 +283,22 @@ impl Hub {
 
     /// Tells the hub that a campaign's log has new events.
     pub fn notify(&self, campaign_id: i64, workspace_id: i64) {
-        let _ = self.inner.notify.send((campaign_id, workspace_id));
+        self.publish(campaign_id, workspace_id, Vec::new());
+    }
+
+    /// Tells the hub of the events one transaction appended to a
+    /// campaign's log, once it committed. When they follow the last event
+    /// the hub read, it broadcasts them as they are; otherwise (another
+    /// writer's events came between) it reads the log, as for
+    /// [`Hub::notify`]. Reading back what the engine just wrote was a round
+    /// trip to the database's thread on every commit, and on a busy server
+    /// each such hop waits for a core.
+    pub fn publish(&self, campaign_id: i64, workspace_id: i64, committed: Vec<StoredEvent>) {
+        let _ = self.inner.notify.send(Notice {
+            campaign_id,
+            workspace_id,
+            committed,
+        });
     }
 
     /// Subscribes to a campaign. `current_seq` is the log's newest sequence
@@ -326,7 +360,7 @@ impl Hub {
         self,
         store: Arc<dyn Store>,
         window: Duration,
-        mut notified: mpsc::UnboundedReceiver<(i64, i64)>,
+        mut notified: mpsc::UnboundedReceiver<Notice>,
         shutdown: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(window.max(Duration::from_millis(10)) / 2);
@@ -334,7 +368,7 @@ impl Hub {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 note = notified.recv() => match note {
-                    Some((campaign, workspace)) => self.pull(&store, campaign, workspace, window).await,
+                    Some(notice) => self.pull(&store, notice, window).await,
                     None => return,
                 },
                 _ = tick.tick() => self.flush_held(window),
@@ -343,13 +377,12 @@ impl Hub {
     }
 
     /// Reads a campaign's new events and broadcasts them, if anyone listens.
-    async fn pull(
-        &self,
-        store: &Arc<dyn Store>,
-        campaign_id: i64,
-        workspace_id: i64,
-        window: Duration,
-    ) {
+    async fn pull(&self, store: &Arc<dyn Store>, notice: Notice, window: Duration) {
+        let Notice {
+            campaign_id,
+            workspace_id,
+            committed,
+        } = notice;
         let from = {
             let mut state = self.inner.state.lock().expect("hub lock");
             let workspace_listens = state
@@ -364,6 +397,14 @@ impl Hub {
                 None => return,
             }
         };
+        if follows(from, &committed) {
+            self.dispatch(campaign_id, workspace_id, committed, window);
+            return;
+        }
+        if committed.last().is_some_and(|last| last.seq <= from) {
+            // Read already, with a later writer's.
+            return;
+        }
         let mut after = from;
         loop {
             let events = match store.events_since(campaign_id, after, READ_LIMIT).await {
@@ -376,20 +417,36 @@ impl Hub {
             let Some(last) = events.last() else { return };
             after = last.seq;
             let full = events.len() as i64 == READ_LIMIT;
-            metrics::counter!("herald_events_streamed_total").increment(events.len() as u64);
-            let mut state = self.inner.state.lock().expect("hub lock");
-            let workspace = state.workspaces.get(&workspace_id).cloned();
-            let Some(channel) = state.campaigns.get_mut(&campaign_id) else {
-                return;
-            };
-            channel.read_seq = after;
-            for event in coalesce(events) {
-                channel.offer(event, window, workspace.as_ref());
-            }
-            if !full {
+            if !self.dispatch(campaign_id, workspace_id, events, window) || !full {
                 return;
             }
         }
+    }
+
+    /// Broadcasts a campaign's events, the next in its log after those the
+    /// hub has read; false if the campaign's channel is gone.
+    fn dispatch(
+        &self,
+        campaign_id: i64,
+        workspace_id: i64,
+        events: Vec<StoredEvent>,
+        window: Duration,
+    ) -> bool {
+        let Some(last) = events.last() else {
+            return true;
+        };
+        let read_seq = last.seq;
+        metrics::counter!("herald_events_streamed_total").increment(events.len() as u64);
+        let mut state = self.inner.state.lock().expect("hub lock");
+        let workspace = state.workspaces.get(&workspace_id).cloned();
+        let Some(channel) = state.campaigns.get_mut(&campaign_id) else {
+            return false;
+        };
+        channel.read_seq = read_seq;
+        for event in coalesce(events) {
+            channel.offer(event, window, workspace.as_ref());
+        }
+        true
     }
 
     /// Sends progress held back by the coalescing window once it has passed,
@@ -470,6 +527,98 @@ mod tests {
             data: serde_json::json!({}),
             created_at: 0,
         }
+    }
+
+    #[test]
+    fn committed_events_follow_only_when_next_and_unbroken() {
+        let seqs = |seqs: &[i64]| -> Vec<StoredEvent> {
+            seqs.iter().map(|&seq| event(seq, "progress")).collect()
+        };
+        assert!(follows(4, &seqs(&[5])));
+        assert!(follows(4, &seqs(&[5, 6, 7])));
+        assert!(!follows(4, &seqs(&[])));
+        assert!(!follows(4, &seqs(&[6])), "an event between was missed");
+        assert!(!follows(4, &seqs(&[5, 7])));
+        assert!(!follows(4, &seqs(&[4, 5])), "already read");
+    }
+
+    /// A SQLite store holding one external campaign: its id, workspace and
+    /// newest sequence.
+    async fn one_campaign() -> (tempfile::TempDir, Arc<dyn Store>, i64, i64, i64) {
+        use crate::domain::{CampaignName, Channel, MaxAttempts};
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let url = format!("sqlite://{}/hub.db", dir.path().display());
+        let store = crate::store::connect(&url, &Default::default())
+            .await
+            .expect("store");
+        let workspace = store.ensure_workspace("hub").await.expect("workspace");
+        let spec = crate::store::CampaignSpec {
+            name: CampaignName::parse("hub").expect("name"),
+            channel: Channel::External,
+            template: None,
+            sender: None,
+            provider: Default::default(),
+            max_attempts: MaxAttempts::DEFAULT,
+        };
+        let campaign = store
+            .insert_campaign(workspace.id, &spec)
+            .await
+            .expect("campaign");
+        let newest = store
+            .events_since(campaign.id, 0, 1000)
+            .await
+            .expect("log")
+            .last()
+            .map_or(0, |e| e.seq);
+        (dir, store, campaign.id, workspace.id, newest)
+    }
+
+    #[tokio::test]
+    async fn published_events_that_follow_go_out_as_given_and_after_a_gap_the_log_is_read() {
+        let (_dir, store, campaign, workspace, newest) = one_campaign().await;
+        let hub = Hub::start(store.clone(), Duration::ZERO, CancellationToken::new());
+        let mut subscription = hub.subscribe(campaign, workspace, newest);
+        let append = |n: i64| {
+            let store = store.clone();
+            async move {
+                let kind = "job_progress".to_string();
+                let mut events = store
+                    .append_external_events(campaign, &[(kind, serde_json::json!({"n": n}))], None)
+                    .await
+                    .expect("appended");
+                events.pop().expect("one event")
+            }
+        };
+        // What the writer hands over is what goes out: the hub does not
+        // read back the event that follows the last it read.
+        let first = append(1).await;
+        let mut handed = first.clone();
+        handed.data["n"] = serde_json::json!("as committed");
+        hub.publish(campaign, workspace, vec![handed]);
+        let sent = subscription.receiver.recv().await.expect("sent");
+        assert_eq!(
+            (sent.seq(), &sent.event.data["n"]),
+            (first.seq, &serde_json::json!("as committed"))
+        );
+        // An event the writer does not have came between: the log is read.
+        let second = append(2).await;
+        let third = append(3).await;
+        let mut handed = third.clone();
+        handed.data["n"] = serde_json::json!("as committed");
+        hub.publish(campaign, workspace, vec![handed.clone()]);
+        for expected in [&second, &third] {
+            let sent = subscription.receiver.recv().await.expect("sent");
+            assert_eq!(
+                (sent.seq(), &sent.event.data["n"]),
+                (expected.seq, &expected.data["n"])
+            );
+        }
+        // Handed over again once read, it is not sent twice.
+        hub.publish(campaign, workspace, vec![handed]);
+        let fourth = append(4).await;
+        hub.publish(campaign, workspace, vec![fourth.clone()]);
+        let sent = subscription.receiver.recv().await.expect("sent");
+        assert_eq!(sent.seq(), fourth.seq);
     }
 
     #[test]

@@ -378,9 +378,10 @@ async fn announce_closed_batches(
     run: &RunRecord,
     closed: &[ClosedBatch],
     now: i64,
-) -> StoreResult<()> {
+) -> StoreResult<Vec<StoredEvent>> {
+    let mut events = Vec::with_capacity(closed.len());
     for batch in closed {
-        append_event(
+        let event = append_event(
             conn,
             run.campaign_id,
             "batch_completed",
@@ -391,23 +392,28 @@ async fn announce_closed_batches(
             Some(run),
         )
         .await?;
+        events.push(event);
     }
-    Ok(())
+    Ok(events)
 }
 
 /// Closes finished batches, counts them on the run and announces them:
 /// for the paths where nothing else is written to the run alongside.
-async fn close_and_announce_batches(conn: &mut Conn, run_id: i64, now: i64) -> StoreResult<()> {
+async fn close_and_announce_batches(
+    conn: &mut Conn,
+    run_id: i64,
+    now: i64,
+) -> StoreResult<Vec<StoredEvent>> {
     let closed = close_finished_batches(conn, run_id, now).await?;
-    if !closed.is_empty() {
-        let change = RunChange {
-            completed_batches: closed.len() as i64,
-            ..RunChange::default()
-        };
-        let run = update_run(conn, run_id, &change).await?;
-        announce_closed_batches(conn, &run, &closed, now).await?;
+    if closed.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(())
+    let change = RunChange {
+        completed_batches: closed.len() as i64,
+        ..RunChange::default()
+    };
+    let run = update_run(conn, run_id, &change).await?;
+    announce_closed_batches(conn, &run, &closed, now).await
 }
 
 /// Records one change of a workspace's balance; `after` is the new balance.
@@ -472,7 +478,8 @@ async fn lock_run(conn: &mut Conn, run_id: i64) -> StoreResult<()> {
 /// Leases free batches of the run to `worker` until it holds at least
 /// `wanted` pending recipients or none is free, and returns the sequences
 /// of the open batches it holds, in order. A batch whose lease expired had
-/// a worker die on it: its in-flight sends are written off.
+/// a worker die on it: its in-flight sends are written off (and the events
+/// of batches that closed so are added to `appended`).
 async fn lease_batches(
     conn: &mut Conn,
     run_id: i64,
@@ -480,6 +487,7 @@ async fn lease_batches(
     now: i64,
     lease_until: i64,
     wanted: i64,
+    appended: &mut Vec<StoredEvent>,
 ) -> StoreResult<Vec<i64>> {
     // Renewing the leases held also says which they are.
     let mut held: Vec<(i64, i64)> = sqlx::query_as(sql!(
@@ -539,7 +547,7 @@ async fn lease_batches(
                     lost,
                     "took over a batch; in-flight sends marked failed"
                 );
-                close_and_announce_batches(conn, run_id, now).await?;
+                appended.extend(close_and_announce_batches(conn, run_id, now).await?);
             }
         }
         held.push((sequence, pending));
@@ -572,8 +580,10 @@ async fn take_slice_in(
     let mut executions = Vec::new();
     let mut next_retry_at: Option<i64> = None;
     let mut counters = None;
+    let mut events = Vec::new();
     if control == Control::Continue {
-        let held = lease_batches(conn, run_id, worker, now, lease_until, limit).await?;
+        let held =
+            lease_batches(conn, run_id, worker, now, lease_until, limit, &mut events).await?;
         // One index range per held batch (usually one or two), so the cost
         // does not grow with the run.
         for &sequence in &held {
@@ -651,7 +661,7 @@ async fn take_slice_in(
             }
             let run = apply_deltas(&mut *conn, run_id, &deltas).await?;
             for (sequence, size) in started {
-                append_event(
+                let event = append_event(
                     &mut *conn,
                     run.campaign_id,
                     "batch_started",
@@ -661,6 +671,7 @@ async fn take_slice_in(
                     Some(&run),
                 )
                 .await?;
+                events.push(event);
             }
             counters = Some(run.counters);
         }
@@ -674,6 +685,7 @@ async fn take_slice_in(
         executions,
         next_retry_at,
         counters,
+        events,
     })
 }
 
@@ -825,7 +837,7 @@ async fn record_outcomes_in(
         updated_at: Some(now),
     };
     let run = update_run(&mut *conn, run_id, &change).await?;
-    announce_closed_batches(&mut *conn, &run, &closed, now).await?;
+    let mut events = announce_closed_batches(&mut *conn, &run, &closed, now).await?;
     if successes + failures > 0 {
         sqlx::query(
             sql!("INSERT INTO metrics_minutes (campaign_id, minute, completed, failed) VALUES (?, ?, ?, ?)
@@ -849,10 +861,8 @@ async fn record_outcomes_in(
         Some(&run),
     )
     .await?;
-    Ok(RunUpdate {
-        run,
-        events: vec![event],
-    })
+    events.push(event);
+    Ok(RunUpdate { run, events })
 }
 
 /// Copies a run's recipients from the campaign's contacts, numbered in id
@@ -1319,7 +1329,7 @@ impl EngineStore for SqlStore {
             )
             .await?;
         }
-        close_and_announce_batches(&mut tx, run_id, now).await?;
+        let mut events = close_and_announce_batches(&mut tx, run_id, now).await?;
 
         // Refund what was reserved and not spent.
         let refund = (before.reserved_credits - before.charged_credits).max(0);
@@ -1381,11 +1391,9 @@ impl EngineStore for SqlStore {
             Some(&run),
         )
         .await?;
+        events.push(event);
         tx.commit().await?;
-        Ok(RunUpdate {
-            run,
-            events: vec![event],
-        })
+        Ok(RunUpdate { run, events })
     }
 
     async fn record_receipts(&self, receipts: &[Receipt], now: i64) -> StoreResult<ReceiptReport> {
@@ -1475,8 +1483,9 @@ impl EngineStore for SqlStore {
             .execute(&mut *tx)
             .await?;
         }
-        for (run, _, receipts) in &campaigns {
-            append_event(
+        let mut progress = Vec::with_capacity(campaigns.len());
+        for (run, workspace_id, receipts) in &campaigns {
+            let event = append_event(
                 &mut tx,
                 run.campaign_id,
                 "progress",
@@ -1485,11 +1494,9 @@ impl EngineStore for SqlStore {
                 Some(run),
             )
             .await?;
+            progress.push((run.campaign_id, *workspace_id, event));
         }
-        let campaigns = campaigns
-            .into_iter()
-            .map(|(run, workspace_id, _)| (run.campaign_id, workspace_id))
-            .collect();
+        let campaigns = progress;
         let applied = settled.len() as u64;
         let unknown_ids: Vec<String> = if applied < receipts.len() as u64 {
             sqlx::query_scalar(
