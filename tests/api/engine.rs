@@ -540,3 +540,87 @@ async fn outcomes_a_worker_records_after_its_sends_were_written_off_are_not_coun
         "no late provider id was kept: {executions:?}"
     );
 }
+
+#[tokio::test]
+async fn a_slices_progress_event_is_its_transactions_last_write_stamped_as_written() {
+    // A client measures the stream from an event's `ts` to its arrival, so
+    // `ts` must be when the counters it carries were committed: not the
+    // time the engine began the transaction, and with the slice it claimed.
+    use herald::domain::{Channel, ExecutionStatus, ProviderSettings};
+    use herald::store::{ExecutionOutcome, RunSnapshot};
+    let app = crate::helpers::spawn_app_with(|config| config.engine = None).await;
+    let c = app
+        .campaign_with_contacts(json!({"channel": "sms", "template": "Hi {{name}}"}), 10)
+        .await;
+    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+        .await;
+    let store = &app.store;
+    let now = herald::store::now_ms();
+    let run = store
+        .claim_run("a", now, 60_000, &[])
+        .await
+        .unwrap()
+        .expect("the started run is due");
+    let snapshot = RunSnapshot {
+        channel: Channel::Sms,
+        provider: ProviderSettings::default(),
+        sender: None,
+        template: "Hi {{name}}".into(),
+        max_attempts: 1,
+    };
+    store.freeze_run(run.id, &snapshot).await.unwrap();
+    store.start_run(run.id, 10, now).await.unwrap();
+    let taken = store
+        .take_slice(run.id, "a/1", now, now + 60_000, 4)
+        .await
+        .unwrap();
+    assert_eq!(taken.executions.len(), 4);
+    let outcomes: Vec<ExecutionOutcome> = taken
+        .executions
+        .iter()
+        .map(|e| ExecutionOutcome {
+            id: e.id,
+            batch_sequence: e.batch_sequence,
+            attempt: e.attempt,
+            status: ExecutionStatus::Completed,
+            message_status: Some("sent"),
+            provider_id: Some(format!("sent-{}", e.id)),
+            duration_seconds: None,
+            error_details: None,
+            retry_reason: None,
+            next_attempt_at: None,
+            charged_units: 1,
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let before = herald::store::now_ms();
+    let (update, slice) = store
+        .record_and_take(run.id, &outcomes, "a/1", now, now + 60_000, 4)
+        .await
+        .unwrap();
+    assert_eq!(slice.executions.len(), 4);
+    let progress = update.events.last().expect("events");
+    assert_eq!(progress.kind, "progress");
+    assert!(
+        progress.created_at >= before,
+        "stamped {} ms before the write began",
+        before - progress.created_at
+    );
+    // The last in the log, carrying the committed counters: four sent, the
+    // next four claimed, two still pending.
+    let log = store
+        .events_since(c["id"].as_i64().unwrap(), 0, 1000)
+        .await
+        .unwrap();
+    assert_eq!(log.last().map(|e| e.seq), Some(progress.seq));
+    let counters = &progress.data["campaign"]["run"]["counters"];
+    assert_eq!(
+        (
+            &counters["sent"],
+            &counters["processing"],
+            &counters["pending"]
+        ),
+        (&json!(4), &json!(4), &json!(2)),
+        "{counters}"
+    );
+}

@@ -557,7 +557,7 @@ async fn lease_batches(
 
 /// Renews and takes batch leases and marks up to `limit` due executions of
 /// the worker's batches in progress, inside the caller's transaction,
-/// which holds the run's lock ([`lock_run`]).
+/// which holds the run's lock ([`lock_run`]); returns the run as it left it.
 async fn take_slice_in(
     conn: &mut Conn,
     run_id: i64,
@@ -565,7 +565,7 @@ async fn take_slice_in(
     now: i64,
     lease_until: i64,
     limit: i64,
-) -> StoreResult<Slice> {
+) -> StoreResult<(Slice, RunRecord)> {
     let campaign_status: String = sqlx::query_scalar(sql!(
         "SELECT c.status FROM runs r JOIN campaigns c ON c.id = r.campaign_id WHERE r.id = ?"
     ))
@@ -579,7 +579,7 @@ async fn take_slice_in(
     };
     let mut executions = Vec::new();
     let mut next_retry_at: Option<i64> = None;
-    let mut counters = None;
+    let mut claimed_run = None;
     let mut events = Vec::new();
     if control == Control::Continue {
         let held =
@@ -673,20 +673,21 @@ async fn take_slice_in(
                 .await?;
                 events.push(event);
             }
-            counters = Some(run.counters);
+            claimed_run = Some(run);
         }
     }
-    let counters = match counters {
-        Some(counters) => counters,
-        None => fetch_run(&mut *conn, run_id).await?.counters,
+    let run = match claimed_run {
+        Some(run) => run,
+        None => fetch_run(&mut *conn, run_id).await?,
     };
-    Ok(Slice {
+    let slice = Slice {
         control,
         executions,
         next_retry_at,
-        counters,
+        counters: run.counters,
         events,
-    })
+    };
+    Ok((slice, run))
 }
 
 /// Writes a slice's outcomes (`{rows}`: one JSON array per outcome) to the
@@ -704,9 +705,10 @@ const RECORD_OUTCOMES: &str =
                FROM {rows}) AS o
          WHERE executions.id = o.id AND executions.status = 'in_progress'";
 
-/// Records send outcomes, counters, batch completion, metrics and an event,
-/// inside the caller's transaction, which holds the run's lock
-/// ([`lock_run`]). The run's row is written once, by [`update_run`].
+/// Records send outcomes, counters, batch completion and metrics inside
+/// the caller's transaction, which holds the run's lock ([`lock_run`]) and
+/// appends the progress event last ([`append_progress`]). The run's row is
+/// written once, by [`update_run`].
 async fn record_outcomes_in(
     conn: &mut Conn,
     run_id: i64,
@@ -837,7 +839,7 @@ async fn record_outcomes_in(
         updated_at: Some(now),
     };
     let run = update_run(&mut *conn, run_id, &change).await?;
-    let mut events = announce_closed_batches(&mut *conn, &run, &closed, now).await?;
+    let events = announce_closed_batches(&mut *conn, &run, &closed, now).await?;
     if successes + failures > 0 {
         sqlx::query(
             sql!("INSERT INTO metrics_minutes (campaign_id, minute, completed, failed) VALUES (?, ?, ?, ?)
@@ -852,17 +854,25 @@ async fn record_outcomes_in(
         .execute(&mut *conn)
         .await?;
     }
-    let event = append_event(
-        &mut *conn,
+    Ok(RunUpdate { run, events })
+}
+
+/// Appends a run's progress event as the last write of its transaction,
+/// stamped as it is written rather than with the transaction's `now`: its
+/// `ts` is then when the counters it carries were committed, give or take
+/// the `COMMIT`, which is what a client measuring the stream takes it for.
+/// (Stamped with `now`, it said the transaction's start, up to tens of
+/// milliseconds before its commit on a busy server.)
+async fn append_progress(conn: &mut Conn, run: &RunRecord) -> StoreResult<StoredEvent> {
+    append_event(
+        conn,
         run.campaign_id,
         "progress",
-        run_event_data(&run),
-        now,
-        Some(&run),
+        run_event_data(run),
+        now_ms(),
+        Some(run),
     )
-    .await?;
-    events.push(event);
-    Ok(RunUpdate { run, events })
+    .await
 }
 
 /// Copies a run's recipients from the campaign's contacts, numbered in id
@@ -1225,7 +1235,7 @@ impl EngineStore for SqlStore {
     ) -> StoreResult<Slice> {
         let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         lock_run(&mut tx, run_id).await?;
-        let slice = take_slice_in(&mut tx, run_id, worker, now, lease_until, limit).await?;
+        let (slice, _) = take_slice_in(&mut tx, run_id, worker, now, lease_until, limit).await?;
         tx.commit().await?;
         Ok(slice)
     }
@@ -1238,7 +1248,10 @@ impl EngineStore for SqlStore {
     ) -> StoreResult<RunUpdate> {
         let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         lock_run(&mut tx, run_id).await?;
-        let update = record_outcomes_in(&mut tx, run_id, outcomes, now).await?;
+        let mut update = record_outcomes_in(&mut tx, run_id, outcomes, now).await?;
+        update
+            .events
+            .push(append_progress(&mut tx, &update.run).await?);
         tx.commit().await?;
         Ok(update)
     }
@@ -1280,8 +1293,13 @@ impl EngineStore for SqlStore {
     ) -> StoreResult<(RunUpdate, Slice)> {
         let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         lock_run(&mut tx, run_id).await?;
-        let update = record_outcomes_in(&mut tx, run_id, outcomes, now).await?;
-        let slice = take_slice_in(&mut tx, run_id, worker, now, lease_until, limit).await?;
+        let mut update = record_outcomes_in(&mut tx, run_id, outcomes, now).await?;
+        let (mut slice, run) =
+            take_slice_in(&mut tx, run_id, worker, now, lease_until, limit).await?;
+        // Progress last, with the counters the transaction commits.
+        update.events.append(&mut slice.events);
+        update.events.push(append_progress(&mut tx, &run).await?);
+        update.run = run;
         tx.commit().await?;
         Ok((update, slice))
     }
