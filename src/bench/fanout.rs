@@ -70,10 +70,37 @@ impl HeraldFanout {
         cpu.map(|cpu| cpu * 1e6 / self.delivery.frames.max(1) as f64)
     }
 
+    /// The frames the run asked of the machine, as a share of what its
+    /// cores carry: every event to every subscriber, each frame costing the
+    /// server's and the subscribers' CPU a frame. Near or past 1 the sockets
+    /// are busy from one event to the next and frames queue behind frames,
+    /// whatever the fan-out does in what order.
+    fn load(&self) -> Option<Load> {
+        let cost_us = self.cpu_per_frame_us()? + self.subscribers_cpu_per_frame_us()?;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let carried = cores as f64 * 1e6 / cost_us;
+        let asked = self.events as f64 * self.open as f64 / self.elapsed.as_secs_f64();
+        Some(Load {
+            cores,
+            cost_us,
+            carried,
+            asked,
+        })
+    }
+
     /// Server RSS each open subscriber added, in bytes.
     fn per_connection(&self) -> f64 {
         self.rss_connected.saturating_sub(self.rss_idle_server) as f64 / self.open.max(1) as f64
     }
+}
+
+/// Frames a second: asked by a run, and carried by the machine's cores.
+struct Load {
+    cores: usize,
+    /// Server and subscribers' CPU a frame, µs.
+    cost_us: f64,
+    carried: f64,
+    asked: f64,
 }
 
 /// Starts a server with the `coalesce_ms` window, opens the subscribers on
@@ -220,6 +247,19 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
             cpu / run.elapsed.as_secs_f64()
         );
     }
+    let load = run.load();
+    if let Some(load) = &load {
+        println!(
+            "load:                 {:.1} events a second to {open} subscribers asks {:.0} frames/s; \
+             {} cores at {:.1} µs a frame carry {:.0}: {:.0}%",
+            run.events as f64 / run.elapsed.as_secs_f64(),
+            load.asked,
+            load.cores,
+            load.cost_us,
+            load.carried,
+            load.asked / load.carried * 100.0
+        );
+    }
     println!("saw the final status: {}", run.finished);
     println!("events, commit → receipt: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms");
     println!("frames, commit → receipt: p50 {frame_p50:.1} ms, p99 {frame_p99:.1} ms (each frame from the commit it carries)");
@@ -268,6 +308,14 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
             None,
         );
     }
+    if let Some(load) = &load {
+        report.row(
+            "frames asked ÷ frames the cores carry (server + subscribers)",
+            load.asked / load.carried * 100.0,
+            "%",
+            None,
+        );
+    }
     report.row(
         "server RSS per connection",
         run.per_connection() / 1024.0,
@@ -292,7 +340,10 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
            "frame_p50_ms": frame_p50, "frame_p99_ms": frame_p99, "final_seen": run.finished,
            "coalesce_ms": args.coalesce_ms, "server_cpu_per_frame_us": cpu_per_frame_us,
            "subscribers_cpu_per_frame_us": run.subscribers_cpu_per_frame_us(),
-           "rss_per_connection_bytes": run.per_connection()});
+           "rss_per_connection_bytes": run.per_connection(),
+           "load": load.as_ref().map(|l| json!({"cores": l.cores, "cpu_per_frame_us": l.cost_us,
+                                                "frames_per_second_asked": l.asked,
+                                                "frames_per_second_carried": l.carried}))});
     // The same subscribers and as many frames, at the same pace, through
     // the FastAPI peer.
     let frames_each = run.distinct_frames.max(1);
