@@ -41,8 +41,10 @@ impl FanoutArgs {
 /// One Herald run watched by `subscribers` sockets.
 struct HeraldFanout {
     open: usize,
-    /// Events the run committed, and how long it took.
+    /// Events the run committed that change what seed 000 shows (each
+    /// sent and timed), those that do not, and how long the run took.
     events: usize,
+    unchanged: usize,
     elapsed: std::time::Duration,
     delivery: Delivery,
     /// Distinct frames the server sent (each subscriber got these, less
@@ -166,19 +168,33 @@ async fn herald_fanout(
     let received = subscribed.stop();
     server.stop().await;
     // Every event of the run, as committed: what each subscriber should
-    // have been told, and when it happened.
+    // have been told, and when it happened. An event that shows seed 000
+    // nothing the one before it did not (a delivery receipt's: seed 000
+    // has no delivery counts) is not sent, and there is nothing to time:
+    // the subscribers had what it shows before it was committed.
     let store =
         crate::store::connect(&database_url, &crate::store::StoreOptions::default()).await?;
     let campaign_id = id.as_i64().unwrap_or_default();
     // Events after the run's end (late delivery receipts) are not part
     // of it: subscribers stop reading at the final status.
     let (mut events, mut after, mut ended) = (Vec::new(), 0, false);
+    let (mut shown, mut unchanged) = (None, 0);
     while !ended {
         let page = store.events_since(campaign_id, after, 1000).await?;
         let Some(last) = page.last() else { break };
         after = last.seq;
-        for event in page.iter().filter(|e| e.created_at >= started_ms) {
-            events.push((event.seq, event.created_at as f64));
+        for event in &page {
+            let showing = crate::streams::protocol::seed000_data(event);
+            let changed = shown.as_ref() != Some(&showing);
+            shown = Some(showing);
+            if event.created_at < started_ms {
+                continue;
+            }
+            if changed {
+                events.push((event.seq, event.created_at as f64));
+            } else {
+                unchanged += 1;
+            }
             ended = event.kind == "run_completed";
             if ended {
                 break;
@@ -196,6 +212,7 @@ async fn herald_fanout(
     Ok(HeraldFanout {
         open,
         events: events.len(),
+        unchanged,
         elapsed,
         delivery,
         distinct_frames,
@@ -218,10 +235,12 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     let (frame_p50, frame_p99, _) = run.delivery.frame_percentiles();
     println!("subscribers:          {open} of {subscribers}");
     println!(
-        "events of the run:    {} over {:.1} s; {} distinct frames sent, {frames} received \
+        "events of the run:    {} over {:.1} s, and {} that changed nothing seed 000 shows \
+         (not sent, not timed); {} distinct frames sent, {frames} received \
          ({:.1} per subscriber; the rest superseded while a subscriber was behind)",
         run.events,
         run.elapsed.as_secs_f64(),
+        run.unchanged,
         run.distinct_frames,
         frames as f64 / open.max(1) as f64,
     );
@@ -334,7 +353,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
         "",
         Some(Target::AtMost(0.0)),
     );
-    let mut raw = json!({"subscribers": open, "events": run.events, "frames": frames,
+    let mut raw = json!({"subscribers": open, "events": run.events, "unchanged_events": run.unchanged, "frames": frames,
            "distinct_frames": run.distinct_frames, "missed": run.delivery.missed,
            "p50_ms": p50, "p99_ms": p99, "max_ms": max,
            "frame_p50_ms": frame_p50, "frame_p99_ms": frame_p99, "final_seen": run.finished,

@@ -164,6 +164,9 @@ struct Channel {
     last_progress_at: Option<Instant>,
     /// Seed-000 sockets written to directly (see [`fanout`]).
     fanout: Fanout,
+    /// What the last event handed to the fan-out showed seed 000
+    /// ([`protocol::seed000_data`]).
+    fanout_shown: Option<serde_json::Value>,
 }
 
 /// A live subscription: events with `seq` greater than `from_seq` arrive
@@ -216,6 +219,7 @@ impl State {
                 held: None,
                 last_progress_at: None,
                 fanout: Fanout::default(),
+                fanout_shown: None,
             })
     }
 }
@@ -506,12 +510,31 @@ impl Channel {
         self.send(Arc::new(HubEvent::new(event)), workspace);
     }
 
-    fn send(&self, event: Arc<HubEvent>, workspace: Option<&broadcast::Sender<Arc<HubEvent>>>) {
+    fn send(&mut self, event: Arc<HubEvent>, workspace: Option<&broadcast::Sender<Arc<HubEvent>>>) {
         if let Some(workspace) = workspace {
             let _ = workspace.send(event.clone());
         }
-        self.fanout.send(&event);
+        if self.shows_the_fanout_something_new(&event) {
+            self.fanout.send(&event);
+        }
         let _ = self.sender.send(event);
+    }
+
+    /// Whether seed 000 would show the campaign's progress sockets
+    /// anything the last event sent to them did not. The seed sends a
+    /// `progress_update` "whenever progress changes": a delivery receipt,
+    /// for one, changes none of its counters (it has no delivery counts),
+    /// and each such frame was ten thousand sends saying the same again.
+    /// A socket that joins later is sent the state it joins at, so it has
+    /// what a skipped frame would have told it.
+    fn shows_the_fanout_something_new(&mut self, event: &HubEvent) -> bool {
+        let shown = protocol::seed000_data(&event.event);
+        if self.fanout_shown.as_ref() == Some(&shown) {
+            metrics::counter!("herald_stream_frames_unchanged_total").increment(1);
+            return false;
+        }
+        self.fanout_shown = Some(shown);
+        true
     }
 }
 

@@ -2,7 +2,8 @@
 //! event (with the campaign snapshot it carries) in, a JSON message out.
 //!
 //! - [`Format::Burki`] (seed 000): `progress_update` with the seed's
-//!   `progress` object for every event.
+//!   `progress` object for every event (live, a campaign's progress
+//!   sockets are sent one only when what it shows changes: see the hub).
 //! - [`Format::Jobs`] (seed 003): `job_progress` / `job_complete`, and the
 //!   producer's own `job_*`, `file_uploaded`, `error` events.
 //! - [`Format::Iterations`] (seed 004): batches as iterations, the run's end
@@ -78,6 +79,13 @@ pub fn burki_data(campaign_id: i64, snapshot: &Value) -> Value {
     })
 }
 
+/// What a seed-000 subscriber is shown of an event: the `data` of its
+/// `progress_update` (the campaign's status and counters), without the
+/// `seq` and `ts` every message carries.
+pub fn seed000_data(event: &StoredEvent) -> Value {
+    burki_data(event.campaign_id, &event.data["campaign"])
+}
+
 /// A campaign snapshot, shaped as the one `append_event` stores with each
 /// event, built from the stored campaign and its latest run.
 pub fn snapshot_of(
@@ -120,7 +128,7 @@ pub fn render(event: &StoredEvent, format: Format) -> Option<Value> {
         Format::Sse => return Some(Value::Object(own_data(event))),
         Format::Burki => json!({
             "type": "progress_update",
-            "data": burki_data(event.campaign_id, snapshot),
+            "data": seed000_data(event),
         }),
         Format::Jobs => jobs(event, snapshot)?,
         Format::Iterations => iterations(event, snapshot)?,

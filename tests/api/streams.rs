@@ -226,6 +226,66 @@ async fn seed_000_streams_a_campaign_from_draft_to_completed() {
 }
 
 #[tokio::test]
+async fn seed_000_sends_progress_only_when_what_it_shows_changes() {
+    // Seed 000 sends `progress_update` "whenever progress changes". A
+    // delivery receipt changes none of its counters, so the receipts'
+    // events of a run (in the log, and on the other protocols) are not
+    // sent to a campaign's progress sockets.
+    let app = slow_engine_app(|c| c.api.streams.coalesce = Duration::ZERO).await;
+    let c = app
+        .campaign_with_contacts(
+            json!({"channel": "sms", "template": "Hi {{name}}",
+                   "provider": {"kind": "simulated", "latency_ms": 10, "receipt_delay_ms": 20}}),
+            600,
+        )
+        .await;
+    let id = c["id"].as_i64().unwrap();
+    let mut ws = Client::connect(
+        &app,
+        &format!("/ws/campaigns/{id}/progress?token={}", app.key),
+    )
+    .await;
+    assert_eq!(ws.next(5).await["type"], "connection_ack");
+    let initial = ws.next(5).await;
+    assert_eq!(initial["type"], "initial_progress");
+    app.post_empty(&format!("/v1/campaigns/{id}/start")).await;
+    let updates = ws.until(60, |m| m["data"]["status"] == "completed").await;
+    assert!(updates.iter().all(|m| m["type"] == "progress_update"));
+    for pair in updates.windows(2) {
+        assert_ne!(
+            pair[0]["data"], pair[1]["data"],
+            "seq {} and {} show the same",
+            pair[0]["seq"], pair[1]["seq"]
+        );
+    }
+    let last = updates.last().unwrap();
+    let campaign = app.campaign(&c["id"]).await;
+    assert_eq!(
+        last["data"]["progress"]["completed"],
+        campaign["progress"]["sent"]
+    );
+    assert_eq!(last["data"]["progress"]["progress_percentage"], 100.0);
+    // The receipts' events before the end are in the log and were not sent.
+    let sent: std::collections::HashSet<i64> = seqs(&updates).into_iter().collect();
+    let events = app.store.events_since(id, 0, 10_000).await.unwrap();
+    let receipts_before_the_end: Vec<i64> = events
+        .iter()
+        .filter(|e| e.seq < last["seq"].as_i64().unwrap() && !e.data["receipts"].is_null())
+        .map(|e| e.seq)
+        .collect();
+    assert!(
+        !receipts_before_the_end.is_empty(),
+        "no receipts during the run"
+    );
+    assert!(
+        receipts_before_the_end
+            .iter()
+            .all(|seq| !sent.contains(seq)),
+        "a receipt's event was sent: {receipts_before_the_end:?} among {sent:?}"
+    );
+}
+
+#[tokio::test]
 async fn seed_000_close_codes() {
     let app = slow_engine_app(|_| {}).await;
     let c = app.sms_campaign().await;
