@@ -4,7 +4,8 @@
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{count_by_status, error_of, spawn_app};
+use crate::helpers::{count_by_status, error_of, spawn_app, TestApp};
+use herald::store::{ExecutionOutcome, PendingExecution, RunRecord, RunSnapshot};
 
 fn progress(c: &Value, key: &str) -> i64 {
     c["progress"][key].as_i64().unwrap()
@@ -462,25 +463,24 @@ async fn a_run_freezes_exactly_its_campaigns_contacts_in_import_order_however_th
     }
 }
 
-#[tokio::test]
-async fn outcomes_a_worker_records_after_its_sends_were_written_off_are_not_counted() {
-    // Worker "a" claims a slice, then stalls past its lease; worker "b"
-    // takes the batch over and writes a's sends off as failed (they may or
-    // may not have reached anyone). When "a" comes back and records them as
-    // sent, nothing changes: each recipient is counted once.
-    use herald::domain::{Channel, ExecutionStatus, ProviderSettings};
-    use herald::store::{ExecutionOutcome, RunSnapshot};
-    let app = crate::helpers::spawn_app_with(|config| config.engine = None).await;
+/// Starts an SMS campaign of `contacts` through the API, then claims,
+/// freezes and starts its run through the store as worker "a" would (the
+/// app has no engine): the campaign, the run and the time it used.
+async fn run_started_by_hand(app: &TestApp, contacts: usize) -> (Value, RunRecord, i64) {
+    use herald::domain::{Channel, ProviderSettings};
     let c = app
-        .campaign_with_contacts(json!({"channel": "sms", "template": "Hi {{name}}"}), 10)
+        .campaign_with_contacts(
+            json!({"channel": "sms", "template": "Hi {{name}}"}),
+            contacts,
+        )
         .await;
     let started = app
         .post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
         .await;
     assert_eq!(started.status(), StatusCode::OK);
-    let store = &app.store;
     let now = herald::store::now_ms();
-    let run = store
+    let run = app
+        .store
         .claim_run("a", now, 60_000, &[])
         .await
         .unwrap()
@@ -492,8 +492,43 @@ async fn outcomes_a_worker_records_after_its_sends_were_written_off_are_not_coun
         template: "Hi {{name}}".into(),
         max_attempts: 1,
     };
-    store.freeze_run(run.id, &snapshot).await.unwrap();
-    store.start_run(run.id, 10, now).await.unwrap();
+    app.store.freeze_run(run.id, &snapshot).await.unwrap();
+    app.store
+        .start_run(run.id, contacts as i64, now)
+        .await
+        .unwrap();
+    (c, run, now)
+}
+
+/// Each execution sent, with a provider id of `prefix` and its id.
+fn sent(executions: &[PendingExecution], prefix: &str) -> Vec<ExecutionOutcome> {
+    executions
+        .iter()
+        .map(|e| ExecutionOutcome {
+            id: e.id,
+            batch_sequence: e.batch_sequence,
+            attempt: e.attempt,
+            status: herald::domain::ExecutionStatus::Completed,
+            message_status: Some("sent"),
+            provider_id: Some(format!("{prefix}-{}", e.id)),
+            duration_seconds: None,
+            error_details: None,
+            retry_reason: None,
+            next_attempt_at: None,
+            charged_units: 1,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn outcomes_a_worker_records_after_its_sends_were_written_off_are_not_counted() {
+    // Worker "a" claims a slice, then stalls past its lease; worker "b"
+    // takes the batch over and writes a's sends off as failed (they may or
+    // may not have reached anyone). When "a" comes back and records them as
+    // sent, nothing changes: each recipient is counted once.
+    let app = crate::helpers::spawn_app_with(|config| config.engine = None).await;
+    let (c, run, now) = run_started_by_hand(&app, 10).await;
+    let store = &app.store;
     let taken = store
         .take_slice(run.id, "a/1", now, now + 1_000, 10)
         .await
@@ -506,23 +541,7 @@ async fn outcomes_a_worker_records_after_its_sends_were_written_off_are_not_coun
         .take_slice(run.id, "b/1", later, later + 60_000, 10)
         .await
         .unwrap();
-    let outcomes: Vec<ExecutionOutcome> = taken
-        .executions
-        .iter()
-        .map(|e| ExecutionOutcome {
-            id: e.id,
-            batch_sequence: e.batch_sequence,
-            attempt: e.attempt,
-            status: ExecutionStatus::Completed,
-            message_status: Some("sent"),
-            provider_id: Some(format!("late-{}", e.id)),
-            duration_seconds: None,
-            error_details: None,
-            retry_reason: None,
-            next_attempt_at: None,
-            charged_units: 1,
-        })
-        .collect();
+    let outcomes = sent(&taken.executions, "late");
     let recorded = store
         .record_outcomes(run.id, &outcomes, later + 1_000)
         .await
@@ -546,52 +565,15 @@ async fn a_slices_progress_event_is_its_transactions_last_write_stamped_as_writt
     // A client measures the stream from an event's `ts` to its arrival, so
     // `ts` must be when the counters it carries were committed: not the
     // time the engine began the transaction, and with the slice it claimed.
-    use herald::domain::{Channel, ExecutionStatus, ProviderSettings};
-    use herald::store::{ExecutionOutcome, RunSnapshot};
     let app = crate::helpers::spawn_app_with(|config| config.engine = None).await;
-    let c = app
-        .campaign_with_contacts(json!({"channel": "sms", "template": "Hi {{name}}"}), 10)
-        .await;
-    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
-        .await;
+    let (c, run, now) = run_started_by_hand(&app, 10).await;
     let store = &app.store;
-    let now = herald::store::now_ms();
-    let run = store
-        .claim_run("a", now, 60_000, &[])
-        .await
-        .unwrap()
-        .expect("the started run is due");
-    let snapshot = RunSnapshot {
-        channel: Channel::Sms,
-        provider: ProviderSettings::default(),
-        sender: None,
-        template: "Hi {{name}}".into(),
-        max_attempts: 1,
-    };
-    store.freeze_run(run.id, &snapshot).await.unwrap();
-    store.start_run(run.id, 10, now).await.unwrap();
     let taken = store
         .take_slice(run.id, "a/1", now, now + 60_000, 4)
         .await
         .unwrap();
     assert_eq!(taken.executions.len(), 4);
-    let outcomes: Vec<ExecutionOutcome> = taken
-        .executions
-        .iter()
-        .map(|e| ExecutionOutcome {
-            id: e.id,
-            batch_sequence: e.batch_sequence,
-            attempt: e.attempt,
-            status: ExecutionStatus::Completed,
-            message_status: Some("sent"),
-            provider_id: Some(format!("sent-{}", e.id)),
-            duration_seconds: None,
-            error_details: None,
-            retry_reason: None,
-            next_attempt_at: None,
-            charged_units: 1,
-        })
-        .collect();
+    let outcomes = sent(&taken.executions, "sent");
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let before = herald::store::now_ms();
     let (update, slice) = store
