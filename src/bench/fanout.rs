@@ -105,6 +105,13 @@ struct Load {
     asked: f64,
 }
 
+impl Load {
+    /// The frames asked, as a percentage of those carried.
+    fn percent(&self) -> f64 {
+        self.asked / self.carried * 100.0
+    }
+}
+
 /// Starts a server with the `coalesce_ms` window, opens the subscribers on
 /// a campaign of `recipients`, runs it, and times every frame and event.
 async fn herald_fanout(
@@ -276,7 +283,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
             load.cores,
             load.cost_us,
             load.carried,
-            load.asked / load.carried * 100.0
+            load.percent()
         );
     }
     println!("saw the final status: {}", run.finished);
@@ -330,7 +337,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     if let Some(load) = &load {
         report.row(
             "frames asked ÷ frames the cores carry (server + subscribers)",
-            load.asked / load.carried * 100.0,
+            load.percent(),
             "%",
             None,
         );
