@@ -606,3 +606,50 @@ async fn a_slices_progress_event_is_its_transactions_last_write_stamped_as_writt
         "{counters}"
     );
 }
+
+#[tokio::test]
+async fn a_receipt_batchs_progress_event_is_its_transactions_last_write_stamped_as_written() {
+    // As for a slice: a batch of delivery receipts moves the counters a
+    // client is shown, and its progress event's `ts` must be when they
+    // were committed, not when the batch was taken up.
+    let app = crate::helpers::spawn_app_with(|config| config.engine = None).await;
+    let (c, run, now) = run_started_by_hand(&app, 4).await;
+    let store = &app.store;
+    let taken = store
+        .take_slice(run.id, "a/1", now, now + 60_000, 4)
+        .await
+        .unwrap();
+    let outcomes = sent(&taken.executions, "receipt");
+    store.record_outcomes(run.id, &outcomes, now).await.unwrap();
+    let receipts: Vec<herald::store::Receipt> = outcomes
+        .iter()
+        .enumerate()
+        .map(|(i, o)| herald::store::Receipt {
+            provider_id: o.provider_id.clone().unwrap(),
+            delivered: i != 0,
+            error: (i == 0).then(|| "unreachable".to_owned()),
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let before = herald::store::now_ms();
+    let report = store.record_receipts(&receipts, now).await.unwrap();
+    assert_eq!(report.applied, 4);
+    let [(campaign, _, progress)] = &report.campaigns[..] else {
+        panic!("one campaign moved: {:?}", report.campaigns);
+    };
+    assert_eq!(*campaign, c["id"].as_i64().unwrap());
+    assert_eq!(progress.kind, "progress");
+    assert!(
+        progress.created_at >= before,
+        "stamped {} ms before the write began",
+        before - progress.created_at
+    );
+    let log = store.events_since(*campaign, 0, 1000).await.unwrap();
+    assert_eq!(log.last().map(|e| e.seq), Some(progress.seq));
+    let counters = &progress.data["campaign"]["run"]["counters"];
+    assert_eq!(
+        (&counters["delivered"], &counters["failed_delivery"]),
+        (&json!(3), &json!(1)),
+        "{counters}"
+    );
+}

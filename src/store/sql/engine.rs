@@ -110,14 +110,21 @@ fn campaign_snapshot(
 /// `current_run` is a run as the caller last wrote it in this transaction:
 /// when it is the campaign's latest, the snapshot uses it instead of
 /// reading the run again (one round trip fewer per event on the hot path).
+///
+/// An event is stamped as it is written, not with its transaction's `now`:
+/// its `ts` is then when what it reports was committed, give or take the
+/// statements after it, which is what a client measuring the stream takes
+/// it for. Stamped with `now`, it said when the transaction began: with ten
+/// thousand sockets watching a run, a batch's events and a batch of
+/// delivery receipts' progress were stamped 4–15 ms before their commit.
 pub(super) async fn append_event(
     conn: &mut Conn,
     campaign_id: i64,
     kind: &str,
     mut data: serde_json::Value,
-    now: i64,
     current_run: Option<&RunRecord>,
 ) -> StoreResult<StoredEvent> {
+    let now = now_ms();
     // Taking the sequence first locks the campaign row, so on Postgres
     // concurrent appends queue here and each snapshot sees the one before.
     // The same statement returns what the snapshot needs of the campaign.
@@ -377,7 +384,6 @@ async fn announce_closed_batches(
     conn: &mut Conn,
     run: &RunRecord,
     closed: &[ClosedBatch],
-    now: i64,
 ) -> StoreResult<Vec<StoredEvent>> {
     let mut events = Vec::with_capacity(closed.len());
     for batch in closed {
@@ -388,7 +394,6 @@ async fn announce_closed_batches(
             json!({"run_id": run.uuid, "batch_sequence": batch.sequence, "status": batch.status,
                    "recipient_count": batch.recipients, "sent": batch.sent,
                    "failed": batch.failed, "skipped": batch.skipped}),
-            now,
             Some(run),
         )
         .await?;
@@ -413,7 +418,7 @@ async fn close_and_announce_batches(
         ..RunChange::default()
     };
     let run = update_run(conn, run_id, &change).await?;
-    announce_closed_batches(conn, &run, &closed, now).await
+    announce_closed_batches(conn, &run, &closed).await
 }
 
 /// Records one change of a workspace's balance; `after` is the new balance.
@@ -667,7 +672,6 @@ async fn take_slice_in(
                     "batch_started",
                     json!({"run_id": run.uuid, "batch_sequence": sequence,
                            "total_batches": run.total_batches, "recipient_count": size}),
-                    now,
                     Some(&run),
                 )
                 .await?;
@@ -839,7 +843,7 @@ async fn record_outcomes_in(
         updated_at: Some(now),
     };
     let run = update_run(&mut *conn, run_id, &change).await?;
-    let events = announce_closed_batches(&mut *conn, &run, &closed, now).await?;
+    let events = announce_closed_batches(&mut *conn, &run, &closed).await?;
     if successes + failures > 0 {
         sqlx::query(
             sql!("INSERT INTO metrics_minutes (campaign_id, minute, completed, failed) VALUES (?, ?, ?, ?)
@@ -857,19 +861,15 @@ async fn record_outcomes_in(
     Ok(RunUpdate { run, events })
 }
 
-/// Appends a run's progress event as the last write of its transaction,
-/// stamped as it is written rather than with the transaction's `now`: its
-/// `ts` is then when the counters it carries were committed, give or take
-/// the `COMMIT`, which is what a client measuring the stream takes it for.
-/// (Stamped with `now`, it said the transaction's start, up to tens of
-/// milliseconds before its commit on a busy server.)
+/// Appends a run's progress event. Callers append it as the last write of
+/// its transaction, with the counters the transaction commits, so that its
+/// `ts` (see [`append_event`]) is when those were committed.
 async fn append_progress(conn: &mut Conn, run: &RunRecord) -> StoreResult<StoredEvent> {
     append_event(
         conn,
         run.campaign_id,
         "progress",
         run_event_data(run),
-        now_ms(),
         Some(run),
     )
     .await
@@ -1194,7 +1194,6 @@ impl EngineStore for SqlStore {
             run.campaign_id,
             "run_started",
             run_event_data(&run),
-            now,
             Some(&run),
         )
         .await?;
@@ -1405,7 +1404,6 @@ impl EngineStore for SqlStore {
             run.campaign_id,
             &format!("run_{status}"),
             data,
-            now,
             Some(&run),
         )
         .await?;
@@ -1501,20 +1499,6 @@ impl EngineStore for SqlStore {
             .execute(&mut *tx)
             .await?;
         }
-        let mut progress = Vec::with_capacity(campaigns.len());
-        for (run, workspace_id, receipts) in &campaigns {
-            let event = append_event(
-                &mut tx,
-                run.campaign_id,
-                "progress",
-                json!({"receipts": receipts}),
-                now,
-                Some(run),
-            )
-            .await?;
-            progress.push((run.campaign_id, *workspace_id, event));
-        }
-        let campaigns = progress;
         let applied = settled.len() as u64;
         let unknown_ids: Vec<String> = if applied < receipts.len() as u64 {
             sqlx::query_scalar(
@@ -1537,6 +1521,14 @@ impl EngineStore for SqlStore {
             Vec::new()
         };
         let unknown = unknown_ids.len() as i64;
+        // Progress last, as in `record_and_take`.
+        let mut progress = Vec::with_capacity(campaigns.len());
+        for (run, workspace_id, receipts) in &campaigns {
+            let data = json!({"receipts": receipts});
+            let event = append_event(&mut tx, run.campaign_id, "progress", data, Some(run)).await?;
+            progress.push((run.campaign_id, *workspace_id, event));
+        }
+        let campaigns = progress;
         tx.commit().await?;
         Ok(ReceiptReport {
             applied,
@@ -1597,7 +1589,7 @@ impl EngineStore for SqlStore {
         .await?;
         let mut stored = Vec::with_capacity(events.len());
         for (kind, data) in events {
-            stored.push(append_event(&mut tx, campaign_id, kind, data.clone(), now, None).await?);
+            stored.push(append_event(&mut tx, campaign_id, kind, data.clone(), None).await?);
         }
         if let Some(end) = finish {
             let changed = sqlx::query(sql!(
@@ -1618,7 +1610,6 @@ impl EngineStore for SqlStore {
                         campaign_id,
                         "campaign_status",
                         json!({"status": end.as_str()}),
-                        now,
                         None,
                     )
                     .await?,

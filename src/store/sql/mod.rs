@@ -498,7 +498,6 @@ impl Store for SqlStore {
             id,
             "campaign_status",
             serde_json::json!({"from": transition.from.as_str(), "status": transition.to.as_str()}),
-            now,
             None,
         )
         .await?;
