@@ -229,8 +229,10 @@ fn read_all(
 ///
 /// Clients on other machines take none of the server's cores. These share
 /// them, and as ordinary threads the frames they were sent woke them to
-/// preempt the server's sweep and read a handful of sockets: about 14,000
-/// switches a second each way during a run.
+/// preempt the server's sweep and read a handful of sockets: during a run
+/// they woke about 14,000 times a second, and the sweeps were preempted
+/// 11,000 times. As batch threads they took 3.6–4.0 µs of CPU a frame
+/// against 4.7–5.2, and the server 6.6–7.2 against 7.3–7.9.
 fn yield_to_the_server_on_wake_up() {
     #[cfg(target_os = "linux")]
     {
