@@ -505,6 +505,19 @@ mod tests {
         assert_eq!(Update::scan(b"not json"), None);
     }
 
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_reading_thread_is_a_batch_thread() {
+        let policy = std::thread::spawn(|| {
+            yield_to_the_server_on_wake_up();
+            // SAFETY: no arguments; pid 0 is this thread.
+            unsafe { libc::sched_getscheduler(0) }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(policy, libc::SCHED_BATCH);
+    }
+
     #[tokio::test]
     async fn subscribers_read_fragments_answer_pings_and_stop_at_the_final_status() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
