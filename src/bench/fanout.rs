@@ -185,15 +185,13 @@ async fn herald_fanout(
     // Events after the run's end (late delivery receipts) are not part
     // of it: subscribers stop reading at the final status.
     let (mut events, mut after, mut ended) = (Vec::new(), 0, false);
-    let (mut shown, mut unchanged) = (None, 0);
+    let (mut shown, mut unchanged) = (crate::streams::protocol::Seed000Shown::default(), 0);
     while !ended {
         let page = store.events_since(campaign_id, after, 1000).await?;
         let Some(last) = page.last() else { break };
         after = last.seq;
         for event in &page {
-            let showing = crate::streams::protocol::seed000_data(event);
-            let changed = shown.as_ref() != Some(&showing);
-            shown = Some(showing);
+            let changed = shown.changed_by(event);
             if event.created_at < started_ms {
                 continue;
             }

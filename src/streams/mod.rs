@@ -164,9 +164,8 @@ struct Channel {
     last_progress_at: Option<Instant>,
     /// Seed-000 sockets written to directly (see [`fanout`]).
     fanout: Fanout,
-    /// What the last event handed to the fan-out showed seed 000
-    /// ([`protocol::seed000_data`]).
-    fanout_shown: Option<serde_json::Value>,
+    /// What the last event handed to the fan-out showed seed 000.
+    fanout_shown: protocol::Seed000Shown,
 }
 
 /// A live subscription: events with `seq` greater than `from_seq` arrive
@@ -219,7 +218,7 @@ impl State {
                 held: None,
                 last_progress_at: None,
                 fanout: Fanout::default(),
-                fanout_shown: None,
+                fanout_shown: protocol::Seed000Shown::default(),
             })
     }
 }
@@ -528,13 +527,11 @@ impl Channel {
     /// A socket that joins later is sent the state it joins at, so it has
     /// what a skipped frame would have told it.
     fn shows_the_fanout_something_new(&mut self, event: &HubEvent) -> bool {
-        let shown = protocol::seed000_data(&event.event);
-        if self.fanout_shown.as_ref() == Some(&shown) {
+        let changed = self.fanout_shown.changed_by(&event.event);
+        if !changed {
             metrics::counter!("herald_stream_frames_unchanged_total").increment(1);
-            return false;
         }
-        self.fanout_shown = Some(shown);
-        true
+        changed
     }
 }
 

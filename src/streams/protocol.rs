@@ -86,6 +86,27 @@ pub fn seed000_data(event: &StoredEvent) -> Value {
     burki_data(event.campaign_id, &event.data["campaign"])
 }
 
+/// What a campaign's seed-000 progress sockets were last shown: seed 000
+/// sends a `progress_update` "whenever progress changes", so an event that
+/// shows nothing new (a delivery receipt's: it has no delivery counts) is
+/// not sent to them. The hub decides with it, and `bench fanout` times
+/// the events it would send.
+#[derive(Debug, Default)]
+pub struct Seed000Shown(Option<Value>);
+
+impl Seed000Shown {
+    /// Whether `event` shows anything the last event did not; if so, it is
+    /// what was last shown from now on.
+    pub fn changed_by(&mut self, event: &StoredEvent) -> bool {
+        let shown = seed000_data(event);
+        if self.0.as_ref() == Some(&shown) {
+            return false;
+        }
+        self.0 = Some(shown);
+        true
+    }
+}
+
 /// A campaign snapshot, shaped as the one `append_event` stores with each
 /// event, built from the stored campaign and its latest run.
 pub fn snapshot_of(
@@ -236,6 +257,20 @@ mod tests {
         json!({"status": "running", "started_at": 1_707_984_000_000i64, "completed_at": null, "contact_count": 500,
                "run": {"id": "r1", "status": "running", "total_batches": 1,
                        "counters": {"total": 500, "pending": 145, "processing": 5, "sent": 325, "failed": 25, "skipped": 0}}})
+    }
+
+    #[test]
+    fn only_an_event_that_changes_what_seed_000_shows_counts_as_changed() {
+        let mut shown = Seed000Shown::default();
+        assert!(shown.changed_by(&event("progress", json!({"campaign": snapshot()}))));
+        // A receipt's progress: other data, the same counters.
+        let receipts = event("progress", json!({"receipts": 3, "campaign": snapshot()}));
+        assert!(!shown.changed_by(&receipts));
+        let mut moved = snapshot();
+        moved["run"]["counters"]["sent"] = json!(326);
+        assert!(shown.changed_by(&event("progress", json!({"campaign": moved}))));
+        // Back to what was shown before the last: a change again.
+        assert!(shown.changed_by(&receipts));
     }
 
     #[test]
