@@ -1,16 +1,17 @@
 //! Rows read by column position, whichever driver read them.
 //!
-//! Most reads go through sqlx. SQLite's pages of executions do not (see
-//! `sqlite::RowReaders`): sqlx copies every value of every row before
-//! handing the row across threads, and on a page of a hundred executions
-//! those copies and hand-offs were most of the request. A record that both
-//! backends build is mapped once, here, from [`Columns`], which Postgres'
-//! rows (sqlx) and SQLite's (rusqlite) both provide.
+//! Most reads go through sqlx. On SQLite, pages of executions and the
+//! polled one-row reads do not (see `sqlite::RowReaders`): sqlx runs each
+//! statement on its connection's thread and copies every value of every
+//! row before handing the row across, and those copies and hand-offs cost
+//! more than the statements. A record that both backends build is mapped
+//! once, here, from [`Columns`], which rows of either driver provide.
 
 use std::collections::BTreeMap;
 
 use super::execution_rows::ExecutionRow;
-use super::{ExecutionRecord, RunSnapshot, StoreError, StoreResult};
+use super::{Campaign, Counters, ExecutionRecord, RunSnapshot, StoreError, StoreResult};
+use crate::domain::{CampaignStatus, Channel};
 
 /// A row's values by position, borrowed where the driver allows it.
 pub trait Columns {
@@ -74,6 +75,59 @@ pub fn snapshot_from(raw: Option<&str>) -> StoreResult<Option<RunSnapshot>> {
         .map_err(|e| StoreError::Corrupt(format!("snapshot: {e}")))
 }
 
+/// What [`campaign_from_columns`] reads, in its order: first in every
+/// statement that reads a campaign, so the columns after it are numbered
+/// from [`CAMPAIGN_COLUMN_COUNT`].
+pub const CAMPAIGN_COLUMNS: &str = "id, uuid, workspace_id, name, channel, template, sender, \
+    provider, max_attempts, status, start_at, contact_count, created_at, updated_at, \
+    started_at, completed_at";
+
+/// How many columns [`CAMPAIGN_COLUMNS`] names.
+pub const CAMPAIGN_COLUMN_COUNT: usize = 16;
+
+/// A campaign from a row that starts with [`CAMPAIGN_COLUMNS`].
+pub fn campaign_from_columns(row: &dyn Columns) -> StoreResult<Campaign> {
+    let channel = row.text(4)?;
+    let provider = row.text(7)?;
+    let status = row.text(9)?;
+    Ok(Campaign {
+        id: row.int(0)?,
+        uuid: row.text(1)?.to_owned(),
+        workspace_id: row.int(2)?,
+        name: row.text(3)?.to_owned(),
+        channel: Channel::parse(channel)
+            .ok_or_else(|| StoreError::Corrupt(format!("channel '{channel}'")))?,
+        template: row.opt_text(5)?.map(str::to_owned),
+        sender: row.opt_text(6)?.map(str::to_owned),
+        provider: serde_json::from_str(provider)
+            .map_err(|e| StoreError::Corrupt(format!("provider: {e}")))?,
+        max_attempts: row.int(8)? as u8,
+        status: CampaignStatus::parse(status)
+            .ok_or_else(|| StoreError::Corrupt(format!("status '{status}'")))?,
+        start_at: row.opt_int(10)?,
+        contact_count: row.int(11)?,
+        created_at: row.int(12)?,
+        updated_at: row.int(13)?,
+        started_at: row.opt_int(14)?,
+        completed_at: row.opt_int(15)?,
+    })
+}
+
+/// A run's counters from eight columns from `at`: total, pending,
+/// processing, sent, failed, skipped, delivered, failed_delivery.
+pub fn counters_from_columns(row: &dyn Columns, at: usize) -> StoreResult<Counters> {
+    Ok(Counters {
+        total: row.int(at)?,
+        pending: row.int(at + 1)?,
+        processing: row.int(at + 2)?,
+        sent: row.int(at + 3)?,
+        failed: row.int(at + 4)?,
+        skipped: row.int(at + 5)?,
+        delivered: row.int(at + 6)?,
+        failed_delivery: row.int(at + 7)?,
+    })
+}
+
 /// What [`ExecutionRow::from_columns`] reads, in its order. A page
 /// copies every column of every row it selects, so it selects no more
 /// than the record holds.
@@ -99,21 +153,26 @@ impl FromColumns for ExecutionRecord {
     }
 }
 
-/// Postgres rows, read by sqlx (positions as its `try_get` takes them).
-impl Columns for sqlx::postgres::PgRow {
-    fn int(&self, at: usize) -> StoreResult<i64> {
-        Ok(sqlx::Row::try_get(self, at)?)
-    }
-    fn opt_int(&self, at: usize) -> StoreResult<Option<i64>> {
-        Ok(sqlx::Row::try_get(self, at)?)
-    }
-    fn text(&self, at: usize) -> StoreResult<&str> {
-        Ok(sqlx::Row::try_get(self, at)?)
-    }
-    fn opt_text(&self, at: usize) -> StoreResult<Option<&str>> {
-        Ok(sqlx::Row::try_get(self, at)?)
-    }
+/// Rows read by sqlx, Postgres' and SQLite's (positions as `try_get` takes them).
+macro_rules! sqlx_columns {
+    ($($row:ty),*) => {$(
+        impl Columns for $row {
+            fn int(&self, at: usize) -> StoreResult<i64> {
+                Ok(sqlx::Row::try_get(self, at)?)
+            }
+            fn opt_int(&self, at: usize) -> StoreResult<Option<i64>> {
+                Ok(sqlx::Row::try_get(self, at)?)
+            }
+            fn text(&self, at: usize) -> StoreResult<&str> {
+                Ok(sqlx::Row::try_get(self, at)?)
+            }
+            fn opt_text(&self, at: usize) -> StoreResult<Option<&str>> {
+                Ok(sqlx::Row::try_get(self, at)?)
+            }
+        }
+    )*};
 }
+sqlx_columns!(sqlx::postgres::PgRow, sqlx::sqlite::SqliteRow);
 
 /// SQLite rows, read by rusqlite.
 impl Columns for rusqlite::Row<'_> {

@@ -204,6 +204,38 @@ pub(crate) mod dialect {
         crate::store::joined(ran)
     }
 
+    /// The first row of one statement (placeholders already `$n`), read on
+    /// a pooled connection: the same code as SQLite's [`read_row`], which
+    /// reads where it is called.
+    pub async fn read_row<T>(
+        pool: &ReadPool,
+        sql: &str,
+        params: Vec<crate::store::columns::Param>,
+        map: impl FnOnce(&dyn crate::store::columns::Columns) -> StoreResult<T>,
+    ) -> StoreResult<Option<T>> {
+        let row = bound(sql, &params)
+            .fetch_optional(&mut *read(pool).await?)
+            .await?;
+        match row {
+            Some(row) => map(&row).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// `sql` with `params` bound in order.
+    fn bound<'q>(
+        sql: &'q str,
+        params: &'q [crate::store::columns::Param],
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        use crate::store::columns::Param;
+        params
+            .iter()
+            .fold(sqlx::query(sql), |query, param| match param {
+                Param::Int(value) => query.bind(*value),
+                Param::Text(value) => query.bind(value.as_str()),
+            })
+    }
+
     /// What a [`read_job`] reads with.
     pub struct Reader<'c> {
         connection: &'c mut sqlx::PgConnection,
@@ -217,15 +249,8 @@ pub(crate) mod dialect {
             params: Vec<crate::store::columns::Param>,
             row: &mut dyn FnMut(&dyn crate::store::columns::Columns) -> StoreResult<()>,
         ) -> StoreResult<()> {
-            use crate::store::columns::Param;
             let sql = placeholders(sql);
-            let mut query = sqlx::query(&sql);
-            for param in &params {
-                query = match param {
-                    Param::Int(value) => query.bind(*value),
-                    Param::Text(value) => query.bind(value.as_str()),
-                };
-            }
+            let query = bound(&sql, &params);
             for next in self
                 .runtime
                 .block_on(query.fetch_all(&mut *self.connection))?

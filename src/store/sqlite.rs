@@ -54,6 +54,29 @@ pub(crate) mod dialect {
             .await
     }
 
+    /// The first row of one short statement, read on the caller's thread.
+    ///
+    /// For what clients poll (a campaign's status, its totals): one indexed
+    /// statement of a few microseconds, which through sqlx was a hand-off to
+    /// its connection's thread and back (two thread wake-ups, each dearer
+    /// than the statement) and through [`read_job`] one to a blocking
+    /// thread. Not for long statements: this one holds up the async worker
+    /// it runs on until it is done.
+    pub async fn read_row<T>(
+        pool: &ReadPool,
+        sql: &str,
+        params: Vec<crate::store::columns::Param>,
+        map: impl FnOnce(&dyn crate::store::columns::Columns) -> crate::store::StoreResult<T>,
+    ) -> crate::store::StoreResult<Option<T>> {
+        let connection = pool.rows.0.lend().await?;
+        let mut statement = connection.prepare_cached(sql)?;
+        let mut rows = statement.query(rusqlite::params_from_iter(params))?;
+        match rows.next()? {
+            Some(row) => map(row).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// What a [`read_job`] reads with.
     pub struct Reader<'c> {
         connection: &'c rusqlite::Connection,

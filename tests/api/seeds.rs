@@ -322,6 +322,30 @@ async fn seed_002_status_and_analytics_match_the_documented_shape() {
     let failure = analytics["failure_rate"].as_f64().unwrap();
     assert!((failure - analytics["failed_count"].as_f64().unwrap() / 1500.0).abs() < 0.0001);
     assert!(is_rfc3339(&analytics["first_sent_at"]) && is_rfc3339(&analytics["completed_at"]));
+    // Both count what Herald's own campaign view counts, each counter in
+    // its place (each is read by column position).
+    let progress = app.campaign(&c["id"]).await["progress"].clone();
+    for (seed, ours) in [
+        ("sent", "sent"),
+        ("failed", "failed"),
+        ("skipped", "skipped"),
+        ("delivered", "delivered"),
+    ] {
+        assert_eq!(status[seed], progress[ours], "status {seed}");
+    }
+    for (seed, ours) in [
+        ("total_recipients", "total"),
+        ("sent_count", "sent"),
+        ("failed_count", "failed"),
+        ("skipped_count", "skipped"),
+        ("delivered_count", "delivered"),
+        ("failed_delivery_count", "failed_delivery"),
+    ] {
+        assert_eq!(analytics[seed], progress[ours], "analytics {seed}");
+    }
+    assert!(
+        progress["delivered"].as_i64().unwrap() > 0 && progress["failed"].as_i64().unwrap() > 0
+    );
 
     // A second run: status follows it at once; once it has ended,
     // analytics names it and counts the recipients of both.

@@ -13,7 +13,7 @@ use sqlx::{QueryBuilder, Row};
 use tokio::sync::mpsc;
 
 use super::dialect::{self, Conn, Db, DbRow, Pool};
-use crate::store::columns::variables_from;
+use crate::store::columns::{campaign_from_columns, variables_from, CAMPAIGN_COLUMNS};
 use crate::store::*;
 
 /// A statement for this backend: `format!` syntax, evaluated and rewritten
@@ -42,9 +42,6 @@ pub struct SqlStore {
     pub(super) _background: Option<super::super::BackgroundTask>,
 }
 
-pub(super) const CAMPAIGN_COLUMNS: &str = "id, uuid, workspace_id, name, channel, template, sender, provider, \
-     max_attempts, status, start_at, contact_count, created_at, updated_at, started_at, completed_at";
-
 fn workspace_from_row(row: &DbRow) -> StoreResult<Workspace> {
     Ok(Workspace {
         id: row.try_get("id")?,
@@ -69,31 +66,7 @@ fn api_key_from_row(row: &DbRow) -> StoreResult<ApiKeyRecord> {
 }
 
 pub(super) fn campaign_from_row(row: &DbRow) -> StoreResult<Campaign> {
-    let channel: String = row.try_get("channel")?;
-    let status: String = row.try_get("status")?;
-    let provider: String = row.try_get("provider")?;
-    let max_attempts: i64 = row.try_get("max_attempts")?;
-    Ok(Campaign {
-        id: row.try_get("id")?,
-        uuid: row.try_get("uuid")?,
-        workspace_id: row.try_get("workspace_id")?,
-        name: row.try_get("name")?,
-        channel: Channel::parse(&channel)
-            .ok_or_else(|| StoreError::Corrupt(format!("channel '{channel}'")))?,
-        template: row.try_get("template")?,
-        sender: row.try_get("sender")?,
-        provider: serde_json::from_str(&provider)
-            .map_err(|e| StoreError::Corrupt(format!("provider: {e}")))?,
-        max_attempts: max_attempts as u8,
-        status: CampaignStatus::parse(&status)
-            .ok_or_else(|| StoreError::Corrupt(format!("status '{status}'")))?,
-        start_at: row.try_get("start_at")?,
-        contact_count: row.try_get("contact_count")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        started_at: row.try_get("started_at")?,
-        completed_at: row.try_get("completed_at")?,
-    })
+    campaign_from_columns(row)
 }
 
 fn contact_from_row(row: &DbRow) -> StoreResult<ContactRecord> {

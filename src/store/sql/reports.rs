@@ -4,10 +4,13 @@
 use async_trait::async_trait;
 use sqlx::Row;
 
-use super::engine::{counters_from_row, run_from_row, RUN_COLUMNS};
-use super::{campaign_from_row, dialect, DbRow, SqlStore, CAMPAIGN_COLUMNS};
+use super::engine::{run_from_row, RUN_COLUMNS};
+use super::{campaign_from_row, dialect, DbRow, SqlStore};
 use crate::domain::{ExecutionStatus, RunStatus};
-use crate::store::columns::{Param, ReadRows, EXECUTION_COLUMNS};
+use crate::store::columns::{
+    campaign_from_columns, counters_from_columns, Param, ReadRows, CAMPAIGN_COLUMNS,
+    CAMPAIGN_COLUMN_COUNT, EXECUTION_COLUMNS,
+};
 use crate::store::*;
 
 fn batch_from_row(row: &DbRow) -> StoreResult<BatchRecord> {
@@ -286,60 +289,65 @@ impl ReportStore for SqlStore {
         &self,
         by: &CampaignRef,
     ) -> StoreResult<Option<(Campaign, CampaignTotals)>> {
-        let query = match by {
-            CampaignRef::Id(id) => {
-                sqlx::query(sql!("{} WHERE c.id = ? GROUP BY c.id", totals_select())).bind(*id)
-            }
-            CampaignRef::Uuid(uuid) => {
-                sqlx::query(sql!("{} WHERE c.uuid = ? GROUP BY c.id", totals_select()))
-                    .bind(uuid.as_str())
-            }
+        let (sql, by) = match by {
+            CampaignRef::Id(id) => (
+                sql!("{} WHERE c.id = ? GROUP BY c.id", totals_select()),
+                Param::Int(*id),
+            ),
+            CampaignRef::Uuid(uuid) => (
+                sql!("{} WHERE c.uuid = ? GROUP BY c.id", totals_select()),
+                Param::Text(uuid.clone()),
+            ),
         };
-        let Some(row) = query.fetch_optional(&mut *self.read().await?).await? else {
-            return Ok(None);
-        };
-        let totals = CampaignTotals {
-            runs: row.try_get("runs")?,
-            counters: counters_from_row(&row)?,
-            first_sent_at: row.try_get("first_sent_at")?,
-            last_sent_at: row.try_get("last_sent_at")?,
-            cancelled: row.try_get("cancelled")?,
-            last_ended_run: row.try_get("last_ended_run")?,
-            last_ended_at: row.try_get("last_ended_at")?,
-        };
-        Ok(Some((campaign_from_row(&row)?, totals)))
+        dialect::read_row(&self.reader, sql, vec![by], |row| {
+            // Numbered as `totals_select` selects them.
+            let at = CAMPAIGN_COLUMN_COUNT;
+            let totals = CampaignTotals {
+                runs: row.int(at)?,
+                counters: counters_from_columns(row, at + 1)?,
+                first_sent_at: row.opt_int(at + 9)?,
+                last_sent_at: row.opt_int(at + 10)?,
+                cancelled: row.int(at + 11)?,
+                last_ended_run: row.opt_text(at + 12)?.map(str::to_owned),
+                last_ended_at: row.opt_int(at + 13)?,
+            };
+            Ok((campaign_from_columns(row)?, totals))
+        })
+        .await
     }
 
     async fn campaign_status(
         &self,
         by: &CampaignRef,
     ) -> StoreResult<Option<(Campaign, Option<RunSummary>)>> {
-        let query = match by {
-            CampaignRef::Id(id) => {
-                sqlx::query(sql!("{} WHERE c.id = ?", status_select())).bind(*id)
-            }
-            CampaignRef::Uuid(uuid) => {
-                sqlx::query(sql!("{} WHERE c.uuid = ?", status_select())).bind(uuid.as_str())
-            }
+        let (sql, by) = match by {
+            CampaignRef::Id(id) => (sql!("{} WHERE c.id = ?", status_select()), Param::Int(*id)),
+            CampaignRef::Uuid(uuid) => (
+                sql!("{} WHERE c.uuid = ?", status_select()),
+                Param::Text(uuid.clone()),
+            ),
         };
-        let Some(row) = query.fetch_optional(&mut *self.read().await?).await? else {
-            return Ok(None);
-        };
-        let run = match row.try_get::<Option<String>, _>("run_uuid")? {
-            None => None,
-            Some(uuid) => {
-                let status: String = row.try_get("run_status")?;
-                Some(RunSummary {
-                    uuid,
-                    status: RunStatus::parse(&status).ok_or(StoreError::Corrupt(status))?,
-                    counters: counters_from_row(&row)?,
-                    total_batches: row.try_get("total_batches")?,
-                    completed_batches: row.try_get("completed_batches")?,
-                    updated_at: row.try_get("run_updated_at")?,
-                })
-            }
-        };
-        Ok(Some((campaign_from_row(&row)?, run)))
+        dialect::read_row(&self.reader, sql, vec![by], |row| {
+            // Numbered as `status_select` selects them.
+            let at = CAMPAIGN_COLUMN_COUNT;
+            let run = match row.opt_text(at)? {
+                None => None,
+                Some(uuid) => {
+                    let status = row.text(at + 1)?;
+                    Some(RunSummary {
+                        uuid: uuid.to_owned(),
+                        status: RunStatus::parse(status)
+                            .ok_or_else(|| StoreError::Corrupt(status.to_owned()))?,
+                        updated_at: row.int(at + 2)?,
+                        counters: counters_from_columns(row, at + 3)?,
+                        total_batches: row.int(at + 11)?,
+                        completed_batches: row.int(at + 12)?,
+                    })
+                }
+            };
+            Ok((campaign_from_columns(row)?, run))
+        })
+        .await
     }
 
     async fn metrics_history(
@@ -535,8 +543,7 @@ impl ReportStore for SqlStore {
 }
 
 /// The campaign's columns, qualified by `c` (a join with `runs` would make
-/// `id`, `uuid`, `status` … ambiguous) and named as `campaign_from_row`
-/// reads them.
+/// `id`, `uuid`, `status` … ambiguous), in [`CAMPAIGN_COLUMNS`]' order.
 fn campaign_columns_of_c() -> String {
     CAMPAIGN_COLUMNS
         .split(',')
@@ -548,8 +555,9 @@ fn campaign_columns_of_c() -> String {
         .join(", ")
 }
 
-/// A campaign and the sums over its runs, less the `WHERE`. Run columns are
-/// named as `counters_from_row` reads them; none collides with a campaign's.
+/// A campaign and the sums over its runs, less the `WHERE`: the campaign's
+/// columns, then the runs', numbered from [`CAMPAIGN_COLUMN_COUNT`] as
+/// `campaign_totals` reads them.
 fn totals_select() -> String {
     let ended = "status IN ('completed', 'failed', 'cancelled')";
     format!(
@@ -573,7 +581,9 @@ fn totals_select() -> String {
     )
 }
 
-/// A campaign and its latest run's summary, less the `WHERE`.
+/// A campaign and its latest run's summary, less the `WHERE`: the
+/// campaign's columns, then the run's, numbered from
+/// [`CAMPAIGN_COLUMN_COUNT`] as `campaign_status` reads them.
 fn status_select() -> String {
     format!(
         "SELECT {}, r.uuid AS run_uuid, r.status AS run_status, r.updated_at AS run_updated_at,
