@@ -13,7 +13,7 @@ use sqlx::{QueryBuilder, Row};
 use tokio::sync::mpsc;
 
 use super::dialect::{self, Conn, Db, DbRow, Pool};
-use crate::store::columns::{campaign_from_columns, variables_from, CAMPAIGN_COLUMNS};
+use crate::store::columns::{campaign_from_columns, variables_from, Param, CAMPAIGN_COLUMNS};
 use crate::store::*;
 
 /// A statement for this backend: `format!` syntax, evaluated and rewritten
@@ -295,25 +295,19 @@ impl Store for SqlStore {
     }
 
     async fn campaign(&self, by: &CampaignRef) -> StoreResult<Option<Campaign>> {
-        let query = match by {
-            CampaignRef::Id(id) => {
-                sqlx::query(sql!(
-                    "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = ?"
-                ))
-                .bind(*id)
-                .fetch_optional(&mut *self.read().await?)
-                .await?
-            }
-            CampaignRef::Uuid(uuid) => {
-                sqlx::query(sql!(
-                    "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE uuid = ?"
-                ))
-                .bind(uuid)
-                .fetch_optional(&mut *self.read().await?)
-                .await?
-            }
+        // Nearly every campaign's request starts here (its owner is checked
+        // on it): one short read, done where the request runs on SQLite.
+        let (sql, by) = match by {
+            CampaignRef::Id(id) => (
+                sql!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = ?"),
+                Param::Int(*id),
+            ),
+            CampaignRef::Uuid(uuid) => (
+                sql!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE uuid = ?"),
+                Param::Text(uuid.clone()),
+            ),
         };
-        query.as_ref().map(campaign_from_row).transpose()
+        dialect::read_row(&self.reader, sql, vec![by], campaign_from_columns).await
     }
 
     async fn list_campaigns(
