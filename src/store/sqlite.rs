@@ -56,12 +56,13 @@ pub(crate) mod dialect {
 
     /// The first row of one short statement, read on the caller's thread.
     ///
-    /// For what clients poll (a campaign's status, its totals): one indexed
-    /// statement of a few microseconds, which through sqlx was a hand-off to
-    /// its connection's thread and back (two thread wake-ups, each dearer
-    /// than the statement) and through [`read_job`] one to a blocking
-    /// thread. Not for long statements: this one holds up the async worker
-    /// it runs on until it is done.
+    /// For what clients poll (a campaign's status, its totals) and the
+    /// campaign lookup that nearly every request on a campaign begins with:
+    /// one indexed statement of a few microseconds, which through sqlx was
+    /// a hand-off to its connection's thread and back (two thread wake-ups,
+    /// each dearer than the statement) and through [`read_job`] one to a
+    /// blocking thread. Not for long statements: this one holds up the
+    /// async worker it runs on until it is done.
     pub async fn read_row<T>(
         pool: &ReadPool,
         sql: &str,
