@@ -82,8 +82,22 @@ pub const CAMPAIGN_COLUMNS: &str = "id, uuid, workspace_id, name, channel, templ
     provider, max_attempts, status, start_at, contact_count, created_at, updated_at, \
     started_at, completed_at";
 
-/// How many columns [`CAMPAIGN_COLUMNS`] names.
-pub const CAMPAIGN_COLUMN_COUNT: usize = 16;
+/// How many columns [`CAMPAIGN_COLUMNS`] names, counted from it so the two
+/// cannot disagree.
+pub const CAMPAIGN_COLUMN_COUNT: usize = column_count(CAMPAIGN_COLUMNS);
+
+/// The names in a comma-separated column list.
+const fn column_count(columns: &str) -> usize {
+    let bytes = columns.as_bytes();
+    let (mut count, mut at) = (1, 0);
+    while at < bytes.len() {
+        if bytes[at] == b',' {
+            count += 1;
+        }
+        at += 1;
+    }
+    count
+}
 
 /// A campaign from a row that starts with [`CAMPAIGN_COLUMNS`].
 pub fn campaign_from_columns(row: &dyn Columns) -> StoreResult<Campaign> {
@@ -202,5 +216,19 @@ impl rusqlite::ToSql for Param {
             Param::Int(value) => (*value).into(),
             Param::Text(value) => value.as_str().into(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_campaign_columns_are_the_sixteen_campaign_from_columns_reads() {
+        // `campaign_from_columns` reads positions 0 to 15; the columns that
+        // follow a campaign in a row are numbered from this count.
+        assert_eq!(CAMPAIGN_COLUMN_COUNT, 16);
+        assert_eq!(column_count("a"), 1);
+        assert_eq!(column_count("a, b,c"), 3);
     }
 }
