@@ -9,6 +9,7 @@
 //! Every method that changes data runs in one transaction: a method either
 //! happens whole or not at all.
 
+pub mod bound_rows;
 pub mod columns;
 pub mod engine;
 pub mod execution_rows;

@@ -65,7 +65,8 @@ pub(crate) mod dialect {
         out
     }
 
-    pub const JSON_ROWS: &str = "jsonb_array_elements(CAST(? AS jsonb)) AS j(value)";
+    /// Many rows for one statement: one JSON array, one parameter.
+    pub const ROWS: crate::store::bound_rows::Style = crate::store::bound_rows::Style::Json;
     /// Row locks make a write transaction wait where it needs to.
     pub const BEGIN: &str = "BEGIN";
     pub const JSON_OBJECT: &str = "json_build_object";

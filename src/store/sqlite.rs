@@ -111,8 +111,8 @@ pub(crate) mod dialect {
         sql.to_owned()
     }
 
-    /// A JSON array bound as one parameter, as rows with a `j.value` column.
-    pub const JSON_ROWS: &str = "json_each(?) AS j";
+    /// Many rows for one statement: `VALUES` placeholders, in chunks.
+    pub const ROWS: crate::store::bound_rows::Style = crate::store::bound_rows::Style::Values;
     /// Write transactions take the write lock when they begin. A deferred
     /// one that reads first cannot wait for a lock another process holds
     /// (SQLite answers BUSY at once, to avoid a deadlock); an immediate one

@@ -1,7 +1,7 @@
-//! The engine's writes and the seed surfaces' reads on SQLite.
+//! The engine's writes.
 //!
-//! Hot paths move whole slices at once: ids travel as one JSON array bound
-//! as rows (`dialect::JSON_ROWS`), outcomes as one JSON array joined by `UPDATE … FROM`, so a
+//! Hot paths move whole slices at once: ids, outcomes and receipts are
+//! bound as rows (`store::bound_rows`) and joined by `UPDATE … FROM`, so a
 //! slice of 1000 sends costs a handful of statements, not thousands.
 
 use std::collections::BTreeMap;
@@ -11,13 +11,17 @@ use futures::StreamExt;
 use serde_json::json;
 use sqlx::Row;
 
-use super::{dialect, Conn, DbRow, SqlStore};
+use super::{dialect, Conn, Db, DbRow, SqlStore};
 use crate::domain::{ExecutionStatus, Recipients, RunStatus};
+use crate::store::bound_rows::{BoundRows, Kind, Shape, ROWS};
 use crate::store::columns::{snapshot_from, variables_from};
 use crate::store::*;
 
 /// Recipients per batch.
 pub const BATCH_SIZE: i64 = 1000;
+
+/// Rows of executions, or of runs, by id.
+const IDS: &Shape = &[("id", Kind::Int)];
 
 pub(super) const RUN_COLUMNS: &str = "id, uuid, campaign_id, status, recipients, scheduled_at, \
     lease_owner, claimed_at, started_at, completed_at, snapshot, frozen_at, total, pending, \
@@ -629,17 +633,20 @@ async fn take_slice_in(
                 };
             }
         } else {
-            let ids: Vec<i64> = executions.iter().map(|e| e.id).collect();
-            sqlx::query(sql!(
-                "UPDATE executions SET status = 'in_progress', attempts = attempts + 1,
-                        next_attempt_at = NULL, updated_at = ?
-                 WHERE id IN (SELECT CAST(j.value AS BIGINT) FROM {})",
-                dialect::JSON_ROWS
-            ))
-            .bind(now)
-            .bind(serde_json::to_string(&ids).expect("ids serialise"))
-            .execute(&mut *conn)
-            .await?;
+            let ids = BoundRows::ids(IDS, executions.iter().map(|e| e.id));
+            for chunk in ids.chunks(dialect::ROWS) {
+                sqlx::query_with(
+                    sql_rows!(
+                        &chunk,
+                        "UPDATE executions SET status = 'in_progress', attempts = attempts + 1,
+                                next_attempt_at = NULL, updated_at = ?
+                         WHERE id IN (SELECT i.id FROM {ROWS} AS i)"
+                    ),
+                    chunk.arguments::<Db>(&[now.into()], &[]),
+                )
+                .execute(&mut *conn)
+                .await?;
+            }
             let mut deltas: BTreeMap<i64, Delta> = BTreeMap::new();
             for e in &executions {
                 let d = deltas.entry(e.batch_sequence).or_default();
@@ -694,20 +701,38 @@ async fn take_slice_in(
     Ok((slice, run))
 }
 
-/// Writes a slice's outcomes (`{rows}`: one JSON array per outcome) to the
-/// executions still in progress.
+/// A slice's outcomes, a row each.
+const OUTCOMES: &Shape = &[
+    ("id", Kind::Int),
+    ("status", Kind::Text),
+    ("message_status", Kind::Text),
+    ("provider_id", Kind::Text),
+    ("duration", Kind::Int),
+    ("error", Kind::Text),
+    ("retry", Kind::Text),
+    ("next_at", Kind::Int),
+];
+
+/// Writes a slice's outcomes ([`OUTCOMES`]) to the executions still in
+/// progress.
 const RECORD_OUTCOMES: &str =
     "UPDATE executions SET status = o.status, message_status = o.message_status,
                 provider_message_id = COALESCE(o.provider_id, executions.provider_message_id),
                 duration_seconds = o.duration, error_details = o.error,
                 retry_reason = o.retry, next_attempt_at = o.next_at,
                 executed_at = ?, updated_at = ?
-         FROM (SELECT CAST(j.value ->> 0 AS BIGINT) AS id, j.value ->> 1 AS status,
-                      j.value ->> 2 AS message_status, j.value ->> 3 AS provider_id,
-                      CAST(j.value ->> 4 AS BIGINT) AS duration, j.value ->> 5 AS error,
-                      j.value ->> 6 AS retry, CAST(j.value ->> 7 AS BIGINT) AS next_at
-               FROM {rows}) AS o
+         FROM {rows} AS o
          WHERE executions.id = o.id AND executions.status = 'in_progress'";
+
+/// Delivery receipts: the message, `delivered` or `failed`, and the error.
+const RECEIPTS: &Shape = &[
+    ("provider_id", Kind::Text),
+    ("status", Kind::Text),
+    ("error", Kind::Text),
+];
+
+/// Provider message ids and the executions they name.
+const PROVIDER_IDS: &Shape = &[("provider_id", Kind::Text), ("execution_id", Kind::Int)];
 
 /// Records send outcomes, counters, batch completion and metrics inside
 /// the caller's transaction, which holds the run's lock ([`lock_run`]) and
@@ -719,43 +744,44 @@ async fn record_outcomes_in(
     outcomes: &[ExecutionOutcome],
     now: i64,
 ) -> StoreResult<RunUpdate> {
-    // Serialised straight from tuples (JSON arrays), not through `Value`
-    // trees: this runs inside the writer's transaction.
-    let payload: Vec<_> = outcomes
-        .iter()
-        .map(|o| {
-            (
-                o.id,
-                o.status.as_str(),
-                o.message_status,
-                &o.provider_id,
-                o.duration_seconds,
-                &o.error_details,
-                &o.retry_reason,
-                o.next_attempt_at,
-            )
-        })
-        .collect();
-    let payload = serde_json::to_string(&payload).expect("outcomes serialise");
+    let mut rows = BoundRows::new(OUTCOMES);
+    for o in outcomes {
+        rows.push([
+            o.id.into(),
+            o.status.as_str().into(),
+            o.message_status.into(),
+            (&o.provider_id).into(),
+            o.duration_seconds.into(),
+            (&o.error_details).into(),
+            (&o.retry_reason).into(),
+            o.next_attempt_at.into(),
+        ]);
+    }
     // A retry that reached the provider replaces the id an earlier attempt
     // left (a voice call that went unanswered): that id no longer finds
     // the execution. Only executions this update will write are touched.
-    let replacing: Vec<serde_json::Value> = outcomes
-        .iter()
-        .filter(|o| o.attempt > 1 && o.provider_id.is_some())
-        .map(|o| json!([o.id]))
-        .collect();
+    let replacing = BoundRows::ids(
+        IDS,
+        outcomes
+            .iter()
+            .filter(|o| o.attempt > 1 && o.provider_id.is_some())
+            .map(|o| o.id),
+    );
     if !replacing.is_empty() {
-        sqlx::query(sql!(
-            "DELETE FROM provider_messages WHERE (provider_message_id, execution_id) IN (
-                 SELECT e.provider_message_id, e.id FROM executions e
-                 WHERE e.id IN (SELECT CAST(j.value ->> 0 AS BIGINT) FROM {})
-                   AND e.status = 'in_progress' AND e.provider_message_id IS NOT NULL)",
-            dialect::JSON_ROWS
-        ))
-        .bind(serde_json::Value::Array(replacing).to_string())
-        .execute(&mut *conn)
-        .await?;
+        for chunk in replacing.chunks(dialect::ROWS) {
+            sqlx::query_with(
+                sql_rows!(
+                    &chunk,
+                    "DELETE FROM provider_messages WHERE (provider_message_id, execution_id) IN (
+                         SELECT e.provider_message_id, e.id FROM executions e
+                         WHERE e.id IN (SELECT i.id FROM {ROWS} AS i)
+                           AND e.status = 'in_progress' AND e.provider_message_id IS NOT NULL)"
+                ),
+                chunk.arguments::<Db>(&[], &[]),
+            )
+            .execute(&mut *conn)
+            .await?;
+        }
     }
     // Only executions still in progress are updated: one a new worker
     // already wrote off must not be counted twice. Such ones are rare; a
@@ -763,58 +789,71 @@ async fn record_outcomes_in(
     // updated ids from `RETURNING`, whichever costs its backend less
     // (`RETURN_UPDATED_IDS`). The run's lock (`lock_run`) keeps both
     // statements seeing the same executions.
-    let ids: Vec<i64> = outcomes.iter().map(|o| o.id).collect();
     let written_off: Vec<i64> = if dialect::RETURN_UPDATED_IDS {
-        let updated: std::collections::HashSet<i64> = sqlx::query_scalar(sql!(
-            "{} RETURNING executions.id",
-            RECORD_OUTCOMES.replace("{rows}", dialect::JSON_ROWS)
-        ))
-        .bind(now)
-        .bind(now)
-        .bind(payload)
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .collect();
-        ids.into_iter().filter(|id| !updated.contains(id)).collect()
+        let mut updated = std::collections::HashSet::new();
+        for chunk in rows.chunks(dialect::ROWS) {
+            let returned: Vec<i64> = sqlx::query_scalar_with(
+                sql_rows!(&chunk, "{RECORD_OUTCOMES} RETURNING executions.id"),
+                chunk.arguments::<Db>(&[now.into(), now.into()], &[]),
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            updated.extend(returned);
+        }
+        outcomes
+            .iter()
+            .map(|o| o.id)
+            .filter(|id| !updated.contains(id))
+            .collect()
     } else {
-        let written_off = sqlx::query_scalar(sql!(
-            "SELECT id FROM executions
-             WHERE id IN (SELECT CAST(j.value AS BIGINT) FROM {}) AND status <> 'in_progress'",
-            dialect::JSON_ROWS
-        ))
-        .bind(serde_json::to_string(&ids).expect("ids serialise"))
-        .fetch_all(&mut *conn)
-        .await?;
-        sqlx::query(sql!(
-            "{}",
-            RECORD_OUTCOMES.replace("{rows}", dialect::JSON_ROWS)
-        ))
-        .bind(now)
-        .bind(now)
-        .bind(payload)
-        .execute(&mut *conn)
-        .await?;
+        let ids = BoundRows::ids(IDS, outcomes.iter().map(|o| o.id));
+        let mut written_off = Vec::new();
+        for chunk in ids.chunks(dialect::ROWS) {
+            let found: Vec<i64> = sqlx::query_scalar_with(
+                sql_rows!(
+                    &chunk,
+                    "SELECT id FROM executions
+                     WHERE id IN (SELECT i.id FROM {ROWS} AS i) AND status <> 'in_progress'"
+                ),
+                chunk.arguments::<Db>(&[], &[]),
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            written_off.extend(found);
+        }
+        for chunk in rows.chunks(dialect::ROWS) {
+            sqlx::query_with(
+                sql_rows!(&chunk, "{RECORD_OUTCOMES}"),
+                chunk.arguments::<Db>(&[now.into(), now.into()], &[]),
+            )
+            .execute(&mut *conn)
+            .await?;
+        }
         written_off
     };
     let updated = |o: &&ExecutionOutcome| !written_off.contains(&o.id);
     // The ids receipts and callbacks will be matched by.
-    let provider_ids: Vec<(&String, i64)> = outcomes
-        .iter()
-        .filter(updated)
-        .filter_map(|o| o.provider_id.as_ref().map(|p| (p, o.id)))
-        .collect();
+    let mut provider_ids = BoundRows::new(PROVIDER_IDS);
+    for o in outcomes.iter().filter(updated) {
+        if let Some(provider_id) = &o.provider_id {
+            provider_ids.push([provider_id.into(), o.id.into()]);
+        }
+    }
     if !provider_ids.is_empty() {
-        // (`WHERE true` tells SQLite the ON CONFLICT is not a join's ON.)
-        sqlx::query(sql!(
-            "INSERT INTO provider_messages (provider_message_id, execution_id)
-             SELECT j.value ->> 0, CAST(j.value ->> 1 AS BIGINT) FROM {} WHERE true
-             ON CONFLICT DO NOTHING",
-            dialect::JSON_ROWS
-        ))
-        .bind(serde_json::to_string(&provider_ids).expect("ids serialise"))
-        .execute(&mut *conn)
-        .await?;
+        for chunk in provider_ids.chunks(dialect::ROWS) {
+            // (`WHERE true` tells SQLite the ON CONFLICT is not a join's ON.)
+            sqlx::query_with(
+                sql_rows!(
+                    &chunk,
+                    "INSERT INTO provider_messages (provider_message_id, execution_id)
+                     SELECT m.provider_id, m.execution_id FROM {ROWS} AS m WHERE true
+                     ON CONFLICT DO NOTHING"
+                ),
+                chunk.arguments::<Db>(&[], &[]),
+            )
+            .execute(&mut *conn)
+            .await?;
+        }
     }
 
     let mut deltas: BTreeMap<i64, Delta> = BTreeMap::new();
@@ -949,24 +988,24 @@ impl EngineStore for SqlStore {
         }
         // A running run to join: a batch is free (never leased, released,
         // or its worker's lease expired), or it only needs finalising.
-        let busy = serde_json::to_string(busy).expect("ids serialise");
-        let join: Option<i64> = sqlx::query_scalar(sql!(
+        // Among the first `busy.len() + 1` candidates at most `busy.len()`
+        // are this node's own, so the first one that is not is the answer.
+        let candidates: Vec<i64> = sqlx::query_scalar(sql!(
             "SELECT r.id FROM runs r JOIN campaigns c ON c.id = r.campaign_id
              WHERE r.status = 'running' AND c.status IN ('running', 'cancelled')
-               AND r.id NOT IN (SELECT CAST(j.value AS BIGINT) FROM {})
                AND (c.status = 'cancelled'
                     OR EXISTS (SELECT 1 FROM batches b WHERE b.run_id = r.id
                         AND b.status IN ('pending', 'running') AND (b.pending > 0 OR b.processing > 0)
                         AND (b.lease_owner IS NULL OR b.lease_expires_at < ?))
                     OR NOT EXISTS (SELECT 1 FROM batches b WHERE b.run_id = r.id
                         AND b.status IN ('pending', 'running')))
-             ORDER BY r.id LIMIT 1",
-            dialect::JSON_ROWS
+             ORDER BY r.id LIMIT ?"
         ))
-        .bind(&busy)
         .bind(now)
-        .fetch_optional(&mut *tx)
+        .bind(busy.len() as i64 + 1)
+        .fetch_all(&mut *tx)
         .await?;
+        let join = candidates.into_iter().find(|id| !busy.contains(id));
         let run = match join {
             Some(run_id) => Some(fetch_run(&mut tx, run_id).await?),
             None => None,
@@ -1258,18 +1297,23 @@ impl EngineStore for SqlStore {
     async fn unclaim(&self, run_id: i64, execution_ids: &[i64], now: i64) -> StoreResult<()> {
         let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         lock_run(&mut tx, run_id).await?;
-        let returned: Vec<i64> = sqlx::query_scalar(sql!(
-            "UPDATE executions SET status = 'pending', attempts = attempts - 1, updated_at = ?
-             WHERE id IN (SELECT CAST(j.value AS BIGINT) FROM {})
-               AND run_id = ? AND status = 'in_progress'
-             RETURNING batch_sequence",
-            dialect::JSON_ROWS
-        ))
-        .bind(now)
-        .bind(serde_json::to_string(execution_ids).expect("ids serialise"))
-        .bind(run_id)
-        .fetch_all(&mut *tx)
-        .await?;
+        let ids = BoundRows::ids(IDS, execution_ids.iter().copied());
+        let mut returned: Vec<i64> = Vec::new();
+        for chunk in ids.chunks(dialect::ROWS) {
+            let sequences: Vec<i64> = sqlx::query_scalar_with(
+                sql_rows!(
+                    &chunk,
+                    "UPDATE executions SET status = 'pending', attempts = attempts - 1, updated_at = ?
+                     WHERE id IN (SELECT i.id FROM {ROWS} AS i)
+                       AND run_id = ? AND status = 'in_progress'
+                     RETURNING batch_sequence"
+                ),
+                chunk.arguments::<Db>(&[now.into()], &[run_id.into()]),
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            returned.extend(sequences);
+        }
         let mut deltas: BTreeMap<i64, Delta> = BTreeMap::new();
         for sequence in returned {
             let d = deltas.entry(sequence).or_default();
@@ -1416,14 +1460,11 @@ impl EngineStore for SqlStore {
         if receipts.is_empty() {
             return Ok(ReceiptReport::default());
         }
-        let payload: Vec<_> = receipts
-            .iter()
-            .map(|r| {
-                let status = if r.delivered { "delivered" } else { "failed" };
-                (&r.provider_id, status, &r.error)
-            })
-            .collect();
-        let payload = serde_json::to_string(&payload).expect("receipts serialise");
+        let mut rows = BoundRows::new(RECEIPTS);
+        for r in receipts {
+            let status = if r.delivered { "delivered" } else { "failed" };
+            rows.push([(&r.provider_id).into(), status.into(), (&r.error).into()]);
+        }
         let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         // A receipt settles a `sent` message once: repeats and late
         // contradictions match no row and are acknowledged, not counted.
@@ -1431,27 +1472,31 @@ impl EngineStore for SqlStore {
         // cannot be turned into a join): on Postgres, statistics taken
         // before a run's sends made the planner hash-join every receipt
         // batch against all of the run's messages, 70 ms a batch at 1M.
-        let settled: Vec<(i64, i64, String)> = sqlx::query_as(sql!(
-            "UPDATE executions SET message_status = r.status,
-                    delivered_at = CASE WHEN r.status = 'delivered' THEN ? ELSE NULL END,
-                    error_details = COALESCE(r.error, executions.error_details), updated_at = ?
-             FROM (SELECT (SELECT e.id FROM provider_messages p
-                           JOIN executions e ON e.id = p.execution_id
-                           WHERE p.provider_message_id = j.value ->> 0
-                             AND e.provider_message_id = p.provider_message_id
-                             AND e.message_status = 'sent' LIMIT 1) AS id,
-                          j.value ->> 1 AS status, j.value ->> 2 AS error
-                   FROM {} {}) AS r
-             WHERE executions.id = r.id AND executions.message_status = 'sent'
-             RETURNING executions.run_id, executions.batch_sequence, executions.message_status",
-            dialect::JSON_ROWS,
-            dialect::PLANNING_FENCE
-        ))
-        .bind(now)
-        .bind(now)
-        .bind(&payload)
-        .fetch_all(&mut *tx)
-        .await?;
+        let mut settled: Vec<(i64, i64, String)> = Vec::with_capacity(receipts.len());
+        for chunk in rows.chunks(dialect::ROWS) {
+            let rows: Vec<(i64, i64, String)> = sqlx::query_as_with(
+                sql_rows!(
+                    &chunk,
+                    "UPDATE executions SET message_status = r.status,
+                            delivered_at = CASE WHEN r.status = 'delivered' THEN ? ELSE NULL END,
+                            error_details = COALESCE(r.error, executions.error_details), updated_at = ?
+                     FROM (SELECT (SELECT e.id FROM provider_messages p
+                                   JOIN executions e ON e.id = p.execution_id
+                                   WHERE p.provider_message_id = b.provider_id
+                                     AND e.provider_message_id = p.provider_message_id
+                                     AND e.message_status = 'sent' LIMIT 1) AS id,
+                                  b.status, b.error
+                           FROM {ROWS} AS b {}) AS r
+                     WHERE executions.id = r.id AND executions.message_status = 'sent'
+                     RETURNING executions.run_id, executions.batch_sequence, executions.message_status",
+                    dialect::PLANNING_FENCE
+                ),
+                chunk.arguments::<Db>(&[now.into(), now.into()], &[]),
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            settled.extend(rows);
+        }
         let mut per_batch: BTreeMap<(i64, i64), (i64, i64)> = BTreeMap::new();
         for (run_id, sequence, status) in &settled {
             let entry = per_batch.entry((*run_id, *sequence)).or_default();
@@ -1500,26 +1545,29 @@ impl EngineStore for SqlStore {
             .await?;
         }
         let applied = settled.len() as u64;
-        let unknown_ids: Vec<String> = if applied < receipts.len() as u64 {
-            sqlx::query_scalar(
+        let mut unknown_ids: Vec<String> = Vec::new();
+        if applied < receipts.len() as u64 {
+            for chunk in rows.chunks(dialect::ROWS) {
                 // Not settled, not even now: no such message yet, or (on
                 // Postgres) its send was committed after the UPDATE above
                 // took its snapshot. Either way the caller may try again.
-                sql!(
-                    "SELECT j.value ->> 0 FROM {} WHERE
-                   (SELECT e.id FROM provider_messages p JOIN executions e ON e.id = p.execution_id
-                    WHERE p.provider_message_id = j.value ->> 0
-                      AND e.provider_message_id = p.provider_message_id
-                      AND e.message_status IN ('delivered', 'failed') LIMIT 1) IS NULL",
-                    dialect::JSON_ROWS
-                ),
-            )
-            .bind(&payload)
-            .fetch_all(&mut *tx)
-            .await?
-        } else {
-            Vec::new()
-        };
+                let unknown: Vec<String> = sqlx::query_scalar_with(
+                    sql_rows!(
+                        &chunk,
+                        "SELECT b.provider_id FROM {ROWS} AS b WHERE
+                           (SELECT e.id FROM provider_messages p
+                            JOIN executions e ON e.id = p.execution_id
+                            WHERE p.provider_message_id = b.provider_id
+                              AND e.provider_message_id = p.provider_message_id
+                              AND e.message_status IN ('delivered', 'failed') LIMIT 1) IS NULL"
+                    ),
+                    chunk.arguments::<Db>(&[], &[]),
+                )
+                .fetch_all(&mut *tx)
+                .await?;
+                unknown_ids.extend(unknown);
+            }
+        }
         let unknown = unknown_ids.len() as i64;
         // Progress last, as in `record_and_take`.
         let mut progress = Vec::with_capacity(campaigns.len());

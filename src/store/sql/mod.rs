@@ -25,6 +25,22 @@ macro_rules! sql {
     }};
 }
 
+/// [`sql!`] for a statement that joins a chunk of bound rows where it says
+/// `{ROWS}` (see `store::bound_rows`): one text per chunk size, each built
+/// once.
+macro_rules! sql_rows {
+    ($chunk:expr, $($fmt:tt)*) => {{
+        static SQL: [std::sync::OnceLock<String>; dialect::ROWS.sizes()] =
+            [const { std::sync::OnceLock::new() }; dialect::ROWS.sizes()];
+        let chunk: &crate::store::bound_rows::Chunk<'_, '_> = $chunk;
+        SQL[chunk.size_index()].get_or_init(|| {
+            dialect::placeholders(
+                &format!($($fmt)*).replace(crate::store::bound_rows::ROWS, &chunk.source()),
+            )
+        })
+    }};
+}
+
 mod engine;
 mod reports;
 
