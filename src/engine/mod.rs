@@ -31,7 +31,7 @@ mod run;
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::Notify;
@@ -165,20 +165,15 @@ impl Engine {
             receipts,
         } = self;
         let receipts = tokio::spawn(receipts.run(shared.shutdown.clone()));
-        let mut runs: JoinSet<()> = JoinSet::new();
+        let mut runs: JoinSet<run::TaskEnd> = JoinSet::new();
         // The run each task works: this worker joins each run once.
         let mut tasks: std::collections::HashMap<tokio::task::Id, i64> = Default::default();
+        let mut failed = FailedRuns::default();
         let mut task_number: u64 = 0;
         tracing::info!(worker = %shared.config.worker_id, "engine started");
         loop {
             while let Some(done) = runs.try_join_next_with_id() {
-                match done {
-                    Ok((task, _)) => tasks.remove(&task),
-                    Err(err) => {
-                        tracing::error!(error = %err, "a run task panicked");
-                        tasks.remove(&err.id())
-                    }
-                };
+                task_ended(done, &mut tasks, &mut failed);
             }
             if shared.shutdown.is_cancelled() {
                 break;
@@ -193,16 +188,14 @@ impl Engine {
                 // no one will record.
                 task_number += 1;
                 let owner = format!("{}/{task_number}", shared.config.worker_id);
-                match shared
-                    .store
-                    .claim_run(
-                        &owner,
-                        now_ms(),
-                        lease,
-                        &tasks.values().copied().collect::<Vec<_>>(),
-                    )
-                    .await
-                {
+                // Runs this node works, and runs it holds back after their
+                // task failed, are not its to claim now.
+                let busy: Vec<i64> = tasks
+                    .values()
+                    .copied()
+                    .chain(failed.held_back(Instant::now()))
+                    .collect();
+                match shared.store.claim_run(&owner, now_ms(), lease, &busy).await {
                     Ok(Some(claimed)) => {
                         metrics::counter!("herald_runs_claimed_total").increment(1);
                         let lag = (now_ms() - claimed.scheduled_at).max(0) as f64 / 1000.0;
@@ -241,20 +234,126 @@ impl Engine {
                 () = wakeup.notified() => {}
                 () = tokio::time::sleep(shared.config.poll) => {}
                 Some(done) = runs.join_next_with_id(), if !runs.is_empty() => {
-                    let task = match &done {
-                        Ok((task, _)) => *task,
-                        Err(err) => err.id(),
-                    };
-                    tasks.remove(&task);
+                    task_ended(done, &mut tasks, &mut failed);
                 }
             }
         }
-        while let Some(done) = runs.join_next().await {
-            if let Err(err) = done {
-                tracing::error!(error = %err, "a run task panicked");
-            }
+        while let Some(done) = runs.join_next_with_id().await {
+            task_ended(done, &mut tasks, &mut failed);
         }
         let _ = receipts.await;
         tracing::info!("engine stopped");
+    }
+}
+
+/// Forgets an ended run task; one that failed (or panicked) holds its run
+/// back for a while.
+fn task_ended(
+    done: Result<(tokio::task::Id, run::TaskEnd), tokio::task::JoinError>,
+    tasks: &mut HashMap<tokio::task::Id, i64>,
+    failed: &mut FailedRuns,
+) {
+    let (task, end) = match done {
+        Ok((task, end)) => (task, end),
+        Err(err) => {
+            tracing::error!(error = %err, "a run task panicked");
+            (err.id(), run::TaskEnd::Failed)
+        }
+    };
+    let Some(run) = tasks.remove(&task) else {
+        return;
+    };
+    match end {
+        run::TaskEnd::Done => failed.succeeded(run),
+        run::TaskEnd::Failed => {
+            metrics::counter!("herald_run_task_failures_total").increment(1);
+            let wait = failed.failed(run, Instant::now());
+            tracing::warn!(
+                run,
+                wait_ms = wait.as_millis() as u64,
+                "run held back before this node claims it again"
+            );
+        }
+    }
+}
+
+/// Runs whose task failed, held back before this node claims them again.
+///
+/// A run whose task fails before it leases anything (a row it cannot read,
+/// a statement the database refuses) is free again at once: claimed
+/// straight back, it failed again hundreds of times a second (792 claims
+/// in 4 s in the test that damages a run's rows), each failure a
+/// transaction and an error in the log. Each failure in a row doubles the
+/// wait, from [`FailedRuns::FIRST`] up to [`FailedRuns::LONGEST`]; a task
+/// that ends well clears it. Other nodes keep their own count.
+#[derive(Debug, Default)]
+struct FailedRuns {
+    /// Failures in a row, and when the run may be claimed again.
+    runs: HashMap<i64, (u32, Instant)>,
+}
+
+impl FailedRuns {
+    const FIRST: Duration = Duration::from_secs(1);
+    const LONGEST: Duration = Duration::from_secs(60);
+
+    /// Counts a failure; how long the run is held back.
+    fn failed(&mut self, run: i64, now: Instant) -> Duration {
+        let entry = self.runs.entry(run).or_insert((0, now));
+        entry.0 = entry.0.saturating_add(1);
+        let wait = Self::FIRST
+            .saturating_mul(1 << (entry.0 - 1).min(16))
+            .min(Self::LONGEST);
+        entry.1 = now + wait;
+        wait
+    }
+
+    fn succeeded(&mut self, run: i64) {
+        self.runs.remove(&run);
+    }
+
+    /// Runs still held back at `now`.
+    fn held_back(&self, now: Instant) -> impl Iterator<Item = i64> + '_ {
+        self.runs
+            .iter()
+            .filter(move |(_, (_, until))| *until > now)
+            .map(|(run, _)| *run)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_failure_in_a_row_doubles_the_wait_up_to_a_minute() {
+        let mut failed = FailedRuns::default();
+        let now = Instant::now();
+        let waits: Vec<u64> = (0..9).map(|_| failed.failed(7, now).as_secs()).collect();
+        assert_eq!(waits, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        for _ in 0..100 {
+            failed.failed(7, now);
+        }
+        assert_eq!(failed.failed(7, now), FailedRuns::LONGEST);
+    }
+
+    #[test]
+    fn a_run_is_held_back_until_its_wait_is_over_and_cleared_by_a_good_end() {
+        let mut failed = FailedRuns::default();
+        let now = Instant::now();
+        failed.failed(1, now);
+        failed.failed(2, now);
+        failed.failed(2, now);
+        let held = |failed: &FailedRuns, at| {
+            let mut runs: Vec<i64> = failed.held_back(at).collect();
+            runs.sort();
+            runs
+        };
+        assert_eq!(held(&failed, now), vec![1, 2]);
+        assert_eq!(held(&failed, now + Duration::from_millis(1500)), vec![2]);
+        assert!(held(&failed, now + Duration::from_secs(2)).is_empty());
+        // Past its wait, a run still counts its failures: the next doubles.
+        assert_eq!(failed.failed(2, now), Duration::from_secs(4));
+        failed.succeeded(2);
+        assert_eq!(failed.failed(2, now), FailedRuns::FIRST);
     }
 }

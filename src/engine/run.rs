@@ -25,13 +25,26 @@ const BREAKER_LONGEST_PAUSE: Duration = Duration::from_secs(30);
 /// park a recipient for days.
 const LONGEST_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
+/// How a run task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TaskEnd {
+    /// The run ended, or nothing of it was left for this worker.
+    Done,
+    /// An error stopped it; the run is retried later.
+    Failed,
+}
+
 /// Works a run until it ends or nothing of it is left for this worker.
 /// `owner` names this task in leases (`{worker id}/{task number}`).
-pub(super) async fn drive(shared: Arc<Shared>, run: RunRecord, owner: String) {
+pub(super) async fn drive(shared: Arc<Shared>, run: RunRecord, owner: String) -> TaskEnd {
     let run_id = run.id;
-    if let Err(err) = drive_inner(&shared, run, &owner).await {
-        // The leases will expire and a worker (maybe this one) retries.
-        tracing::error!(run = run_id, error = %err, "run task failed; it will be retried");
+    match drive_inner(&shared, run, &owner).await {
+        Ok(()) => TaskEnd::Done,
+        Err(err) => {
+            // Its leases expire and a worker (maybe this one) retries.
+            tracing::error!(run = run_id, error = %err, "run task failed; it will be retried");
+            TaskEnd::Failed
+        }
     }
 }
 

@@ -456,7 +456,12 @@ impl SqliteStore {
                     .pragma("wal_autocheckpoint", WRITER_CHECKPOINT_PAGES.to_string())
                     // A large transaction (a freeze, an import) grows the
                     // WAL; once it starts over, the file shrinks back to this.
-                    .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string()),
+                    .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string())
+                    // Room for every statement the writer runs (sqlx keeps
+                    // 100 by default): a statement of bound rows has one
+                    // text per chunk size, and re-preparing one of 512 rows
+                    // costs far more than keeping it.
+                    .statement_cache_capacity(256),
             )
             .await?;
         super::migrate_or_check(
