@@ -1474,7 +1474,7 @@ impl EngineStore for SqlStore {
         // batch against all of the run's messages, 70 ms a batch at 1M.
         let mut settled: Vec<(i64, i64, String)> = Vec::with_capacity(receipts.len());
         for chunk in rows.chunks(dialect::ROWS) {
-            let rows: Vec<(i64, i64, String)> = sqlx::query_as_with(
+            let settled_here: Vec<(i64, i64, String)> = sqlx::query_as_with(
                 sql_rows!(
                     &chunk,
                     "UPDATE executions SET message_status = r.status,
@@ -1495,7 +1495,7 @@ impl EngineStore for SqlStore {
             )
             .fetch_all(&mut *tx)
             .await?;
-            settled.extend(rows);
+            settled.extend(settled_here);
         }
         let mut per_batch: BTreeMap<(i64, i64), (i64, i64)> = BTreeMap::new();
         for (run_id, sequence, status) in &settled {
