@@ -76,6 +76,9 @@ pub enum Kind {
 /// A row source's columns, in order: name and kind.
 pub type Shape = [(&'static str, Kind)];
 
+/// Rows of one integer column, `id` (see [`BoundRows::ids`]).
+pub const IDS: &Shape = &[("id", Kind::Int)];
+
 /// Rows of SQLite's `VALUES` chunks: each chunk takes the smallest size
 /// that holds it, so a statement has one text per size. The largest keeps
 /// a slice of 1,000 outcomes to two statements.
@@ -100,7 +103,7 @@ impl Style {
     }
 
     /// The subquery that stands for `{rows}` in a statement whose chunk
-    /// lists `size` rows (see [`Chunk::size`]).
+    /// lists `size` rows (see [`Chunk::source`]).
     pub fn source(self, shape: &Shape, size: usize) -> String {
         match self {
             Style::Values => {
@@ -152,11 +155,10 @@ impl<'a> BoundRows<'a> {
         }
     }
 
-    /// Rows of one integer column each.
-    pub fn ids(shape: &'static Shape, ids: impl IntoIterator<Item = i64>) -> Self {
-        debug_assert_eq!(shape.len(), 1);
+    /// Rows of [`IDS`]: executions or runs, by id.
+    pub fn ids(ids: impl IntoIterator<Item = i64>) -> Self {
         Self {
-            shape,
+            shape: IDS,
             cells: ids.into_iter().map(Cell::from).collect(),
         }
     }
@@ -169,10 +171,6 @@ impl<'a> BoundRows<'a> {
             "the first column is the key"
         );
         self.cells.extend(row);
-    }
-
-    pub fn len(&self) -> usize {
-        self.cells.len() / self.shape.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -304,13 +302,13 @@ mod tests {
             .collect();
         assert_eq!(sizes, vec![512, 512]);
         assert_eq!(chunks[1].cells.len(), 88 * 2);
-        let few = BoundRows::ids(&[("id", Kind::Int)], [1, 2, 3]);
+        let few = BoundRows::ids([1, 2, 3]);
         assert_eq!(few.chunks(Style::Values)[0].size_index(), 0);
     }
 
     #[test]
     fn no_rows_is_still_one_statement() {
-        let none = BoundRows::ids(&[("id", Kind::Int)], []);
+        let none = BoundRows::ids([]);
         assert_eq!(none.chunks(Style::Values).len(), 1);
         assert_eq!(none.chunks(Style::Json).len(), 1);
     }
@@ -328,7 +326,7 @@ mod tests {
              FROM jsonb_array_elements(CAST(? AS jsonb)) AS j(value))"
         );
         assert_eq!(
-            Style::Json.source(&[("id", Kind::Int)], 0),
+            Style::Json.source(IDS, 0),
             "(SELECT CAST(j.value AS BIGINT) AS id \
              FROM jsonb_array_elements(CAST(? AS jsonb)) AS j(value))"
         );
@@ -343,7 +341,7 @@ mod tests {
             rows.chunks(Style::Json)[0].json(),
             r#"[[7,null],[8,"it's \"sent\""]]"#
         );
-        let ids = BoundRows::ids(&[("id", Kind::Int)], [4, 5]);
+        let ids = BoundRows::ids([4, 5]);
         assert_eq!(ids.chunks(Style::Json)[0].json(), "[4,5]");
     }
 }

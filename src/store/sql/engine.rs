@@ -20,9 +20,6 @@ use crate::store::*;
 /// Recipients per batch.
 pub const BATCH_SIZE: i64 = 1000;
 
-/// Rows of executions, or of runs, by id.
-const IDS: &Shape = &[("id", Kind::Int)];
-
 pub(super) const RUN_COLUMNS: &str = "id, uuid, campaign_id, status, recipients, scheduled_at, \
     lease_owner, claimed_at, started_at, completed_at, snapshot, frozen_at, total, pending, \
     processing, sent, failed, skipped, delivered, failed_delivery, total_batches, \
@@ -633,7 +630,7 @@ async fn take_slice_in(
                 };
             }
         } else {
-            let ids = BoundRows::ids(IDS, executions.iter().map(|e| e.id));
+            let ids = BoundRows::ids(executions.iter().map(|e| e.id));
             for chunk in ids.chunks(dialect::ROWS) {
                 sqlx::query_with(
                     sql_rows!(
@@ -761,7 +758,6 @@ async fn record_outcomes_in(
     // left (a voice call that went unanswered): that id no longer finds
     // the execution. Only executions this update will write are touched.
     let replacing = BoundRows::ids(
-        IDS,
         outcomes
             .iter()
             .filter(|o| o.attempt > 1 && o.provider_id.is_some())
@@ -806,7 +802,7 @@ async fn record_outcomes_in(
             .filter(|id| !updated.contains(id))
             .collect()
     } else {
-        let ids = BoundRows::ids(IDS, outcomes.iter().map(|o| o.id));
+        let ids = BoundRows::ids(outcomes.iter().map(|o| o.id));
         let mut written_off = Vec::new();
         for chunk in ids.chunks(dialect::ROWS) {
             let found: Vec<i64> = sqlx::query_scalar_with(
@@ -1297,7 +1293,7 @@ impl EngineStore for SqlStore {
     async fn unclaim(&self, run_id: i64, execution_ids: &[i64], now: i64) -> StoreResult<()> {
         let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         lock_run(&mut tx, run_id).await?;
-        let ids = BoundRows::ids(IDS, execution_ids.iter().copied());
+        let ids = BoundRows::ids(execution_ids.iter().copied());
         let mut returned: Vec<i64> = Vec::new();
         for chunk in ids.chunks(dialect::ROWS) {
             let sequences: Vec<i64> = sqlx::query_scalar_with(
