@@ -459,7 +459,7 @@ impl SqliteStore {
                     .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string())
                     // Room for every statement the writer runs (sqlx keeps
                     // 100 by default): a statement of bound rows has one
-                    // text per chunk size, and re-preparing one of 512 rows
+                    // text per chunk size, and re-preparing one of 1,024 rows
                     // costs far more than keeping it.
                     .statement_cache_capacity(256),
             )
