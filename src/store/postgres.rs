@@ -237,6 +237,21 @@ pub(crate) mod dialect {
             })
     }
 
+    /// Hands each row of a statement (placeholders already `$n`) run inside
+    /// a writer's transaction to `row`: the same code as SQLite's
+    /// `each_row_in`, which reads its rows without sqlx.
+    pub async fn each_row_in(
+        conn: &mut Conn,
+        sql: &str,
+        params: Vec<crate::store::columns::Param>,
+        row: &mut (dyn FnMut(&dyn crate::store::columns::Columns) -> StoreResult<()> + Send),
+    ) -> StoreResult<()> {
+        for next in bound(sql, &params).fetch_all(&mut *conn).await? {
+            row(&next)?;
+        }
+        Ok(())
+    }
+
     /// What a [`read_job`] reads with.
     pub struct Reader<'c> {
         connection: &'c mut sqlx::PgConnection,

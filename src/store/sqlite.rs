@@ -78,6 +78,37 @@ pub(crate) mod dialect {
         }
     }
 
+    /// Hands each row of a statement run inside the writer's transaction
+    /// to `row`, borrowed.
+    ///
+    /// For the engine's statements that return a slice's thousand rows:
+    /// through sqlx, every value of every row was copied on the
+    /// connection's thread and each row sent across on its own. Here the
+    /// connection is locked out of sqlx's thread (`lock_handle`, one
+    /// hand-off, as a statement would be) and the statement is stepped on
+    /// this thread by rusqlite, each value read where SQLite holds it, as
+    /// the readers' jobs do.
+    pub async fn each_row_in(
+        conn: &mut Conn,
+        sql: &str,
+        params: Vec<crate::store::columns::Param>,
+        row: &mut (dyn FnMut(&dyn crate::store::columns::Columns) -> crate::store::StoreResult<()>
+                  + Send),
+    ) -> crate::store::StoreResult<()> {
+        let mut locked = conn.lock_handle().await?;
+        // SAFETY: while `locked` lives, sqlx's thread makes no call on the
+        // handle or its statements. The rusqlite connection over it is
+        // dropped first, and does not close a handle it was lent.
+        let connection =
+            unsafe { rusqlite::Connection::from_handle(locked.as_raw_handle().as_ptr()) }?;
+        let mut statement = connection.prepare(sql)?;
+        let mut rows = statement.query(rusqlite::params_from_iter(params))?;
+        while let Some(next) = rows.next()? {
+            row(next)?;
+        }
+        Ok(())
+    }
+
     /// What a [`read_job`] reads with.
     pub struct Reader<'c> {
         connection: &'c rusqlite::Connection,

@@ -14,7 +14,7 @@ use sqlx::Row;
 use super::{dialect, Conn, Db, DbRow, SqlStore};
 use crate::domain::{ExecutionStatus, Recipients, RunStatus};
 use crate::store::bound_rows::{BoundRows, Kind, Shape, ROWS};
-use crate::store::columns::{snapshot_from, variables_from};
+use crate::store::columns::{snapshot_from, variables_from, Columns, Param};
 use crate::store::*;
 
 /// Recipients per batch.
@@ -453,14 +453,14 @@ async fn ledger_entry(
 /// A row of `id, batch_sequence, phone, name, variables, attempts`, read by
 /// position: a slice reads a thousand of them inside the writer's
 /// transaction, and a lookup by name hashes the name each time.
-fn pending_from_row(row: &DbRow) -> StoreResult<PendingExecution> {
+fn pending_from_columns(row: &dyn Columns) -> StoreResult<PendingExecution> {
     Ok(PendingExecution {
-        id: row.try_get(0)?,
-        batch_sequence: row.try_get(1)?,
-        phone: row.try_get(2)?,
-        name: row.try_get(3)?,
-        variables: variables_from(row.try_get(4)?)?,
-        attempt: row.try_get(5)?,
+        id: row.int(0)?,
+        batch_sequence: row.int(1)?,
+        phone: row.text(2)?.to_owned(),
+        name: row.opt_text(3)?.map(str::to_owned),
+        variables: variables_from(row.text(4)?)?,
+        attempt: row.int(5)?,
     })
 }
 
@@ -597,22 +597,27 @@ async fn take_slice_in(
             if room <= 0 {
                 break;
             }
-            let rows = sqlx::query(sql!(
-                "SELECT id, batch_sequence, phone, name, variables, attempts + 1 AS attempts
-                 FROM executions
-                 WHERE run_id = ? AND status = 'pending' AND batch_sequence = ?
-                   AND (next_attempt_at IS NULL OR next_attempt_at <= ?)
-                 ORDER BY id LIMIT ?"
-            ))
-            .bind(run_id)
-            .bind(sequence)
-            .bind(now)
-            .bind(room)
-            .fetch_all(&mut *conn)
+            dialect::each_row_in(
+                &mut *conn,
+                sql!(
+                    "SELECT id, batch_sequence, phone, name, variables, attempts + 1 AS attempts
+                     FROM executions
+                     WHERE run_id = ? AND status = 'pending' AND batch_sequence = ?
+                       AND (next_attempt_at IS NULL OR next_attempt_at <= ?)
+                     ORDER BY id LIMIT ?"
+                ),
+                vec![
+                    Param::Int(run_id),
+                    Param::Int(sequence),
+                    Param::Int(now),
+                    Param::Int(room),
+                ],
+                &mut |row| {
+                    executions.push(pending_from_columns(row)?);
+                    Ok(())
+                },
+            )
             .await?;
-            for row in &rows {
-                executions.push(pending_from_row(row)?);
-            }
         }
         if executions.is_empty() {
             for &sequence in &held {
@@ -1152,7 +1157,7 @@ impl EngineStore for SqlStore {
             .buffered(2);
         while let Some(rows) = pages.next().await {
             for row in &rows? {
-                visit(pending_from_row(row)?);
+                visit(pending_from_columns(row)?);
             }
         }
         Ok(())
