@@ -483,7 +483,7 @@ async fn lock_run(conn: &mut Conn, run_id: i64) -> StoreResult<()> {
 
 /// Leases free batches of the run to `worker` until it holds at least
 /// `wanted` pending recipients or none is free, and returns the sequences
-/// of the open batches it holds, in order. A batch whose lease expired had
+/// of the open batches it holds that have recipients pending, in order. A batch whose lease expired had
 /// a worker die on it: its in-flight sends are written off (and the events
 /// of batches that closed so are added to `appended`).
 async fn lease_batches(
@@ -558,7 +558,13 @@ async fn lease_batches(
         }
         held.push((sequence, pending));
     }
-    Ok(held.into_iter().map(|(sequence, _)| sequence).collect())
+    // A held batch with nothing pending is one whose last slice is in
+    // flight: it has nothing to read (and no retry to wait for).
+    Ok(held
+        .into_iter()
+        .filter(|&(_, pending)| pending > 0)
+        .map(|(sequence, _)| sequence)
+        .collect())
 }
 
 /// Renews and takes batch leases and marks up to `limit` due executions of
