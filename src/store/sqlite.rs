@@ -87,7 +87,10 @@ pub(crate) mod dialect {
     /// connection is locked out of sqlx's thread (`lock_handle`, one
     /// hand-off, as a statement would be) and the statement is stepped on
     /// this thread by rusqlite, each value read where SQLite holds it, as
-    /// the readers' jobs do.
+    /// the readers' jobs do. The read holds up the async worker it runs on
+    /// (a slice's, under a millisecond), so it is not for long reads; and
+    /// its statement is prepared each time, since nothing of rusqlite may
+    /// outlive the lock.
     pub async fn each_row_in(
         conn: &mut Conn,
         sql: &str,

@@ -483,9 +483,10 @@ async fn lock_run(conn: &mut Conn, run_id: i64) -> StoreResult<()> {
 
 /// Leases free batches of the run to `worker` until it holds at least
 /// `wanted` pending recipients or none is free, and returns the sequences
-/// of the open batches it holds that have recipients pending, in order. A batch whose lease expired had
-/// a worker die on it: its in-flight sends are written off (and the events
-/// of batches that closed so are added to `appended`).
+/// of the open batches it holds that have recipients pending, in order. A
+/// batch whose lease expired had a worker die on it: its in-flight sends
+/// are written off (and the events of batches that closed so are added to
+/// `appended`).
 async fn lease_batches(
     conn: &mut Conn,
     run_id: i64,
