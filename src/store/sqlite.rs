@@ -86,8 +86,8 @@ pub(crate) mod dialect {
     /// connection's thread and each row sent across on its own. Here the
     /// connection is locked out of sqlx's thread (`lock_handle`, one
     /// hand-off, as a statement would be) and the statement is stepped on
-    /// this thread by rusqlite, each value read where SQLite holds it, as
-    /// the readers' jobs do. The read holds up the async worker it runs on
+    /// this thread by rusqlite, each value read where SQLite holds it, by
+    /// the readers' own [`Reader`]. The read holds up the async worker it runs on
     /// (a slice's, under a millisecond), so it is not for long reads; and
     /// its statement is prepared each time, since nothing of rusqlite may
     /// outlive the lock.
@@ -98,18 +98,17 @@ pub(crate) mod dialect {
         row: &mut (dyn FnMut(&dyn crate::store::columns::Columns) -> crate::store::StoreResult<()>
                   + Send),
     ) -> crate::store::StoreResult<()> {
+        use crate::store::columns::ReadRows as _;
         let mut locked = conn.lock_handle().await?;
         // SAFETY: while `locked` lives, sqlx's thread makes no call on the
         // handle or its statements. The rusqlite connection over it is
         // dropped first, and does not close a handle it was lent.
         let connection =
             unsafe { rusqlite::Connection::from_handle(locked.as_raw_handle().as_ptr()) }?;
-        let mut statement = connection.prepare(sql)?;
-        let mut rows = statement.query(rusqlite::params_from_iter(params))?;
-        while let Some(next) = rows.next()? {
-            row(next)?;
+        Reader {
+            connection: &connection,
         }
-        Ok(())
+        .each_row(sql, params, row)
     }
 
     /// What a [`read_job`] reads with.
