@@ -608,6 +608,106 @@ async fn a_slices_progress_event_is_its_transactions_last_write_stamped_as_writt
 }
 
 #[tokio::test]
+async fn a_slices_events_are_logged_together_in_order_each_with_the_run_as_it_then_was() {
+    // One transaction records a slice that finishes batch 1 and claims
+    // batch 2: batch 1 closed, batch 2 opened, progress. They are written
+    // together at its end, and each must still carry the run as it was
+    // when it happened, under the next gap-free sequences.
+    let app = crate::helpers::spawn_app_with(|config| config.engine = None).await;
+    let (c, run, now) = run_started_by_hand(&app, 1_500).await;
+    let campaign = c["id"].as_i64().unwrap();
+    let store = &app.store;
+    let taken = store
+        .take_slice(run.id, "a/1", now, now + 60_000, 1_000)
+        .await
+        .unwrap();
+    assert_eq!(taken.executions.len(), 1_000);
+    let seq_before = store.events_since(campaign, 0, 1000).await.unwrap();
+    let seq_before = seq_before.last().unwrap().seq;
+    let outcomes = sent(&taken.executions, "together");
+    let before = herald::store::now_ms();
+    let (update, slice) = store
+        .record_and_take(run.id, &outcomes, "a/1", now, now + 60_000, 1_000)
+        .await
+        .unwrap();
+    assert_eq!(slice.executions.len(), 500);
+    let kinds: Vec<&str> = update.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["batch_completed", "batch_started", "progress"]);
+    let seqs: Vec<i64> = update.events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [seq_before + 1, seq_before + 2, seq_before + 3]);
+    assert!(update.events.iter().all(|e| e.created_at >= before));
+    // The log holds what the transaction returned.
+    let log = store
+        .events_since(campaign, seq_before, 1000)
+        .await
+        .unwrap();
+    assert_eq!(log.len(), 3);
+    for (logged, returned) in log.iter().zip(&update.events) {
+        assert_eq!(
+            (logged.seq, &logged.kind, &logged.data, logged.created_at),
+            (
+                returned.seq,
+                &returned.kind,
+                &returned.data,
+                returned.created_at
+            )
+        );
+    }
+    let run_of = |i: usize| &update.events[i].data["campaign"]["run"];
+    // Batch 1 closed before batch 2 was claimed: nothing in flight yet.
+    assert_eq!(run_of(0)["completed_batches"], 1);
+    assert_eq!(run_of(0)["counters"]["sent"], 1_000);
+    assert_eq!(run_of(0)["counters"]["processing"], 0);
+    assert_eq!(update.events[0].data["batch_sequence"], 1);
+    // Then batch 2's 500 were claimed.
+    assert_eq!(update.events[1].data["batch_sequence"], 2);
+    assert_eq!(run_of(1)["counters"]["processing"], 500);
+    assert_eq!(run_of(2)["counters"]["processing"], 500);
+    assert_eq!(run_of(2)["counters"]["pending"], 0);
+    assert_eq!(update.events[2].data["campaign"]["status"], "running");
+}
+
+#[tokio::test]
+async fn a_hundred_posted_events_take_a_hundred_sequences_in_the_order_sent() {
+    let app = spawn_app().await;
+    let c = app
+        .create_campaign(json!({"name": "producer", "channel": "external"}))
+        .await;
+    let campaign = c["id"].as_i64().unwrap();
+    let first: Vec<Value> = (0..3)
+        .map(|i| json!({"type": "iteration_start", "data": {"iteration": i}}))
+        .collect();
+    let posted = app
+        .post(
+            &format!("/v1/campaigns/{campaign}/events"),
+            &json!({"events": first}),
+        )
+        .await;
+    assert_eq!(posted.status(), StatusCode::CREATED);
+    let hundred: Vec<Value> = (0..100)
+        .map(|i| json!({"type": "evaluation_complete", "data": {"iteration": 3, "evaluation_index": i}}))
+        .collect();
+    let posted = app
+        .post(
+            &format!("/v1/campaigns/{campaign}/events"),
+            &json!({"events": hundred}),
+        )
+        .await;
+    assert_eq!(posted.status(), StatusCode::CREATED);
+    let log = app.store.events_since(campaign, 0, 1000).await.unwrap();
+    let seqs: Vec<i64> = log.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=log.len() as i64).collect::<Vec<_>>(), "a gap");
+    let indexes: Vec<i64> = log
+        .iter()
+        .filter(|e| e.kind == "evaluation_complete")
+        .map(|e| e.data["evaluation_index"].as_i64().unwrap())
+        .collect();
+    assert_eq!(indexes, (0..100).collect::<Vec<_>>());
+    let last = log.last().unwrap();
+    assert_eq!(last.data["campaign"]["status"], "running");
+}
+
+#[tokio::test]
 async fn a_receipt_batchs_progress_event_is_its_transactions_last_write_stamped_as_written() {
     // As for a slice: a batch of delivery receipts moves the counters a
     // client is shown, and its progress event's `ts` must be when they

@@ -11,6 +11,7 @@ use futures::StreamExt;
 use serde_json::json;
 use sqlx::Row;
 
+use super::events::{append_event, EventBatch};
 use super::{dialect, Conn, Db, DbRow, SqlStore};
 use crate::domain::{ExecutionStatus, Recipients, RunStatus};
 use crate::store::bound_rows::{BoundRows, Kind, Shape, ROWS};
@@ -81,95 +82,6 @@ pub(super) async fn fetch_run(conn: &mut Conn, run_id: i64) -> StoreResult<RunRe
         .await?
         .ok_or(StoreError::NotFound)?;
     run_from_row(&row)
-}
-
-/// The campaign as a subscriber needs it: its status and its latest run.
-fn campaign_snapshot(
-    row: &DbRow,
-    latest_run: Option<&RunRecord>,
-) -> StoreResult<serde_json::Value> {
-    Ok(json!({
-        "status": row.try_get::<String, _>("status")?,
-        "started_at": row.try_get::<Option<i64>, _>("started_at")?,
-        "completed_at": row.try_get::<Option<i64>, _>("completed_at")?,
-        "contact_count": row.try_get::<i64, _>("contact_count")?,
-        "run": latest_run.map(|run| json!({
-            "id": run.uuid,
-            "status": run.status.public(),
-            "counters": run.counters,
-            "total_batches": run.total_batches,
-            "completed_batches": run.completed_batches,
-            "error": run.error,
-        })),
-    }))
-}
-
-/// Appends one event to a campaign's log with the next gap-free sequence.
-/// Every event carries `campaign`: the campaign's status and latest run
-/// counters as of this event, so a stream never needs another read.
-///
-/// `current_run` is a run as the caller last wrote it in this transaction:
-/// when it is the campaign's latest, the snapshot uses it instead of
-/// reading the run again (one round trip fewer per event on the hot path).
-///
-/// An event is stamped as it is written, not with its transaction's `now`:
-/// its `ts` is then when what it reports was committed, give or take the
-/// statements after it, which is what a client measuring the stream takes
-/// it for. Stamped with `now`, it said when the transaction began: with ten
-/// thousand sockets watching a run, a batch's events and a batch of
-/// delivery receipts' progress were stamped 4–15 ms before their commit.
-pub(super) async fn append_event(
-    conn: &mut Conn,
-    campaign_id: i64,
-    kind: &str,
-    mut data: serde_json::Value,
-    current_run: Option<&RunRecord>,
-) -> StoreResult<StoredEvent> {
-    let now = now_ms();
-    // Taking the sequence first locks the campaign row, so on Postgres
-    // concurrent appends queue here and each snapshot sees the one before.
-    // The same statement returns what the snapshot needs of the campaign.
-    let row = sqlx::query(sql!(
-        "UPDATE campaigns SET last_seq = last_seq + 1 WHERE id = ?
-         RETURNING last_seq, status, started_at, completed_at, contact_count,
-                   (SELECT MAX(r.id) FROM runs r WHERE r.campaign_id = campaigns.id) AS latest_run_id
-                   {}",
-        dialect::ANNOUNCE
-    ))
-    .bind(campaign_id)
-    .fetch_one(&mut *conn)
-    .await?;
-    let seq: i64 = row.try_get("last_seq")?;
-    if let serde_json::Value::Object(fields) = &mut data {
-        let latest_run_id: Option<i64> = row.try_get("latest_run_id")?;
-        let fetched;
-        let latest_run = match (latest_run_id, current_run) {
-            (Some(id), Some(run)) if run.id == id => Some(run),
-            (Some(id), _) => {
-                fetched = fetch_run(conn, id).await?;
-                Some(&fetched)
-            }
-            (None, _) => None,
-        };
-        fields.insert("campaign".into(), campaign_snapshot(&row, latest_run)?);
-    }
-    sqlx::query(sql!(
-        "INSERT INTO events (campaign_id, seq, kind, data, created_at) VALUES (?, ?, ?, ?, ?)"
-    ))
-    .bind(campaign_id)
-    .bind(seq)
-    .bind(kind)
-    .bind(data.to_string())
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    Ok(StoredEvent {
-        campaign_id,
-        seq,
-        kind: kind.to_owned(),
-        data,
-        created_at: now,
-    })
 }
 
 fn run_event_data(run: &RunRecord) -> serde_json::Value {
@@ -379,28 +291,19 @@ async fn close_finished_batches(
         .collect())
 }
 
-/// Appends a `batch_completed` event for each closed batch; `run` is the
-/// run after its `completed_batches` counted them.
-async fn announce_closed_batches(
-    conn: &mut Conn,
-    run: &RunRecord,
-    closed: &[ClosedBatch],
-) -> StoreResult<Vec<StoredEvent>> {
-    let mut events = Vec::with_capacity(closed.len());
+/// Adds a `batch_completed` event for each closed batch to `events`;
+/// `run` is the run after its `completed_batches` counted them.
+fn announce_closed_batches(run: &RunRecord, closed: &[ClosedBatch], events: &mut EventBatch) {
     for batch in closed {
-        let event = append_event(
-            conn,
+        events.push(
             run.campaign_id,
             "batch_completed",
             json!({"run_id": run.uuid, "batch_sequence": batch.sequence, "status": batch.status,
                    "recipient_count": batch.recipients, "sent": batch.sent,
                    "failed": batch.failed, "skipped": batch.skipped}),
             Some(run),
-        )
-        .await?;
-        events.push(event);
+        );
     }
-    Ok(events)
 }
 
 /// Closes finished batches, counts them on the run and announces them:
@@ -409,17 +312,19 @@ async fn close_and_announce_batches(
     conn: &mut Conn,
     run_id: i64,
     now: i64,
-) -> StoreResult<Vec<StoredEvent>> {
+    events: &mut EventBatch,
+) -> StoreResult<()> {
     let closed = close_finished_batches(conn, run_id, now).await?;
     if closed.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let change = RunChange {
         completed_batches: closed.len() as i64,
         ..RunChange::default()
     };
     let run = update_run(conn, run_id, &change).await?;
-    announce_closed_batches(conn, &run, &closed).await
+    announce_closed_batches(&run, &closed, events);
+    Ok(())
 }
 
 /// Records one change of a workspace's balance; `after` is the new balance.
@@ -486,7 +391,7 @@ async fn lock_run(conn: &mut Conn, run_id: i64) -> StoreResult<()> {
 /// of the open batches it holds that have recipients pending, in order. A
 /// batch whose lease expired had a worker die on it: its in-flight sends
 /// are written off (and the events of batches that closed so are added to
-/// `appended`).
+/// `events`).
 async fn lease_batches(
     conn: &mut Conn,
     run_id: i64,
@@ -494,7 +399,7 @@ async fn lease_batches(
     now: i64,
     lease_until: i64,
     wanted: i64,
-    appended: &mut Vec<StoredEvent>,
+    events: &mut EventBatch,
 ) -> StoreResult<Vec<i64>> {
     // Renewing the leases held also says which they are.
     let mut held: Vec<(i64, i64)> = sqlx::query_as(sql!(
@@ -554,7 +459,7 @@ async fn lease_batches(
                     lost,
                     "took over a batch; in-flight sends marked failed"
                 );
-                appended.extend(close_and_announce_batches(conn, run_id, now).await?);
+                close_and_announce_batches(conn, run_id, now, events).await?;
             }
         }
         held.push((sequence, pending));
@@ -571,6 +476,8 @@ async fn lease_batches(
 /// Renews and takes batch leases and marks up to `limit` due executions of
 /// the worker's batches in progress, inside the caller's transaction,
 /// which holds the run's lock ([`lock_run`]); returns the run as it left it.
+/// The events of batches it opens or writes off go to `events`, for the
+/// caller to append and hand to the slice.
 async fn take_slice_in(
     conn: &mut Conn,
     run_id: i64,
@@ -578,6 +485,7 @@ async fn take_slice_in(
     now: i64,
     lease_until: i64,
     limit: i64,
+    events: &mut EventBatch,
 ) -> StoreResult<(Slice, RunRecord)> {
     let campaign_status: String = sqlx::query_scalar(sql!(
         "SELECT c.status FROM runs r JOIN campaigns c ON c.id = r.campaign_id WHERE r.id = ?"
@@ -593,10 +501,8 @@ async fn take_slice_in(
     let mut executions = Vec::new();
     let mut next_retry_at: Option<i64> = None;
     let mut claimed_run = None;
-    let mut events = Vec::new();
     if control == Control::Continue {
-        let held =
-            lease_batches(conn, run_id, worker, now, lease_until, limit, &mut events).await?;
+        let held = lease_batches(conn, run_id, worker, now, lease_until, limit, events).await?;
         // One index range per held batch (usually one or two), so the cost
         // does not grow with the run.
         for &sequence in &held {
@@ -682,16 +588,13 @@ async fn take_slice_in(
             }
             let run = apply_deltas(&mut *conn, run_id, &deltas).await?;
             for (sequence, size) in started {
-                let event = append_event(
-                    &mut *conn,
+                events.push(
                     run.campaign_id,
                     "batch_started",
                     json!({"run_id": run.uuid, "batch_sequence": sequence,
                            "total_batches": run.total_batches, "recipient_count": size}),
                     Some(&run),
-                )
-                .await?;
-                events.push(event);
+                );
             }
             claimed_run = Some(run);
         }
@@ -705,7 +608,7 @@ async fn take_slice_in(
         executions,
         next_retry_at,
         counters: run.counters,
-        events,
+        events: Vec::new(),
     };
     Ok((slice, run))
 }
@@ -745,14 +648,16 @@ const PROVIDER_IDS: &Shape = &[("provider_id", Kind::Text), ("execution_id", Kin
 
 /// Records send outcomes, counters, batch completion and metrics inside
 /// the caller's transaction, which holds the run's lock ([`lock_run`]) and
-/// appends the progress event last ([`append_progress`]). The run's row is
-/// written once, by [`update_run`].
+/// adds the progress event last ([`push_progress`]); the events of batches
+/// that closed go to `events`. Returns the run as it left it, whose row it
+/// wrote once, by [`update_run`].
 async fn record_outcomes_in(
     conn: &mut Conn,
     run_id: i64,
     outcomes: &[ExecutionOutcome],
     now: i64,
-) -> StoreResult<RunUpdate> {
+    events: &mut EventBatch,
+) -> StoreResult<RunRecord> {
     let mut rows = BoundRows::new(OUTCOMES);
     for o in outcomes {
         rows.push([
@@ -890,7 +795,7 @@ async fn record_outcomes_in(
         updated_at: Some(now),
     };
     let run = update_run(&mut *conn, run_id, &change).await?;
-    let events = announce_closed_batches(&mut *conn, &run, &closed).await?;
+    announce_closed_batches(&run, &closed, events);
     if successes + failures > 0 {
         sqlx::query(
             sql!("INSERT INTO metrics_minutes (campaign_id, minute, completed, failed) VALUES (?, ?, ?, ?)
@@ -905,21 +810,14 @@ async fn record_outcomes_in(
         .execute(&mut *conn)
         .await?;
     }
-    Ok(RunUpdate { run, events })
+    Ok(run)
 }
 
-/// Appends a run's progress event. Callers append it as the last write of
-/// its transaction, with the counters the transaction commits, so that its
-/// `ts` (see [`append_event`]) is when those were committed.
-async fn append_progress(conn: &mut Conn, run: &RunRecord) -> StoreResult<StoredEvent> {
-    append_event(
-        conn,
-        run.campaign_id,
-        "progress",
-        run_event_data(run),
-        Some(run),
-    )
-    .await
+/// Adds a run's progress event. Callers add it last, with the counters
+/// their transaction commits, so that its `ts` (see [`EventBatch::append`])
+/// is when those were committed.
+fn push_progress(run: &RunRecord, events: &mut EventBatch) {
+    events.push(run.campaign_id, "progress", run_event_data(run), Some(run));
 }
 
 /// Copies a run's recipients from the campaign's contacts, numbered in id
@@ -1281,7 +1179,18 @@ impl EngineStore for SqlStore {
     ) -> StoreResult<Slice> {
         let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         lock_run(&mut tx, run_id).await?;
-        let (slice, _) = take_slice_in(&mut tx, run_id, worker, now, lease_until, limit).await?;
+        let mut events = EventBatch::default();
+        let (mut slice, _) = take_slice_in(
+            &mut tx,
+            run_id,
+            worker,
+            now,
+            lease_until,
+            limit,
+            &mut events,
+        )
+        .await?;
+        slice.events = events.append(&mut tx).await?;
         tx.commit().await?;
         Ok(slice)
     }
@@ -1294,12 +1203,12 @@ impl EngineStore for SqlStore {
     ) -> StoreResult<RunUpdate> {
         let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         lock_run(&mut tx, run_id).await?;
-        let mut update = record_outcomes_in(&mut tx, run_id, outcomes, now).await?;
-        update
-            .events
-            .push(append_progress(&mut tx, &update.run).await?);
+        let mut events = EventBatch::default();
+        let run = record_outcomes_in(&mut tx, run_id, outcomes, now, &mut events).await?;
+        push_progress(&run, &mut events);
+        let events = events.append(&mut tx).await?;
         tx.commit().await?;
-        Ok(update)
+        Ok(RunUpdate { run, events })
     }
 
     async fn unclaim(&self, run_id: i64, execution_ids: &[i64], now: i64) -> StoreResult<()> {
@@ -1344,15 +1253,23 @@ impl EngineStore for SqlStore {
     ) -> StoreResult<(RunUpdate, Slice)> {
         let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
         lock_run(&mut tx, run_id).await?;
-        let mut update = record_outcomes_in(&mut tx, run_id, outcomes, now).await?;
-        let (mut slice, run) =
-            take_slice_in(&mut tx, run_id, worker, now, lease_until, limit).await?;
+        let mut events = EventBatch::default();
+        record_outcomes_in(&mut tx, run_id, outcomes, now, &mut events).await?;
+        let (slice, run) = take_slice_in(
+            &mut tx,
+            run_id,
+            worker,
+            now,
+            lease_until,
+            limit,
+            &mut events,
+        )
+        .await?;
         // Progress last, with the counters the transaction commits.
-        update.events.append(&mut slice.events);
-        update.events.push(append_progress(&mut tx, &run).await?);
-        update.run = run;
+        push_progress(&run, &mut events);
+        let events = events.append(&mut tx).await?;
         tx.commit().await?;
-        Ok((update, slice))
+        Ok((RunUpdate { run, events }, slice))
     }
 
     async fn finish_run(&self, run_id: i64, end: &RunEnd, now: i64) -> StoreResult<RunUpdate> {
@@ -1398,7 +1315,11 @@ impl EngineStore for SqlStore {
             )
             .await?;
         }
-        let mut events = close_and_announce_batches(&mut tx, run_id, now).await?;
+        // The batches' events go before the campaign's status changes, so
+        // that their snapshots show it as it was when they closed.
+        let mut closed = EventBatch::default();
+        close_and_announce_batches(&mut tx, run_id, now, &mut closed).await?;
+        let mut events = closed.append(&mut tx).await?;
 
         // Refund what was reserved and not spent.
         let refund = (before.reserved_credits - before.charged_credits).max(0);
@@ -1643,10 +1564,11 @@ impl EngineStore for SqlStore {
         .bind(campaign_id)
         .execute(&mut *tx)
         .await?;
-        let mut stored = Vec::with_capacity(events.len());
+        let mut batch = EventBatch::default();
         for (kind, data) in events {
-            stored.push(append_event(&mut tx, campaign_id, kind, data.clone(), None).await?);
+            batch.push(campaign_id, kind, data.clone(), None);
         }
+        let mut stored = batch.append(&mut tx).await?;
         if let Some(end) = finish {
             let changed = sqlx::query(sql!(
                 "UPDATE campaigns SET status = ?, completed_at = ?, updated_at = ?

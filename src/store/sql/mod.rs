@@ -42,6 +42,7 @@ macro_rules! sql_rows {
 }
 
 mod engine;
+mod events;
 mod reports;
 
 /// Rows per multi-row INSERT: 1000 rows × 3 bound values stays far below
@@ -476,7 +477,7 @@ impl Store for SqlStore {
                 .await?;
             }
         }
-        engine::append_event(
+        events::append_event(
             &mut tx,
             id,
             "campaign_status",
