@@ -232,8 +232,10 @@ async fn engine(setup: &EngineSetup) -> anyhow::Result<Measurement> {
     // The other nodes: engine-only processes on the same database.
     let mut workers = Vec::new();
     for _ in 1..nodes {
+        let mut worker = std::process::Command::new(std::env::current_exe()?);
+        dies_with_bench(&mut worker);
         workers.push(
-            std::process::Command::new(std::env::current_exe()?)
+            worker
                 .arg("worker")
                 .env(
                     "HERALD_DATABASE_URL",

@@ -329,6 +329,33 @@ impl CpuClock {
     }
 }
 
+/// Has `command`'s process stopped (SIGTERM) when the bench process ends,
+/// however it ends. `kill_on_drop` covers a bench that returns or fails;
+/// one killed by hand left its servers and peers running, idle, through
+/// every later measurement on the machine.
+///
+/// Linux sends the signal when the thread that spawned the child exits, so
+/// this is for children spawned from the runtime's worker threads (or the
+/// main thread), which live as long as the bench.
+fn dies_with_bench(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: `pre_exec` runs between fork and exec; the closure calls only
+    // async-signal-safe functions (prctl, getppid) and allocates nothing.
+    let bench = std::process::id() as libc::pid_t;
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The bench may have died before the prctl: then no signal comes.
+            if libc::getppid() != bench {
+                return Err(std::io::Error::other("the bench process has ended"));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Whether a server started beside the benchmark answers `url` (any
 /// status) within `attempts` tries, 50 ms apart.
 async fn answers_within(url: &str, attempts: u32) -> bool {
@@ -466,6 +493,7 @@ impl ChildServer {
             .env("HERALD_RATE_LIMIT", "0")
             .env("RUST_LOG", "error")
             .kill_on_drop(true);
+        dies_with_bench(command.as_std_mut());
         for (name, value) in settings {
             command.env(name, value);
         }

@@ -49,6 +49,7 @@ pub(super) async fn start_fastapi(database: Option<&std::path::Path>) -> anyhow:
         .arg(dir.join("peers/fastapi_peer.py"))
         .arg(port.to_string())
         .kill_on_drop(true);
+    super::dies_with_bench(command.as_std_mut());
     if let Some(database) = database {
         command.env("HERALD_PEER_DB", database);
     }
@@ -90,13 +91,15 @@ pub(super) async fn graphile_jobs_per_second(
     concurrency: usize,
 ) -> anyhow::Result<f64> {
     let dir = bench_dir().ok_or_else(|| anyhow::anyhow!("bench/peers not found"))?;
-    let out = tokio::process::Command::new("node")
+    let mut command = tokio::process::Command::new("node");
+    command
         .arg(dir.join("peers/graphile_peer.js"))
         .arg(database_url)
         .arg(jobs.to_string())
         .arg(concurrency.to_string())
-        .output()
-        .await?;
+        .kill_on_drop(true);
+    super::dies_with_bench(command.as_std_mut());
+    let out = command.output().await?;
     anyhow::ensure!(
         out.status.success(),
         "graphile-worker peer failed: {}",

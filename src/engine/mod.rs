@@ -239,7 +239,14 @@ impl Engine {
             }
         }
         while let Some(done) = runs.join_next_with_id().await {
-            task_ended(done, &mut tasks, &mut failed);
+            let (task, end) = task_end(done);
+            if let (Some(run), run::TaskEnd::Failed) = (tasks.remove(&task), end) {
+                metrics::counter!("herald_run_task_failures_total").increment(1);
+                tracing::warn!(
+                    run,
+                    "run task failed while the engine stopped; its leases expire for another node"
+                );
+            }
         }
         let _ = receipts.await;
         tracing::info!("engine stopped");
@@ -253,13 +260,7 @@ fn task_ended(
     tasks: &mut HashMap<tokio::task::Id, i64>,
     failed: &mut FailedRuns,
 ) {
-    let (task, end) = match done {
-        Ok((task, end)) => (task, end),
-        Err(err) => {
-            tracing::error!(error = %err, "a run task panicked");
-            (err.id(), run::TaskEnd::Failed)
-        }
-    };
+    let (task, end) = task_end(done);
     let Some(run) = tasks.remove(&task) else {
         return;
     };
@@ -277,6 +278,19 @@ fn task_ended(
     }
 }
 
+/// How a run task ended; a panic is a failure.
+fn task_end(
+    done: Result<(tokio::task::Id, run::TaskEnd), tokio::task::JoinError>,
+) -> (tokio::task::Id, run::TaskEnd) {
+    match done {
+        Ok((task, end)) => (task, end),
+        Err(err) => {
+            tracing::error!(error = %err, "a run task panicked");
+            (err.id(), run::TaskEnd::Failed)
+        }
+    }
+}
+
 /// Runs whose task failed, held back before this node claims them again.
 ///
 /// A run whose task fails before it leases anything (a row it cannot read,
@@ -285,7 +299,9 @@ fn task_ended(
 /// in 4 s in the test that damages a run's rows), each failure a
 /// transaction and an error in the log. Each failure in a row doubles the
 /// wait, from [`FailedRuns::FIRST`] up to [`FailedRuns::LONGEST`]; a task
-/// that ends well clears it. Other nodes keep their own count.
+/// that ends well clears it. Other nodes keep their own count, so a run
+/// may end well elsewhere: a run not failed here again within
+/// [`FailedRuns::FORGOTTEN_AFTER`] of its wait ending is forgotten.
 #[derive(Debug, Default)]
 struct FailedRuns {
     /// Failures in a row, and when the run may be claimed again.
@@ -295,6 +311,7 @@ struct FailedRuns {
 impl FailedRuns {
     const FIRST: Duration = Duration::from_secs(1);
     const LONGEST: Duration = Duration::from_secs(60);
+    const FORGOTTEN_AFTER: Duration = Duration::from_secs(600);
 
     /// Counts a failure; how long the run is held back.
     fn failed(&mut self, run: i64, now: Instant) -> Duration {
@@ -311,8 +328,11 @@ impl FailedRuns {
         self.runs.remove(&run);
     }
 
-    /// Runs still held back at `now`.
-    fn held_back(&self, now: Instant) -> impl Iterator<Item = i64> + '_ {
+    /// Runs still held back at `now`. Forgets those whose wait ended
+    /// [`Self::FORGOTTEN_AFTER`] ago.
+    fn held_back(&mut self, now: Instant) -> impl Iterator<Item = i64> + '_ {
+        self.runs
+            .retain(|_, (_, until)| now.saturating_duration_since(*until) < Self::FORGOTTEN_AFTER);
         self.runs
             .iter()
             .filter(move |(_, (_, until))| *until > now)
@@ -343,17 +363,36 @@ mod tests {
         failed.failed(1, now);
         failed.failed(2, now);
         failed.failed(2, now);
-        let held = |failed: &FailedRuns, at| {
+        let held = |failed: &mut FailedRuns, at| {
             let mut runs: Vec<i64> = failed.held_back(at).collect();
             runs.sort();
             runs
         };
-        assert_eq!(held(&failed, now), vec![1, 2]);
-        assert_eq!(held(&failed, now + Duration::from_millis(1500)), vec![2]);
-        assert!(held(&failed, now + Duration::from_secs(2)).is_empty());
+        assert_eq!(held(&mut failed, now), vec![1, 2]);
+        assert_eq!(
+            held(&mut failed, now + Duration::from_millis(1500)),
+            vec![2]
+        );
+        assert!(held(&mut failed, now + Duration::from_secs(2)).is_empty());
         // Past its wait, a run still counts its failures: the next doubles.
         assert_eq!(failed.failed(2, now), Duration::from_secs(4));
         failed.succeeded(2);
         assert_eq!(failed.failed(2, now), FailedRuns::FIRST);
+    }
+
+    #[test]
+    fn a_run_that_stops_failing_here_is_forgotten_once_its_wait_is_long_over() {
+        // Another node may finish the run: this node never sees it end well.
+        let mut failed = FailedRuns::default();
+        let now = Instant::now();
+        failed.failed(1, now);
+        failed.failed(1, now);
+        failed.failed(2, now + Duration::from_secs(300));
+        let later = now + Duration::from_secs(2) + FailedRuns::FORGOTTEN_AFTER;
+        assert_eq!(failed.held_back(later).count(), 0);
+        assert_eq!(failed.runs.len(), 1, "run 1 forgotten, run 2 still counted");
+        // Failing again, run 1 starts from the first wait.
+        assert_eq!(failed.failed(1, later), FailedRuns::FIRST);
+        assert_eq!(failed.failed(2, later), Duration::from_secs(2));
     }
 }
