@@ -10,8 +10,8 @@
 use std::collections::BTreeMap;
 
 use super::execution_rows::ExecutionRow;
-use super::{Campaign, Counters, ExecutionRecord, RunSnapshot, StoreError, StoreResult};
-use crate::domain::{CampaignStatus, Channel};
+use super::{Campaign, Counters, ExecutionRecord, RunRecord, RunSnapshot, StoreError, StoreResult};
+use crate::domain::{CampaignStatus, Channel, Recipients, RunStatus};
 
 /// A row's values by position, borrowed where the driver allows it.
 pub trait Columns {
@@ -142,6 +142,50 @@ pub fn counters_from_columns(row: &dyn Columns, at: usize) -> StoreResult<Counte
     })
 }
 
+/// What a [`RunRecord`] is read from, in its order: first in every
+/// statement that reads a run.
+pub const RUN_COLUMNS: &str = "id, uuid, campaign_id, status, recipients, scheduled_at, \
+    lease_owner, claimed_at, started_at, completed_at, snapshot, frozen_at, total, pending, \
+    processing, sent, failed, skipped, delivered, failed_delivery, total_batches, \
+    completed_batches, cost_units, reserved_credits, charged_credits, refunded_credits, \
+    first_sent_at, last_sent_at, error, updated_at";
+
+impl FromColumns for RunRecord {
+    fn from_columns(row: &dyn Columns) -> StoreResult<Self> {
+        let status = row.text(3)?;
+        Ok(RunRecord {
+            id: row.int(0)?,
+            uuid: row.text(1)?.to_owned(),
+            campaign_id: row.int(2)?,
+            status: RunStatus::parse(status)
+                .ok_or_else(|| StoreError::Corrupt(format!("run status '{status}'")))?,
+            recipients: if row.text(4)? == "failed" {
+                Recipients::Failed
+            } else {
+                Recipients::All
+            },
+            scheduled_at: row.int(5)?,
+            lease_owner: row.opt_text(6)?.map(str::to_owned),
+            claimed_at: row.opt_int(7)?,
+            started_at: row.opt_int(8)?,
+            completed_at: row.opt_int(9)?,
+            snapshot: snapshot_from(row.opt_text(10)?)?,
+            frozen_at: row.opt_int(11)?,
+            counters: counters_from_columns(row, 12)?,
+            total_batches: row.int(20)?,
+            completed_batches: row.int(21)?,
+            cost_units: row.int(22)?,
+            reserved_credits: row.int(23)?,
+            charged_credits: row.int(24)?,
+            refunded_credits: row.int(25)?,
+            first_sent_at: row.opt_int(26)?,
+            last_sent_at: row.opt_int(27)?,
+            error: row.opt_text(28)?.map(str::to_owned),
+            updated_at: row.int(29)?,
+        })
+    }
+}
+
 /// What [`ExecutionRow::from_columns`] reads, in its order. A page
 /// copies every column of every row it selects, so it selects no more
 /// than the record holds.
@@ -230,5 +274,99 @@ mod tests {
         assert_eq!(CAMPAIGN_COLUMN_COUNT, 16);
         assert_eq!(column_count("a"), 1);
         assert_eq!(column_count("a, b,c"), 3);
+    }
+
+    /// A row shaped as `runs` is, with each column's value given by name.
+    fn run_row(overrides: &[(&str, &str)]) -> String {
+        let value = |name: &str, i: usize| -> String {
+            overrides
+                .iter()
+                .find(|(column, _)| *column == name)
+                .map_or_else(|| (100 + i).to_string(), |(_, v)| (*v).to_owned())
+        };
+        let values: Vec<String> = RUN_COLUMNS
+            .split(',')
+            .map(str::trim)
+            .enumerate()
+            .map(|(i, name)| format!("{} AS {name}", value(name, i)))
+            .collect();
+        format!("SELECT {}", values.join(", "))
+    }
+
+    fn read_run(sql: &str) -> StoreResult<RunRecord> {
+        let db = rusqlite::Connection::open_in_memory().expect("database");
+        let mut statement = db.prepare(sql).expect("statement");
+        let mut rows = statement.query([]).expect("rows");
+        let row = rows.next().expect("step").expect("a row");
+        RunRecord::from_columns(row)
+    }
+
+    #[test]
+    fn a_run_is_read_from_the_run_columns_each_in_its_place() {
+        let sql = run_row(&[
+            ("uuid", "'run-uuid'"),
+            ("status", "'running'"),
+            ("recipients", "'failed'"),
+            ("lease_owner", "NULL"),
+            ("snapshot", "NULL"),
+            ("error", "'provider down'"),
+        ]);
+        let run = read_run(&sql).expect("a run");
+        assert_eq!(
+            (run.id, run.uuid.as_str(), run.campaign_id),
+            (100, "run-uuid", 102)
+        );
+        assert_eq!(run.status, RunStatus::Running);
+        assert_eq!(run.recipients, Recipients::Failed);
+        assert_eq!((run.lease_owner, run.snapshot.is_none()), (None, true));
+        let c = run.counters;
+        assert_eq!(
+            [
+                c.total,
+                c.pending,
+                c.processing,
+                c.sent,
+                c.failed,
+                c.skipped
+            ],
+            [112, 113, 114, 115, 116, 117]
+        );
+        assert_eq!((c.delivered, c.failed_delivery), (118, 119));
+        assert_eq!((run.total_batches, run.completed_batches), (120, 121));
+        assert_eq!(
+            [
+                run.cost_units,
+                run.reserved_credits,
+                run.charged_credits,
+                run.refunded_credits
+            ],
+            [122, 123, 124, 125]
+        );
+        assert_eq!(
+            (run.first_sent_at, run.last_sent_at),
+            (Some(126), Some(127))
+        );
+        assert_eq!(run.error.as_deref(), Some("provider down"));
+        assert_eq!(run.updated_at, 129);
+    }
+
+    #[test]
+    fn a_run_with_an_unknown_status_or_a_damaged_snapshot_is_corrupt() {
+        let unknown = run_row(&[
+            ("uuid", "'u'"),
+            ("status", "'lost'"),
+            ("recipients", "'all'"),
+        ]);
+        assert!(matches!(read_run(&unknown), Err(StoreError::Corrupt(m)) if m.contains("lost")));
+        let damaged = run_row(&[
+            ("uuid", "'u'"),
+            ("status", "'running'"),
+            ("recipients", "'all'"),
+            ("lease_owner", "NULL"),
+            ("snapshot", "'{not json'"),
+        ]);
+        assert!(
+            matches!(read_run(&damaged), Err(StoreError::Corrupt(m)) if m.contains("snapshot"))
+        );
     }
 }

@@ -15,64 +15,15 @@ use super::events::{append_event, EventBatch};
 use super::{dialect, Conn, Db, DbRow, SqlStore};
 use crate::domain::{ExecutionStatus, Recipients, RunStatus};
 use crate::store::bound_rows::{BoundRows, Kind, Shape, ROWS};
-use crate::store::columns::{snapshot_from, variables_from, Columns, Param};
+use crate::store::columns::{variables_from, Columns, FromColumns, Param, RUN_COLUMNS};
 use crate::store::*;
 
 /// Recipients per batch.
 pub const BATCH_SIZE: i64 = 1000;
 
-pub(super) const RUN_COLUMNS: &str = "id, uuid, campaign_id, status, recipients, scheduled_at, \
-    lease_owner, claimed_at, started_at, completed_at, snapshot, frozen_at, total, pending, \
-    processing, sent, failed, skipped, delivered, failed_delivery, total_batches, \
-    completed_batches, cost_units, reserved_credits, charged_credits, refunded_credits, \
-    first_sent_at, last_sent_at, error, updated_at";
-
-pub(super) fn counters_from_row(row: &DbRow) -> StoreResult<Counters> {
-    Ok(Counters {
-        total: row.try_get("total")?,
-        pending: row.try_get("pending")?,
-        processing: row.try_get("processing")?,
-        sent: row.try_get("sent")?,
-        failed: row.try_get("failed")?,
-        skipped: row.try_get("skipped")?,
-        delivered: row.try_get("delivered")?,
-        failed_delivery: row.try_get("failed_delivery")?,
-    })
-}
-
+/// A run read from a row that starts with [`RUN_COLUMNS`].
 pub(super) fn run_from_row(row: &DbRow) -> StoreResult<RunRecord> {
-    let status: String = row.try_get("status")?;
-    let recipients: String = row.try_get("recipients")?;
-    let snapshot: Option<String> = row.try_get("snapshot")?;
-    Ok(RunRecord {
-        id: row.try_get("id")?,
-        uuid: row.try_get("uuid")?,
-        campaign_id: row.try_get("campaign_id")?,
-        status: RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(status.clone()))?,
-        recipients: if recipients == "failed" {
-            Recipients::Failed
-        } else {
-            Recipients::All
-        },
-        scheduled_at: row.try_get("scheduled_at")?,
-        lease_owner: row.try_get("lease_owner")?,
-        claimed_at: row.try_get("claimed_at")?,
-        started_at: row.try_get("started_at")?,
-        completed_at: row.try_get("completed_at")?,
-        snapshot: snapshot_from(snapshot.as_deref())?,
-        frozen_at: row.try_get("frozen_at")?,
-        counters: counters_from_row(row)?,
-        total_batches: row.try_get("total_batches")?,
-        completed_batches: row.try_get("completed_batches")?,
-        cost_units: row.try_get("cost_units")?,
-        reserved_credits: row.try_get("reserved_credits")?,
-        charged_credits: row.try_get("charged_credits")?,
-        refunded_credits: row.try_get("refunded_credits")?,
-        first_sent_at: row.try_get("first_sent_at")?,
-        last_sent_at: row.try_get("last_sent_at")?,
-        error: row.try_get("error")?,
-        updated_at: row.try_get("updated_at")?,
-    })
+    RunRecord::from_columns(row)
 }
 
 pub(super) async fn fetch_run(conn: &mut Conn, run_id: i64) -> StoreResult<RunRecord> {

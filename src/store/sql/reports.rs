@@ -4,12 +4,12 @@
 use async_trait::async_trait;
 use sqlx::Row;
 
-use super::engine::{run_from_row, RUN_COLUMNS};
+use super::engine::run_from_row;
 use super::{campaign_from_row, dialect, DbRow, SqlStore};
 use crate::domain::{ExecutionStatus, RunStatus};
 use crate::store::columns::{
     campaign_from_columns, counters_from_columns, Param, ReadRows, CAMPAIGN_COLUMNS,
-    CAMPAIGN_COLUMN_COUNT, EXECUTION_COLUMNS,
+    CAMPAIGN_COLUMN_COUNT, EXECUTION_COLUMNS, RUN_COLUMNS,
 };
 use crate::store::*;
 
