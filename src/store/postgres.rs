@@ -174,6 +174,17 @@ pub(crate) mod dialect {
         Ok(pool.acquire().await?)
     }
 
+    /// [`read_job`]: Postgres' reader waits on its statements, so its jobs
+    /// run on a blocking thread however short (SQLite runs short ones on
+    /// the caller's thread).
+    pub async fn read_job_here<T, Job>(pool: &ReadPool, job: Job) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        Job: FnOnce(&mut Reader<'_>) -> StoreResult<T> + Send + 'static,
+    {
+        read_job(pool, job).await
+    }
+
     /// A read of one or more statements on one pooled connection, run as a
     /// job on a blocking thread: the same code as SQLite's jobs (see its
     /// dialect), each statement awaited in turn.

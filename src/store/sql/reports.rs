@@ -211,9 +211,10 @@ impl ReportStore for SqlStore {
             ),
         };
         let query = query.clone();
+        let short = query.reads_one_short_range();
         // One job, so the four reads cost one hand-off to the database
-        // thread and back rather than one each.
-        dialect::read_job(&self.reader, move |reader| {
+        // thread and back rather than one each; and none for a short page.
+        let job = move |reader: &mut dialect::Reader<'_>| {
             let found: Vec<(i64, i64)> = reader.rows(find, vec![by])?;
             let Some(&(campaign_id, workspace_id)) = found.first() else {
                 return Ok(None);
@@ -246,8 +247,12 @@ impl ReportStore for SqlStore {
                 snapshots: snapshots.into_iter().collect(),
             })
             .map(Some)
-        })
-        .await
+        };
+        if short {
+            dialect::read_job_here(&self.reader, job).await
+        } else {
+            dialect::read_job(&self.reader, job).await
+        }
     }
 
     async fn count_executions(
