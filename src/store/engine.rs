@@ -271,7 +271,13 @@ impl ExecutionQuery {
     /// reading it takes about a tenth of a millisecond whatever its depth.
     /// A filtered page may scan or count far more rows than it returns.
     pub fn reads_one_short_range(&self) -> bool {
-        self.status.is_none() && self.run_id.is_none() && self.limit <= Self::SHORT_PAGE
+        self.is_unfiltered() && self.limit <= Self::SHORT_PAGE
+    }
+
+    /// No status or run filter: the campaign's executions in id order, so
+    /// any page of them is one range of an index.
+    pub fn is_unfiltered(&self) -> bool {
+        self.status.is_none() && self.run_id.is_none()
     }
 }
 

@@ -42,16 +42,21 @@ pub(crate) mod dialect {
         Job: FnOnce(&mut Reader<'_>) -> crate::store::StoreResult<T> + Send + 'static,
     {
         pool.rows
-            .read(move |connection| {
-                // One read transaction: the job's statements see one
-                // snapshot (a page's rows and its total agree), and take the
-                // WAL's read lock once rather than once each.
-                let snapshot = connection.unchecked_transaction()?;
-                job(&mut Reader {
-                    connection: &snapshot,
-                })
-            })
+            .read(move |connection| run_job(connection, job))
             .await
+    }
+
+    /// Runs `job` in one read transaction: the job's statements see one
+    /// snapshot (a page's rows and its total agree), and take the WAL's
+    /// read lock once rather than once each.
+    fn run_job<T>(
+        connection: &rusqlite::Connection,
+        job: impl FnOnce(&mut Reader<'_>) -> crate::store::StoreResult<T>,
+    ) -> crate::store::StoreResult<T> {
+        let snapshot = connection.unchecked_transaction()?;
+        job(&mut Reader {
+            connection: &snapshot,
+        })
     }
 
     /// [`read_job`] on the caller's thread, for a job of a few short
@@ -66,11 +71,7 @@ pub(crate) mod dialect {
     where
         Job: FnOnce(&mut Reader<'_>) -> crate::store::StoreResult<T>,
     {
-        let connection = pool.rows.0.lend().await?;
-        let snapshot = connection.unchecked_transaction()?;
-        job(&mut Reader {
-            connection: &snapshot,
-        })
+        run_job(&*pool.rows.0.lend().await?, job)
     }
 
     /// The first row of one short statement, read on the caller's thread.

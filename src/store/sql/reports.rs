@@ -43,8 +43,7 @@ fn execution_select(
     campaign_id: i64,
     query: &ExecutionQuery,
 ) -> StoreResult<Option<(String, Vec<Param>)>> {
-    let unfiltered = query.status.is_none() && query.run_id.is_none();
-    if unfiltered && query.before_id.is_none() && query.offset > 0 {
+    if query.is_unfiltered() && query.before_id.is_none() && query.offset > 0 {
         // Ordinals number the campaign's executions 1..n in id order: the
         // page at any offset is one index range, below the newest ordinal
         // (one more index lookup in the same statement).
