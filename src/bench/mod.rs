@@ -356,6 +356,28 @@ fn dies_with_bench(command: &mut std::process::Command) {
     }
 }
 
+/// Makes the calling thread `SCHED_BATCH`: what the server sends it makes
+/// it runnable but does not preempt the server's thread that sent it; it
+/// runs at that thread's next wait, yield or tick, and takes whatever else
+/// arrived meanwhile.
+///
+/// Clients on other machines take none of the server's cores. The bench's
+/// clients share them, and as ordinary threads each answer woke one to
+/// preempt the server mid-request (a reschedule IPI), so the server's
+/// latency figures carried the clients' scheduling as well as its own.
+fn yield_to_the_server_on_wake_up() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `param` is valid for the call; pid 0 is this thread.
+        let set = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+        if set != 0 {
+            let error = std::io::Error::last_os_error();
+            println!("bench clients: not SCHED_BATCH ({error}); they preempt the server");
+        }
+    }
+}
+
 /// Whether a server started beside the benchmark answers `url` (any
 /// status) within `attempts` tries, 50 ms apart.
 async fn answers_within(url: &str, attempts: u32) -> bool {
@@ -527,5 +549,23 @@ impl Drop for ChildServer {
     fn drop(&mut self) {
         // The child is killed on drop (`kill_on_drop`) if not stopped yet.
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_client_thread_is_a_batch_thread() {
+        let policy = std::thread::spawn(|| {
+            yield_to_the_server_on_wake_up();
+            // SAFETY: no arguments; pid 0 is this thread.
+            unsafe { libc::sched_getscheduler(0) }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(policy, libc::SCHED_BATCH);
     }
 }

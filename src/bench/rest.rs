@@ -104,7 +104,38 @@ impl Connection {
 
 /// `clients` connections requesting `paths` (round-robin) for `seconds`;
 /// `server_pid` is the server's process, to measure its CPU.
+///
+/// The clients run on one thread of their own, a batch thread (see
+/// [`yield_to_the_server_on_wake_up`]): an answer arriving does not
+/// preempt the server mid-request, as it would not from another machine.
 async fn load(
+    base: &str,
+    key: &str,
+    paths: &[String],
+    clients: usize,
+    seconds: u64,
+    server_pid: Option<u32>,
+) -> anyhow::Result<Load> {
+    let (base, key, paths) = (base.to_owned(), key.to_owned(), paths.to_vec());
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench-clients".into())
+        .spawn(move || {
+            yield_to_the_server_on_wake_up();
+            let measured = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| {
+                    runtime.block_on(load_here(&base, &key, &paths, clients, seconds, server_pid))
+                });
+            let _ = done.send(measured);
+        })?;
+    result.await?
+}
+
+/// [`load`], on the calling thread's runtime.
+async fn load_here(
     base: &str,
     key: &str,
     paths: &[String],
