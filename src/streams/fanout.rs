@@ -128,29 +128,60 @@ impl Fanout {
 }
 
 async fn run_shard(mut commands: mpsc::UnboundedReceiver<Command>, members: Arc<AtomicUsize>) {
-    let mut outboxes: Vec<Arc<Outbox>> = Vec::new();
-    let messages = metrics::counter!("herald_stream_messages_total", "protocol" => "seed000");
+    let mut sockets = ShardSockets::new(members);
     let mut waiting = Vec::new();
-    // Sockets that closed are dropped at the next frame, or, for a campaign
-    // that has none, once as many have joined as the shard holds: a shard
-    // of a quiet campaign that clients keep opening and closing never
-    // grows past twice its open sockets.
-    let mut joined_since_pruned = 0;
     while commands.recv_many(&mut waiting, 256).await > 0 {
-        // Sockets join in order with the events, and of the events only
-        // the newest is sent (it supersedes the rest).
+        let mut newest = sockets.take(waiting.drain(..));
+        sockets.prune_if_many_joined();
+        // A sweep that learns of a newer event on its way sends that one
+        // to the sockets it has still to reach, and then sweeps again for
+        // those it passed: none waits for the rest of a stale sweep.
+        while let Some(event) = newest {
+            newest = sockets.sweep(&event, || {
+                let mut arrived = Vec::new();
+                while let Ok(command) = commands.try_recv() {
+                    arrived.push(command);
+                }
+                arrived
+            });
+            // Let the other shards, and everything else, run.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// A shard's sockets, and what it does with the commands it is sent.
+struct ShardSockets {
+    outboxes: Vec<Arc<Outbox>>,
+    /// Sockets that closed are dropped after a sweep that found one, or,
+    /// for a campaign that has no frames, once as many have joined as the
+    /// shard holds: a shard of a quiet campaign that clients keep opening
+    /// and closing never grows past twice its open sockets.
+    joined_since_pruned: usize,
+    members: Arc<AtomicUsize>,
+    messages: metrics::Counter,
+}
+
+impl ShardSockets {
+    fn new(members: Arc<AtomicUsize>) -> Self {
+        Self {
+            outboxes: Vec::new(),
+            joined_since_pruned: 0,
+            members,
+            messages: metrics::counter!("herald_stream_messages_total", "protocol" => "seed000"),
+        }
+    }
+
+    /// Adds the sockets that joined; the newest event sent, if any. Sockets
+    /// join in order with the events, and of the events only the newest is
+    /// sent (it supersedes the rest).
+    fn take(&mut self, commands: impl IntoIterator<Item = Command>) -> Option<Arc<HubEvent>> {
         let mut newest: Option<Arc<HubEvent>> = None;
-        for command in waiting.drain(..) {
+        for command in commands {
             match command {
                 Command::Add(outbox) => {
-                    outboxes.push(outbox);
-                    joined_since_pruned += 1;
-                    if joined_since_pruned * 2 >= outboxes.len() {
-                        joined_since_pruned = 0;
-                        let before = outboxes.len();
-                        outboxes.retain(|outbox| !outbox.is_closed());
-                        members.fetch_sub(before - outboxes.len(), Ordering::Relaxed);
-                    }
+                    self.outboxes.push(outbox);
+                    self.joined_since_pruned += 1;
                 }
                 Command::Send(event) => {
                     // Events come in log order: the last is the newest.
@@ -160,24 +191,64 @@ async fn run_shard(mut commands: mpsc::UnboundedReceiver<Command>, members: Arc<
                 }
             }
         }
-        let Some(event) = newest else { continue };
-        let Some(frame) = event.seed000_ws_frame() else {
-            continue;
-        };
-        let seq = event.seq();
-        let before = outboxes.len();
-        let mut offered = 0;
-        outboxes.retain(|outbox| {
-            offered += 1;
-            if offered % YIELD_EVERY == 0 {
-                std::thread::yield_now();
+        newest
+    }
+
+    fn prune_if_many_joined(&mut self) {
+        if self.joined_since_pruned * 2 >= self.outboxes.len() {
+            self.prune();
+        }
+    }
+
+    fn prune(&mut self) {
+        self.joined_since_pruned = 0;
+        let before = self.outboxes.len();
+        self.outboxes.retain(|outbox| !outbox.is_closed());
+        self.members
+            .fetch_sub(before - self.outboxes.len(), Ordering::Relaxed);
+    }
+
+    /// Offers `event`'s frame to every socket in turn. Every
+    /// [`YIELD_EVERY`] sockets it takes the commands that came meanwhile
+    /// (`arrived`): sockets that joined are swept too, and a newer event's
+    /// frame replaces the one being sent for the sockets still ahead. Then
+    /// that newer event is returned, for a sweep of the sockets behind
+    /// (those ahead already have it, and skip it cheaply).
+    fn sweep(
+        &mut self,
+        event: &Arc<HubEvent>,
+        mut arrived: impl FnMut() -> Vec<Command>,
+    ) -> Option<Arc<HubEvent>> {
+        let mut frame = event.seed000_ws_frame()?.clone();
+        let mut seq = event.seq();
+        let mut newer = None;
+        let (mut sent, mut gone) = (0, false);
+        let mut at = 0;
+        while at < self.outboxes.len() {
+            match self.outboxes[at].offer(seq, &frame) {
+                Offered::Sent => sent += 1,
+                Offered::Had => {}
+                Offered::Gone => gone = true,
             }
-            outbox.offer(seq, &frame) == Offered::Taken
-        });
-        members.fetch_sub(before - outboxes.len(), Ordering::Relaxed);
-        messages.increment(outboxes.len() as u64);
-        // Let the other shards of this event, and everything else, run.
-        tokio::task::yield_now().await;
+            at += 1;
+            if at % YIELD_EVERY == 0 {
+                std::thread::yield_now();
+                if let Some(event) = self.take(arrived()) {
+                    if let Some(newest) = event.seed000_ws_frame() {
+                        frame = newest.clone();
+                        seq = event.seq();
+                        newer = Some(event);
+                    }
+                }
+            }
+        }
+        self.messages.increment(sent);
+        if gone {
+            self.prune();
+        } else {
+            self.prune_if_many_joined();
+        }
+        newer
     }
 }
 
@@ -232,6 +303,34 @@ mod tests {
         for (_, client) in &mut sockets {
             assert_eq!(next_seq(client).await, Some(4));
         }
+    }
+
+    #[tokio::test]
+    async fn a_newer_event_goes_to_the_sockets_ahead_of_a_sweep_and_then_to_those_behind() {
+        let mut sockets = ShardSockets::new(Arc::new(AtomicUsize::new(0)));
+        let mut opened = Vec::new();
+        for _ in 0..YIELD_EVERY * 2 {
+            let (outbox, conn, client) = pair().await;
+            outbox.resume(0);
+            assert!(sockets.take([Command::Add(outbox)]).is_none());
+            opened.push((conn, client));
+        }
+        // At the sweep's first checkpoint a socket joins and event 2 comes.
+        let (late, late_conn, late_client) = pair().await;
+        late.resume(0);
+        let mut arrivals = vec![vec![Command::Add(late), Command::Send(event(2))]].into_iter();
+        let newer = sockets.sweep(&event(1), || arrivals.next().unwrap_or_default());
+        assert_eq!(newer.as_ref().map(|event| event.seq()), Some(2));
+        // The sweep the shard then makes for event 2, with nothing newer.
+        assert!(sockets.sweep(&newer.unwrap(), Vec::new).is_none());
+        opened.push((late_conn, late_client));
+        for (at, (_, client)) in opened.iter_mut().enumerate() {
+            if at < YIELD_EVERY {
+                assert_eq!(next_seq(client).await, Some(1), "socket {at}");
+            }
+            assert_eq!(next_seq(client).await, Some(2), "socket {at}");
+        }
+        assert_eq!(sockets.outboxes.len(), YIELD_EVERY * 2 + 1);
     }
 
     #[tokio::test]

@@ -30,7 +30,9 @@ use tokio::sync::Notify;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offered {
     /// Written, or kept for the socket's task to write.
-    Taken,
+    Sent,
+    /// The socket was sent this log position, or a newer one, already.
+    Had,
     /// The socket is closed: forget it.
     Gone,
 }
@@ -102,14 +104,14 @@ impl Outbox {
             if queue.held.as_ref().is_none_or(|(held, _)| *held < seq) {
                 queue.held = Some((seq, frame.clone()));
             }
-            return Offered::Taken;
+            return Offered::Sent;
         }
         if seq <= queue.sent_seq {
-            return Offered::Taken;
+            return Offered::Had;
         }
         queue.sent_seq = seq;
         match self.write_live(queue, frame) {
-            Ok(()) => Offered::Taken,
+            Ok(()) => Offered::Sent,
             Err(_) => Offered::Gone,
         }
     }
@@ -439,7 +441,7 @@ pub(super) mod tests {
     async fn a_paused_outbox_keeps_the_newest_frame_and_sends_it_if_newer_than_what_went_out() {
         let (outbox, mut conn, mut client) = pair().await;
         for seq in [3, 5, 4] {
-            assert_eq!(outbox.offer(seq, &live(seq, 0)), Offered::Taken);
+            assert_eq!(outbox.offer(seq, &live(seq, 0)), Offered::Sent);
         }
         // What the session sent itself covers up to 4: the held 5 follows.
         outbox.resume(4);
@@ -448,8 +450,8 @@ pub(super) mod tests {
             .unwrap();
         assert_eq!(next_seq(&mut client).await, Some(5));
         // Older or repeated frames are skipped from now on.
-        for seq in [5, 2, 6] {
-            outbox.offer(seq, &live(seq, 0));
+        for (seq, offered) in [(5, Offered::Had), (2, Offered::Had), (6, Offered::Sent)] {
+            assert_eq!(outbox.offer(seq, &live(seq, 0)), offered);
         }
         assert_eq!(next_seq(&mut client).await, Some(6));
 
