@@ -102,21 +102,21 @@ impl Connection {
     }
 }
 
-/// `clients` connections requesting `paths` (round-robin) for `seconds`;
-/// `server_pid` is the server's process, to measure its CPU.
-///
-/// The clients run on one thread of their own, a batch thread (see
-/// [`yield_to_the_server_on_wake_up`]): an answer arriving does not
-/// preempt the server mid-request, as it would not from another machine.
-async fn load(
-    base: &str,
-    key: &str,
-    paths: &[String],
+/// A load phase: `clients` connections requesting `paths` (round-robin)
+/// for `seconds`; `server_pid` is the server's process, to measure its CPU.
+struct LoadPlan {
+    base: String,
+    key: String,
+    paths: Vec<String>,
     clients: usize,
     seconds: u64,
     server_pid: Option<u32>,
-) -> anyhow::Result<Load> {
-    let (base, key, paths) = (base.to_owned(), key.to_owned(), paths.to_vec());
+}
+
+/// Runs `plan`. The clients run on one thread of their own, a batch thread
+/// (see [`yield_to_the_server_on_wake_up`]): an answer arriving does not
+/// preempt the server mid-request, as it would not from another machine.
+async fn load(plan: LoadPlan) -> anyhow::Result<Load> {
     let (done, result) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("bench-clients".into())
@@ -126,23 +126,23 @@ async fn load(
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|runtime| {
-                    runtime.block_on(load_here(&base, &key, &paths, clients, seconds, server_pid))
-                });
+                .and_then(|runtime| runtime.block_on(load_here(&plan)));
             let _ = done.send(measured);
         })?;
     result.await?
 }
 
 /// [`load`], on the calling thread's runtime.
-async fn load_here(
-    base: &str,
-    key: &str,
-    paths: &[String],
-    clients: usize,
-    seconds: u64,
-    server_pid: Option<u32>,
-) -> anyhow::Result<Load> {
+async fn load_here(plan: &LoadPlan) -> anyhow::Result<Load> {
+    let LoadPlan {
+        base,
+        key,
+        paths,
+        clients,
+        seconds,
+        server_pid,
+    } = plan;
+    let (clients, seconds, server_pid) = (*clients, *seconds, *server_pid);
     let host = base.trim_start_matches("http://").to_owned();
     let addr: std::net::SocketAddr = host.parse()?;
     let requests: Vec<Vec<u8>> = paths
@@ -299,7 +299,15 @@ pub(super) async fn run(args: &RestArgs) -> anyhow::Result<Report> {
     ];
     for (name, paths, rate_target) in phases {
         println!("{name}: {clients} clients for {seconds} s …");
-        let result = load(&base, &key, &paths, clients, seconds, Some(bench.pid())).await?;
+        let result = load(LoadPlan {
+            base: base.clone(),
+            key: key.clone(),
+            paths,
+            clients,
+            seconds,
+            server_pid: Some(bench.pid()),
+        })
+        .await?;
         report.row(format!("{name}: requests"), result.rate, "/s", rate_target);
         if let Some(cpu) = result.server_cpu_us {
             report.row(format!("{name}: server CPU per request"), cpu, "µs", None);
@@ -341,7 +349,15 @@ pub(super) async fn run(args: &RestArgs) -> anyhow::Result<Report> {
                 format!("/v1/campaign/{uuid}/status"),
                 format!("/v1/campaign/{uuid}/analytics"),
             ];
-            let result = load(&peer.base, &key, &paths, clients, seconds, Some(peer.pid)).await?;
+            let result = load(LoadPlan {
+                base: peer.base.clone(),
+                key: key.clone(),
+                paths: paths.to_vec(),
+                clients,
+                seconds,
+                server_pid: Some(peer.pid),
+            })
+            .await?;
             peer.stop().await;
             report.row(
                 "FastAPI peer, status + analytics: requests",
