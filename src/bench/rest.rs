@@ -265,13 +265,15 @@ pub(super) async fn run(args: &RestArgs) -> anyhow::Result<Report> {
     let mut raw = serde_json::Map::new();
     let per_page = 100;
     let last_page = n.div_ceil(per_page).max(1);
+    // The reads Herald and the FastAPI peer are compared on.
+    let status_and_analytics = vec![
+        format!("/v1/campaign/{uuid}/status"),
+        format!("/v1/campaign/{uuid}/analytics"),
+    ];
     let phases: [(&str, Vec<String>, Option<Target>); 4] = [
         (
             "seed 002 status + analytics",
-            vec![
-                format!("/v1/campaign/{uuid}/status"),
-                format!("/v1/campaign/{uuid}/analytics"),
-            ],
+            status_and_analytics.clone(),
             Some(Target::AtLeast(20_000.0)),
         ),
         (
@@ -345,14 +347,10 @@ pub(super) async fn run(args: &RestArgs) -> anyhow::Result<Report> {
             println!(
                 "FastAPI peer, seed 002 status + analytics: {clients} clients for {seconds} s …"
             );
-            let paths = [
-                format!("/v1/campaign/{uuid}/status"),
-                format!("/v1/campaign/{uuid}/analytics"),
-            ];
             let result = load(LoadPlan {
                 base: peer.base.clone(),
                 key: key.clone(),
-                paths: paths.to_vec(),
+                paths: status_and_analytics,
                 clients,
                 seconds,
                 server_pid: Some(peer.pid),
