@@ -200,6 +200,12 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let value: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request(Some("body"), format!("malformed JSON: {e}")))?;
+    if let Some(field) = holding_a_nul(&value, String::new()) {
+        return Err(ApiError::invalid(
+            field,
+            "must not contain a NUL character (\\u0000)",
+        ));
+    }
     serde_path_to_error::deserialize(value).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner().to_string();
@@ -226,6 +232,40 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         };
         ApiError::invalid(field, inner)
     })
+}
+
+/// The path (as `serde_path_to_error` writes it) of the first string, or
+/// object key, in `value` that holds a NUL character. No field of the API
+/// takes one, and Postgres cannot store one in text: checked here, every
+/// JSON body gets a 422 naming the field instead of a failed write.
+fn holding_a_nul(value: &serde_json::Value, path: String) -> Option<String> {
+    use serde_json::Value;
+    let field = |path: String| {
+        if path.is_empty() {
+            "body".to_owned()
+        } else {
+            path
+        }
+    };
+    match value {
+        Value::String(text) if text.contains('\0') => Some(field(path)),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(index, item)| holding_a_nul(item, format!("{path}[{index}]"))),
+        Value::Object(members) => members.iter().find_map(|(key, member)| {
+            if key.contains('\0') {
+                return Some(field(path.clone()));
+            }
+            let path = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            holding_a_nul(member, path)
+        }),
+        _ => None,
+    }
 }
 
 /// `?page=&per_page=` as the seeds page: 1-based pages.
@@ -384,6 +424,26 @@ mod tests {
             (StatusCode::UNPROCESSABLE_ENTITY, Some("inner.count".into()))
         );
         assert_eq!(field_of("[]").0, StatusCode::UNPROCESSABLE_ENTITY);
+        // A NUL character anywhere: 422 naming where.
+        assert_eq!(
+            field_of(r#"{"name":"a\u0000b"}"#),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("name".into()))
+        );
+        assert_eq!(
+            field_of(r#"{"name":"x","inner":{"tags":["ok","\u0000"]}}"#),
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Some("inner.tags[1]".into())
+            )
+        );
+        assert_eq!(
+            field_of(r#"{"name":"x","inner":{"k\u0000":1}}"#),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("inner".into()))
+        );
+        assert_eq!(
+            field_of(r#""\u0000""#),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("body".into()))
+        );
     }
 
     #[test]

@@ -90,6 +90,10 @@ pub fn clean_value(raw: &str) -> Result<Option<String>, String> {
     if value.chars().count() > MAX_VALUE_CHARS {
         return Err(format!("value is longer than {MAX_VALUE_CHARS} characters"));
     }
+    // Postgres cannot store one in text, and no name or variable needs one.
+    if value.contains('\0') {
+        return Err("value contains a NUL character".to_owned());
+    }
     Ok(Some(value.to_owned()))
 }
 
@@ -232,5 +236,14 @@ mod tests {
         assert_eq!(c.name.as_deref(), Some("Ann"));
         assert_eq!(c.lookup("a"), Some("9"));
         assert_eq!(c.lookup("b"), Some("2"));
+    }
+
+    #[test]
+    fn a_value_with_a_nul_character_is_refused() {
+        assert_eq!(clean_value(" Ann "), Ok(Some("Ann".to_owned())));
+        assert_eq!(
+            clean_value("An\0n"),
+            Err("value contains a NUL character".to_owned())
+        );
     }
 }

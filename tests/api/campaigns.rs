@@ -179,6 +179,15 @@ async fn bad_fields_are_422_naming_the_field() {
             "colour",
         ),
         (json!(42), "body"),
+        // No field takes a NUL character, and Postgres cannot store one.
+        (
+            json!({"name": "x", "channel": "sms", "template": "\u{0}Hi"}),
+            "template",
+        ),
+        (
+            json!({"name": "x", "channel": "sms", "provider": {"kind": "simulated", "outcomes": {"sent\u{0}": 1.0}}}),
+            "provider.outcomes",
+        ),
     ];
     for (body, field) in cases {
         let err = error_of(
