@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use crate::api::ApiConfig;
 use crate::startup::{Application, ServerConfig};
 
+mod arrival;
 mod engine;
 mod fanout;
 mod import;

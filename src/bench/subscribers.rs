@@ -19,10 +19,12 @@
 //! 4.7–5.2, and the server 6.6–7.2 against 7.3–7.9.
 //!
 //! A subscriber reads `progress_update` frames, notes the `seq` and `ts`
-//! each carries (found by key, not parsed: see [`Update::scan`]) and when
-//! it arrived, and stops at the one whose status is `completed`.
+//! each carries (found by key, not parsed: see [`Update::scan`]), when it
+//! reached the socket (the kernel's stamp, see [`super::arrival`]: a batch
+//! thread may get a core well after) and when it was read, and stops at the
+//! one whose status is `completed`.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -125,6 +127,24 @@ pub(super) async fn open(url: &str, count: usize) -> anyhow::Result<Subscribers>
     })
 }
 
+/// When the bytes of one read reached the socket, and when they were read
+/// (Unix ms): the frames they complete are timed with both.
+#[derive(Debug, Clone, Copy)]
+struct Times {
+    arrived: f64,
+    read: f64,
+}
+
+impl Times {
+    fn now() -> Self {
+        let now = super::arrival::now_ms();
+        Self {
+            arrived: now,
+            read: now,
+        }
+    }
+}
+
 /// One subscriber's connection and what it read.
 struct Socket {
     tcp: mio::net::TcpStream,
@@ -173,6 +193,7 @@ async fn connect(host: &str, path: &str) -> anyhow::Result<Socket> {
     buffer.drain(..end);
     let tcp = tcp.into_std()?;
     tcp.set_nodelay(true)?;
+    super::arrival::stamp_arrivals(&tcp)?;
     Ok(Socket {
         tcp: mio::net::TcpStream::from_std(tcp),
         buffer,
@@ -202,7 +223,7 @@ fn read_all(
     }
     // Frames that arrived with the handshake.
     for socket in &mut sockets {
-        socket.take_buffered_frames(finals);
+        socket.take_buffered_frames(Times::now(), finals);
     }
     let mut events = mio::Events::with_capacity(1024);
     let mut chunk = vec![0u8; 16 * 1024];
@@ -231,20 +252,25 @@ impl Socket {
     /// Reads what arrived and takes the frames in it.
     fn read_ready(&mut self, chunk: &mut [u8], finals: &tokio::sync::mpsc::UnboundedSender<()>) {
         loop {
-            match self.tcp.read(chunk) {
-                Ok(0) => {
+            match super::arrival::read_stamped(&self.tcp, chunk) {
+                Ok((0, _)) => {
                     self.done = true;
                     return;
                 }
-                Ok(n) => {
+                Ok((n, stamp)) => {
+                    let read = super::arrival::now_ms();
+                    let times = Times {
+                        arrived: stamp.unwrap_or(read),
+                        read,
+                    };
                     if self.buffer.is_empty() {
                         // Usually whole frames: taken where they were read,
                         // and only a frame's unread rest is kept.
-                        let taken = self.take_frames(&chunk[..n], finals);
+                        let taken = self.take_frames(&chunk[..n], times, finals);
                         self.buffer.extend_from_slice(&chunk[taken..n]);
                     } else {
                         self.buffer.extend_from_slice(&chunk[..n]);
-                        self.take_buffered_frames(finals);
+                        self.take_buffered_frames(times, finals);
                     }
                     // A short read emptied the socket: the next arrival
                     // raises a new edge, so no read just to see WouldBlock.
@@ -263,9 +289,13 @@ impl Socket {
     }
 
     /// Takes every whole frame off the front of the buffer.
-    fn take_buffered_frames(&mut self, finals: &tokio::sync::mpsc::UnboundedSender<()>) {
+    fn take_buffered_frames(
+        &mut self,
+        times: Times,
+        finals: &tokio::sync::mpsc::UnboundedSender<()>,
+    ) {
         let mut buffer = std::mem::take(&mut self.buffer);
-        let taken = self.take_frames(&buffer, finals);
+        let taken = self.take_frames(&buffer, times, finals);
         buffer.drain(..taken);
         self.buffer = buffer;
     }
@@ -275,10 +305,9 @@ impl Socket {
     fn take_frames(
         &mut self,
         bytes: &[u8],
+        times: Times,
         finals: &tokio::sync::mpsc::UnboundedSender<()>,
     ) -> usize {
-        // The frames of one read arrived together.
-        let arrived = chrono::Utc::now().timestamp_micros() as f64 / 1000.0;
         let mut at = 0;
         while !self.done {
             let Some((header, opcode, fin, len)) = frame_header(&bytes[at..]) else {
@@ -291,12 +320,12 @@ impl Socket {
                 // Text, or the continuation of a fragmented one.
                 0x1 | 0x0 => {
                     if fin && self.message.is_empty() {
-                        self.frames_read(payload, arrived, finals);
+                        self.frames_read(payload, times, finals);
                     } else {
                         self.message.extend_from_slice(payload);
                         if fin {
                             let message = std::mem::take(&mut self.message);
-                            self.frames_read(&message, arrived, finals);
+                            self.frames_read(&message, times, finals);
                         }
                     }
                 }
@@ -316,7 +345,7 @@ impl Socket {
     fn frames_read(
         &mut self,
         payload: &[u8],
-        arrived: f64,
+        times: Times,
         finals: &tokio::sync::mpsc::UnboundedSender<()>,
     ) {
         let Some(update) = Update::scan(payload) else {
@@ -326,7 +355,8 @@ impl Socket {
             self.frames.push(Frame {
                 seq,
                 committed,
-                arrived,
+                arrived: times.arrived,
+                read: times.read,
             });
         }
         if update.completed {

@@ -558,6 +558,16 @@ fn benchmarks_run_at_small_sizes_and_write_results() {
         "every subscriber saw the end"
     );
     assert_eq!(result("rest")["executions"], 1000);
+    // Latencies end where the answer reached the client's socket, which is
+    // no later than the client's thread read it.
+    let at_read = |figures: &serde_json::Value, arrived: &str, read: &str| {
+        let (arrived, read) = (figures[arrived].as_f64(), figures[read].as_f64());
+        assert!(arrived.unwrap() > 0.0 && arrived <= read, "{figures}");
+    };
+    for (_, phase) in result("rest")["phases"].as_object().unwrap() {
+        at_read(phase, "p99_ms", "p99_read_ms");
+    }
+    at_read(&result("fanout"), "p99_ms", "read_p99_ms");
     // The peers (bench/setup.sh, run by test.sh) are measured in the same run.
     for name in ["fanout", "rest"] {
         assert_eq!(
