@@ -106,6 +106,26 @@ pub struct ExecutionData<'a> {
     attempts: i64,
 }
 
+/// What a row gives a template variable: its phone, its name, or one of
+/// its variables ([`crate::domain::contact::variable_value`]).
+#[derive(Debug, Clone, Copy)]
+struct RowValues<'a> {
+    phone: &'a str,
+    name: Option<&'a str>,
+    variables: &'a Variables<'a>,
+}
+
+impl<'a> RowValues<'a> {
+    fn get(self, variable: &str) -> Option<&'a str> {
+        crate::domain::contact::variable_value(
+            self.phone,
+            self.name,
+            |v| self.variables.get(v),
+            variable,
+        )
+    }
+}
+
 /// The template's variables with the values a row gives them, looked up
 /// as the row is written: collected into a `Vec` they were an allocation a
 /// row, 2.5% of a page's CPU.
@@ -113,22 +133,16 @@ pub struct ExecutionData<'a> {
 struct VariablesUsed<'a> {
     /// In the template's order.
     names: &'a [String],
-    phone: &'a str,
-    name: Option<&'a str>,
-    variables: &'a Variables<'a>,
+    values: RowValues<'a>,
 }
 
 impl<'a> VariablesUsed<'a> {
     /// Each variable the row has a value for, with that value.
     fn pairs(self) -> impl Iterator<Item = (&'a str, &'a str)> {
         self.names.iter().filter_map(move |variable| {
-            crate::domain::contact::variable_value(
-                self.phone,
-                self.name,
-                |v| self.variables.get(v),
-                variable,
-            )
-            .map(|value| (variable.as_str(), value))
+            self.values
+                .get(variable)
+                .map(|value| (variable.as_str(), value))
         })
     }
 }
@@ -169,19 +183,20 @@ fn execution_view<'a>(
     let snapshot = frozen.map(|f| &f.snapshot);
     let channel = snapshot.map_or(Channel::Sms, |s| s.channel);
     let template = frozen.and_then(|f| f.template.as_ref());
-    let lookup =
-        |v: &str| crate::domain::contact::variable_value(e.phone, e.name, |v| variables.get(v), v);
+    let values = RowValues {
+        phone: e.phone,
+        name: e.name,
+        variables,
+    };
     message.clear();
     let personalized_welcome_message = template
-        .and_then(|t| t.render_into(message, lookup).ok())
+        .and_then(|t| t.render_into(message, |v| values.get(v)).ok())
         .map(|()| message.as_str());
     let template_variables_used = frozen
         .filter(|f| f.template.is_some())
         .map(|f| VariablesUsed {
             names: &f.variables,
-            phone: e.phone,
-            name: e.name,
-            variables,
+            values,
         });
     let provider_message_id = e.provider_message_id;
     let (call_id, sms_id) = match channel {

@@ -7,7 +7,7 @@
 //! thread a core: on this kernel (250 Hz), up to a 4 ms tick. Timed when the
 //! client thread reads it, the answer's latency counts that wait, which a
 //! client on a machine of its own never has; a page's latencies bunched at
-//! 4, 8 and 12 ms.
+//! 4 and 8 ms.
 //!
 //! With `SO_TIMESTAMPNS` on, the kernel stamps each packet as it reaches the
 //! socket (on loopback, when the server's `send` hands it over), and
@@ -22,6 +22,26 @@ pub(super) fn now_ms() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |since| since.as_secs_f64() * 1000.0)
+}
+
+/// When bytes reached the client's socket, and when its thread read them
+/// (Unix ms): what a benchmark times an answer or a frame with.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Times {
+    pub arrived: f64,
+    pub read: f64,
+}
+
+impl Times {
+    /// Bytes read just now, with the kernel's stamp when it gave one
+    /// (else they are timed as they are read).
+    pub fn read_now(stamp: Option<f64>) -> Self {
+        let read = now_ms();
+        Self {
+            arrived: stamp.unwrap_or(read),
+            read,
+        }
+    }
 }
 
 /// Asks the kernel to stamp what reaches `socket`. When no socket of the

@@ -60,12 +60,10 @@ struct Connection {
     chunk: Box<[u8]>,
 }
 
-/// When an answer came whole (Unix ms): at the client's socket, and when the
-/// client thread read it.
+/// An answer's status, and when it came whole.
 struct Answered {
     status: u16,
-    arrived: f64,
-    read: f64,
+    times: super::arrival::Times,
 }
 
 impl Connection {
@@ -112,11 +110,9 @@ impl Connection {
         while self.buffer.len() < head_end + length {
             arrived = self.read_some().await?.or(arrived);
         }
-        let read = super::arrival::now_ms();
         Ok(Answered {
             status,
-            arrived: arrived.unwrap_or(read),
-            read,
+            times: super::arrival::Times::read_now(arrived),
         })
     }
 
@@ -222,8 +218,8 @@ async fn load_here(plan: &LoadPlan) -> anyhow::Result<Load> {
                     let sent = super::arrival::now_ms();
                     match open.request(request).await {
                         Ok(answer) if answer.status == 200 => {
-                            latencies.push(answer.arrived - sent);
-                            read_latencies.push(answer.read - sent);
+                            latencies.push(answer.times.arrived - sent);
+                            read_latencies.push(answer.times.read - sent);
                         }
                         Ok(_) => errors += 1,
                         Err(_) => {

@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::arrival::Times;
 use super::fanout::Frame;
 use super::yield_to_the_server_on_wake_up;
 
@@ -127,24 +128,6 @@ pub(super) async fn open(url: &str, count: usize) -> anyhow::Result<Subscribers>
     })
 }
 
-/// When the bytes of one read reached the socket, and when they were read
-/// (Unix ms): the frames they complete are timed with both.
-#[derive(Debug, Clone, Copy)]
-struct Times {
-    arrived: f64,
-    read: f64,
-}
-
-impl Times {
-    fn now() -> Self {
-        let now = super::arrival::now_ms();
-        Self {
-            arrived: now,
-            read: now,
-        }
-    }
-}
-
 /// One subscriber's connection and what it read.
 struct Socket {
     tcp: mio::net::TcpStream,
@@ -223,7 +206,7 @@ fn read_all(
     }
     // Frames that arrived with the handshake.
     for socket in &mut sockets {
-        socket.take_buffered_frames(Times::now(), finals);
+        socket.take_buffered_frames(Times::read_now(None), finals);
     }
     let mut events = mio::Events::with_capacity(1024);
     let mut chunk = vec![0u8; 16 * 1024];
@@ -258,11 +241,7 @@ impl Socket {
                     return;
                 }
                 Ok((n, stamp)) => {
-                    let read = super::arrival::now_ms();
-                    let times = Times {
-                        arrived: stamp.unwrap_or(read),
-                        read,
-                    };
+                    let times = Times::read_now(stamp);
                     if self.buffer.is_empty() {
                         // Usually whole frames: taken where they were read,
                         // and only a frame's unread rest is kept.
