@@ -11,9 +11,18 @@ use super::*;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RestArgs {
-    /// Executions in the campaign the clients read (made by running it).
+    /// Executions in the campaign whose seed 002 status and analytics the
+    /// clients read (made by running it).
     #[arg(long, default_value_t = 1_000_000)]
     pub executions: u64,
+    /// Executions in the campaign whose seed 001 pages the clients read, a
+    /// campaign of its own (made by running it; 10M takes minutes).
+    #[arg(long, default_value_t = 10_000_000)]
+    pub page_executions: u64,
+    /// How deep the middle page is read, in executions from the newest: by
+    /// offset and by the keyset cursor the page before it gives.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub page_depth: u64,
     /// Concurrent clients.
     #[arg(long, default_value_t = 64)]
     pub clients: usize,
@@ -26,6 +35,8 @@ impl RestArgs {
     pub(super) fn for_all(all: &super::AllArgs) -> Self {
         Self {
             executions: if all.quick { 1_000 } else { 1_000_000 },
+            page_executions: if all.quick { 3_000 } else { 10_000_000 },
+            page_depth: if all.quick { 1_000 } else { 1_000_000 },
             clients: if all.quick { 4 } else { 64 },
             seconds: if all.quick { 1 } else { 10 },
         }
@@ -256,6 +267,122 @@ async fn load_here(plan: &LoadPlan) -> anyhow::Result<Load> {
     })
 }
 
+/// A campaign made the way a user makes one, and run to its end.
+struct Made {
+    id: i64,
+    uuid: String,
+}
+
+/// Creates a campaign of `n` imported contacts and runs it on the simulated
+/// provider to its end, saying how far it got every ten seconds.
+async fn make_campaign(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    name: &str,
+    n: u64,
+) -> anyhow::Result<Made> {
+    let campaign: Value = client
+        .post(format!("{base}/v1/campaigns"))
+        .bearer_auth(key)
+        .json(
+            &json!({"name": name, "channel": "sms", "template": "Hi {{name}}, day {{day}}",
+                      "provider": {"kind": "simulated", "receipt_delay_ms": 0}}),
+        )
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = campaign["id"]
+        .as_i64()
+        .ok_or_else(|| anyhow::anyhow!("no campaign id: {campaign}"))?;
+    let uuid = campaign["uuid"].as_str().unwrap_or_default().to_owned();
+    println!("making campaign {name:?} with {n} executions (import, then run) …");
+    client
+        .post(format!("{base}/v1/campaigns/{id}/contacts:import"))
+        .bearer_auth(key)
+        .header("content-type", "text/csv")
+        .body(csv_body(n))
+        .send()
+        .await?
+        .error_for_status()?;
+    client
+        .post(format!("{base}/v1/campaigns/{id}/start"))
+        .bearer_auth(key)
+        .send()
+        .await?
+        .error_for_status()?;
+    let mut said = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let c: Value = client
+            .get(format!("{base}/v1/campaigns/{id}"))
+            .bearer_auth(key)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if c["status"] == "completed" || c["status"] == "failed" {
+            return Ok(Made { id, uuid });
+        }
+        if said.elapsed() >= Duration::from_secs(10) {
+            said = Instant::now();
+            let progress = &c["progress"];
+            println!(
+                "  {name}: {} of {} sent",
+                progress["sent"].as_i64().unwrap_or(0),
+                progress["total"].as_i64().unwrap_or(0)
+            );
+        }
+    }
+}
+
+/// The `next_cursor` of a seed-001 page: the cursor of the page after it.
+async fn next_cursor(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    campaign: i64,
+    page: u64,
+    per_page: u64,
+) -> anyhow::Result<String> {
+    let body: Value = client
+        .get(format!(
+            "{base}/api/v1/campaigns/{campaign}/executions?page={page}&per_page={per_page}"
+        ))
+        .bearer_auth(key)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    body["next_cursor"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("page {page} has no next_cursor"))
+}
+
+/// The id of a seed-001 page's first execution.
+async fn first_id(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    path: &str,
+) -> anyhow::Result<i64> {
+    let body: Value = client
+        .get(format!("{base}{path}"))
+        .bearer_auth(key)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    body["executions"][0]["id"]
+        .as_i64()
+        .ok_or_else(|| anyhow::anyhow!("{path}: no first execution"))
+}
+
 pub(super) async fn run(args: &RestArgs) -> anyhow::Result<Report> {
     // The server is a process of its own, so its CPU per request is its own.
     let mut bench = ChildServer::start(&[
@@ -265,89 +392,97 @@ pub(super) async fn run(args: &RestArgs) -> anyhow::Result<Report> {
     .await?;
     let (base, key) = (bench.base.clone(), bench.key.clone());
     let client = reqwest::Client::new();
-    let campaign: Value = client
-        .post(format!("{base}/v1/campaigns"))
-        .bearer_auth(&key)
-        .json(
-            &json!({"name": "bench", "channel": "sms", "template": "Hi {{name}}, day {{day}}",
-                      "provider": {"kind": "simulated", "receipt_delay_ms": 0}}),
-        )
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let (id, uuid) = (campaign["id"].clone(), campaign["uuid"].clone());
-    let uuid = uuid.as_str().unwrap_or_default().to_owned();
     let n = args.executions;
-    println!("making a campaign with {n} executions (import, then run) …");
-    client
-        .post(format!("{base}/v1/campaigns/{id}/contacts:import"))
-        .bearer_auth(&key)
-        .header("content-type", "text/csv")
-        .body(csv_body(n))
-        .send()
-        .await?
-        .error_for_status()?;
-    client
-        .post(format!("{base}/v1/campaigns/{id}/start"))
-        .bearer_auth(&key)
-        .send()
-        .await?
-        .error_for_status()?;
-    loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let c: Value = client
-            .get(format!("{base}/v1/campaigns/{id}"))
-            .bearer_auth(&key)
-            .send()
-            .await?
-            .json()
-            .await?;
-        if c["status"] == "completed" || c["status"] == "failed" {
-            break;
-        }
-    }
+    let status_campaign = make_campaign(&client, &base, &key, "bench status", n).await?;
+    let pages_n = args.page_executions.max(1);
+    let pages = make_campaign(&client, &base, &key, "bench pages", pages_n).await?;
     let (clients, seconds) = (args.clients, args.seconds);
     let mut report = Report::new("rest");
     let mut raw = serde_json::Map::new();
     let per_page = 100;
-    let last_page = n.div_ceil(per_page).max(1);
-    // The reads Herald and the FastAPI peer are compared on.
+    let uuid = &status_campaign.uuid;
     let status_and_analytics = vec![
         format!("/v1/campaign/{uuid}/status"),
         format!("/v1/campaign/{uuid}/analytics"),
     ];
-    let phases: [(&str, Vec<String>, Option<Target>); 4] = [
+    // Newest first: the page at depth d starts after the d newest.
+    let last_page = pages_n.div_ceil(per_page);
+    let deep_page = (args.page_depth / per_page + 1).min(last_page);
+    let page_path = |query: String| {
+        format!(
+            "/api/v1/campaigns/{}/executions?{query}&per_page={per_page}",
+            pages.id
+        )
+    };
+    let by_cursor = |page: u64| {
+        let client = &client;
+        let (base, key) = (&base, &key);
+        async move {
+            if page <= 1 {
+                anyhow::bail!("a cursor starts at page 2, not {page}");
+            }
+            next_cursor(client, base, key, pages.id, page - 1, per_page).await
+        }
+    };
+    let deep_cursor = by_cursor(deep_page).await?;
+    let last_cursor = by_cursor(last_page).await?;
+    // Each page is read both ways: they must be the same page.
+    for (page, cursor) in [(deep_page, &deep_cursor), (last_page, &last_cursor)] {
+        let by_offset = first_id(&client, &base, &key, &page_path(format!("page={page}"))).await?;
+        let by_cursor =
+            first_id(&client, &base, &key, &page_path(format!("cursor={cursor}"))).await?;
+        anyhow::ensure!(
+            by_offset == by_cursor,
+            "page {page} starts at execution {by_offset} by offset, {by_cursor} by cursor"
+        );
+    }
+    let depth = |page: u64| (page - 1) * per_page;
+    // (key in the JSON, name in the table, paths read in turn, rate target)
+    let phases: [(&str, String, Vec<String>, Option<Target>); 6] = [
         (
-            "seed 002 status + analytics",
+            "status_and_analytics",
+            "seed 002 status + analytics".into(),
             status_and_analytics.clone(),
             Some(Target::AtLeast(20_000.0)),
         ),
         (
-            "seed 001 executions, first page",
-            vec![format!(
-                "/api/v1/campaigns/{id}/executions?page=1&per_page={per_page}"
-            )],
+            "first_page",
+            format!("seed 001 executions of {pages_n}, first page"),
+            vec![page_path("page=1".into())],
             None,
         ),
         (
-            "seed 001 executions, last page by offset",
-            vec![format!(
-                "/api/v1/campaigns/{id}/executions?page={last_page}&per_page={per_page}"
-            )],
+            "deep_page_by_offset",
+            format!(
+                "seed 001 executions, page {deep_page} (depth {}) by offset",
+                depth(deep_page)
+            ),
+            vec![page_path(format!("page={deep_page}"))],
             None,
         ),
         (
-            "seed 001 executions, last page by cursor",
-            vec![format!(
-                "/api/v1/campaigns/{id}/executions?cursor={}&per_page={per_page}",
-                per_page + 1
-            )],
+            "deep_page_by_cursor",
+            format!("seed 001 executions, page {deep_page} by cursor"),
+            vec![page_path(format!("cursor={deep_cursor}"))],
+            None,
+        ),
+        (
+            "last_page_by_offset",
+            format!(
+                "seed 001 executions, last page {last_page} (depth {}) by offset",
+                depth(last_page)
+            ),
+            vec![page_path(format!("page={last_page}"))],
+            None,
+        ),
+        (
+            "last_page_by_cursor",
+            format!("seed 001 executions, last page {last_page} by cursor"),
+            vec![page_path(format!("cursor={last_cursor}"))],
             None,
         ),
     ];
-    for (name, paths, rate_target) in phases {
+    for (json_key, name, paths, rate_target) in phases {
         println!("{name}: {clients} clients for {seconds} s …");
         let result = load(LoadPlan {
             base: base.clone(),
@@ -381,7 +516,7 @@ pub(super) async fn run(args: &RestArgs) -> anyhow::Result<Report> {
             Some(Target::AtMost(0.0)),
         );
         raw.insert(
-            name.to_owned(),
+            json_key.to_owned(),
             json!({"requests_per_second": result.rate, "p50_ms": result.p50_ms,
                    "p99_ms": result.p99_ms, "p99_read_ms": result.p99_read_ms,
                    "errors": result.errors,
@@ -389,7 +524,7 @@ pub(super) async fn run(args: &RestArgs) -> anyhow::Result<Report> {
         );
     }
     // The same reads, same clients, same database, through the FastAPI peer.
-    let herald_status = raw["seed 002 status + analytics"]["requests_per_second"]
+    let herald_status = raw["status_and_analytics"]["requests_per_second"]
         .as_f64()
         .unwrap_or(f64::NAN);
     let peer = match super::peers::fastapi_missing() {
@@ -451,7 +586,8 @@ pub(super) async fn run(args: &RestArgs) -> anyhow::Result<Report> {
         }
     };
     report.raw(
-        json!({"executions": n, "clients": clients, "seconds": seconds, "phases": raw,
+        json!({"executions": n, "page_executions": pages_n, "page_depth": args.page_depth,
+               "clients": clients, "seconds": seconds, "phases": raw,
                       "peer": peer}),
     );
     bench.stop().await;

@@ -558,6 +558,25 @@ fn benchmarks_run_at_small_sizes_and_write_results() {
         "every subscriber saw the end"
     );
     assert_eq!(result("rest")["executions"], 1000);
+    // Pages are read from a campaign of their own: the first, one at a
+    // depth, and the last, the latter two by offset and by cursor.
+    assert_eq!(result("rest")["page_executions"], 3000);
+    let phases: Vec<String> = result("rest")["phases"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    for phase in [
+        "status_and_analytics",
+        "first_page",
+        "deep_page_by_offset",
+        "deep_page_by_cursor",
+        "last_page_by_offset",
+        "last_page_by_cursor",
+    ] {
+        assert!(phases.iter().any(|p| p == phase), "{phase}: {phases:?}");
+    }
     // Latencies end where the answer reached the client's socket, which is
     // no later than the client's thread read it.
     let at_read = |figures: &serde_json::Value, arrived: &str, read: &str| {
