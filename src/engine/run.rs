@@ -12,8 +12,8 @@ use crate::domain::sms::sms_parts;
 use crate::domain::{CampaignStatus, Channel, ExecutionStatus, SendResult, Template};
 use crate::providers::{self, OutboundMessage, Provider};
 use crate::store::{
-    now_ms, Control, ExecutionOutcome, PendingExecution, RunEnd, RunRecord, RunSnapshot, Slice,
-    StoreError,
+    now_ms, Control, ExecutionOutcome, PendingExecution, PriceRecipient, RecipientRow, RunEnd,
+    RunRecord, RunSnapshot, Slice, StoreError,
 };
 
 /// Provider faults in a row (5xx, 429, timeouts) that pause a run's sends.
@@ -432,17 +432,31 @@ async fn price(
         let body = template.render(|_| None).unwrap_or_default();
         return Ok(run.counters.total * cost_of(Channel::Sms, &body));
     }
-    let mut cost = 0i64;
-    shared
-        .store
-        .visit_executions(run.id, &mut |execution| {
-            let body = template
-                .render(|v| lookup(&execution, v))
-                .unwrap_or_default();
-            cost += cost_of(Channel::Sms, &body);
+    let template = template.clone();
+    let price: PriceRecipient = Arc::new(move |recipient: &RecipientRow<'_>| {
+        // One body per reader thread, reused: no allocation per recipient.
+        thread_local!(static BODY: std::cell::RefCell<String> = const {
+            std::cell::RefCell::new(String::new())
+        });
+        BODY.with_borrow_mut(|body| {
+            body.clear();
+            let lookup = |v: &str| {
+                crate::domain::contact::variable_value(
+                    recipient.phone,
+                    recipient.name,
+                    |name| recipient.variables.get(name),
+                    v,
+                )
+            };
+            // A recipient missing a variable is not sent, and costs nothing
+            // more than an empty message would.
+            if template.render_into(body, lookup).is_err() {
+                body.clear();
+            }
+            cost_of(Channel::Sms, body)
         })
-        .await?;
-    Ok(cost)
+    });
+    Ok(shared.store.price_executions(run.id, price).await?)
 }
 
 /// What one send produced, and what it says about the provider.

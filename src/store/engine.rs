@@ -71,6 +71,17 @@ pub struct BatchRecord {
     pub error_detail: Option<serde_json::Value>,
 }
 
+/// A frozen recipient as pricing reads it, borrowed from its row.
+pub struct RecipientRow<'a> {
+    pub phone: &'a str,
+    pub name: Option<&'a str>,
+    pub variables: super::Variables<'a>,
+}
+
+/// What one recipient's message costs, in credits; called from the
+/// readers' threads.
+pub type PriceRecipient = std::sync::Arc<dyn Fn(&RecipientRow<'_>) -> i64 + Send + Sync>;
+
 /// An execution handed to a worker to send.
 #[derive(Debug, Clone)]
 pub struct PendingExecution {
@@ -300,14 +311,11 @@ pub trait EngineStore: Send + Sync {
     async fn next_due_at(&self) -> StoreResult<Option<i64>>;
     /// Freezes the snapshot and creates executions and batches (idempotent).
     async fn freeze_run(&self, run_id: i64, snapshot: &RunSnapshot) -> StoreResult<RunRecord>;
-    /// Streams every frozen execution of a run to `visit`, in no particular
-    /// order, for pricing the run: one pass over the run's index range, with
-    /// memory bounded by the driver's row buffer rather than the run's size.
-    async fn visit_executions(
-        &self,
-        run_id: i64,
-        visit: &mut (dyn FnMut(PendingExecution) + Send),
-    ) -> StoreResult<()>;
+    /// Sums `price` over every frozen execution of a run, to price it
+    /// before it starts. The run's id range is read in parts, two at a time
+    /// on the readers, and each recipient is priced where its row is read:
+    /// memory is bounded by a part, not the run.
+    async fn price_executions(&self, run_id: i64, price: PriceRecipient) -> StoreResult<i64>;
     /// Reserves `cost_units` credits and marks the run running; when the
     /// workspace cannot cover it, fails the run with the reason.
     async fn start_run(&self, run_id: i64, cost_units: i64, now: i64) -> StoreResult<RunUpdate>;

@@ -65,12 +65,7 @@ impl<'a> ExecutionRow<'a> {
     /// The row's variables, looked up where they are stored unless a value
     /// holds an escape.
     pub fn parse_variables(&self) -> StoreResult<Variables<'a>> {
-        let object = self.variables.trim_start().starts_with('{');
-        if object && !self.variables.contains('\\') {
-            Ok(Variables::Stored(self.variables))
-        } else {
-            variables_from(self.variables).map(Variables::Owned)
-        }
+        Variables::parse(self.variables)
     }
 
     pub fn to_record(&self) -> StoreResult<ExecutionRecord> {
@@ -107,7 +102,18 @@ pub enum Variables<'a> {
     Owned(BTreeMap<String, String>),
 }
 
-impl Variables<'_> {
+impl<'a> Variables<'a> {
+    /// Variables as stored (a JSON object of strings), looked up in place
+    /// unless a value holds an escape.
+    pub fn parse(stored: &'a str) -> StoreResult<Self> {
+        let object = stored.trim_start().starts_with('{');
+        if object && !stored.contains('\\') {
+            Ok(Variables::Stored(stored))
+        } else {
+            variables_from(stored).map(Variables::Owned)
+        }
+    }
+
     pub fn get(&self, name: &str) -> Option<&str> {
         match self {
             Variables::Stored(json) => value_in_plain_object(json, name),

@@ -355,6 +355,50 @@ async fn a_run_the_workspace_cannot_pay_for_fails_at_claim() {
 }
 
 #[tokio::test]
+async fn a_run_is_priced_recipient_by_recipient_across_all_of_it() {
+    // Pricing reads a run in parts of 20,000 executions, several at once:
+    // 25,000 recipients span two. Each message's parts follow its own
+    // name and city; a city with a quote is stored escaped, and one with a
+    // backtick (outside GSM-7) makes the message UCS-2.
+    let app = spawn_app().await;
+    let ws = app.store.workspace_by_name("alpha").await.unwrap().unwrap();
+    app.store.add_credits(ws.id, 10, None).await.unwrap();
+    let body = format!("{{{{name}}}} {{{{city}}}} {}", "x".repeat(140));
+    let c = app
+        .create_campaign(json!({"name": "Priced", "channel": "sms", "template": body}))
+        .await;
+    let long_name = "Bartholomew-Featherstonehaugh";
+    let mut csv = String::from("phone,name,city\n");
+    let mut expected = 0;
+    for i in 0..25_000u32 {
+        let long = i % 4 == 0;
+        let quoted = i % 5 == 0;
+        let name = if long { long_name } else { "Al" };
+        let city = if quoted { "\"Q\"\"`s\"" } else { "Paris" };
+        csv.push_str(&format!("+1555{i:07},{name},{city}\n"));
+        // 149 GSM-7 characters are one part, 176 two (153 a part); 148 or
+        // 175 UCS-2 characters are three (67 a part).
+        expected += match (long, quoted) {
+            (false, false) => 1,
+            (true, false) => 2,
+            (_, true) => 3,
+        };
+    }
+    assert_eq!(expected, 40_000);
+    let report: Value = app.import_csv(&c, csv).await.json().await.unwrap();
+    assert_eq!(report["imported"], 25_000, "{report}");
+    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+        .await;
+    app.wait_status(&c["id"], "failed", 60).await;
+    let runs = app.runs(&c["id"]).await;
+    let error = runs["runs"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("costs {expected}")) && error.contains("has 10"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
 async fn a_scheduled_campaign_starts_on_time() {
     let app = spawn_app().await;
     let c = app
@@ -418,12 +462,14 @@ async fn the_per_sender_rate_limit_paces_sends() {
 async fn a_run_freezes_exactly_its_campaigns_contacts_in_import_order_however_they_interleave() {
     // The freeze reads a campaign's contacts along their id range when the
     // ids are dense, and through the campaign's index when other
-    // campaigns' contacts sit between them. Both must copy the same
-    // recipients, numbered in import (id) order.
+    // campaigns' contacts sit between them; it numbers them by id when
+    // every id of the range is the campaign's, and by a window otherwise.
+    // Each must copy the same recipients, numbered in import (id) order.
     let app = spawn_app().await;
     let template = json!({"name": "Freeze", "channel": "sms", "template": "Hi {{name}}"});
     let sparse = app.create_campaign(template.clone()).await;
-    let dense = app.create_campaign(template).await;
+    let dense = app.create_campaign(template.clone()).await;
+    let gappy = app.create_campaign(template).await;
     let csv = |prefix: u32, range: std::ops::Range<u32>| {
         let mut csv = String::from("phone,name\n");
         for i in range {
@@ -431,16 +477,21 @@ async fn a_run_freezes_exactly_its_campaigns_contacts_in_import_order_however_th
         }
         csv
     };
-    // sparse: 3 contacts, then 40 of dense's, then 3 more of sparse's.
+    // sparse: 3 contacts, then 40 of dense's, then 3 more of sparse's;
+    // gappy: 5 contacts, 2 of sparse's, then 4 more of gappy's (a dense
+    // range, not all of it gappy's).
     for (campaign, body) in [
         (&sparse, csv(555, 0..3)),
         (&dense, csv(666, 0..40)),
         (&sparse, csv(555, 3..6)),
+        (&gappy, csv(777, 0..5)),
+        (&sparse, csv(555, 6..8)),
+        (&gappy, csv(777, 5..9)),
     ] {
         let report: Value = app.import_csv(campaign, body).await.json().await.unwrap();
         assert_eq!(report["invalid"], 0, "{report}");
     }
-    for (campaign, prefix, count) in [(&sparse, 555, 6), (&dense, 666, 40)] {
+    for (campaign, prefix, count) in [(&sparse, 555, 8u32), (&dense, 666, 40), (&gappy, 777, 9)] {
         app.post_empty(&format!("/v1/campaigns/{}/start", campaign["id"]))
             .await;
         app.wait_status(&campaign["id"], "completed", 30).await;
@@ -460,6 +511,25 @@ async fn a_run_freezes_exactly_its_campaigns_contacts_in_import_order_however_th
             contact_ids.windows(2).all(|w| w[0] < w[1]),
             "numbered in contact order: {contact_ids:?}"
         );
+        // Pages by offset (newest first) seek the numbers the freeze gave:
+        // small pages must still come out as the whole run, once each.
+        let mut paged = Vec::new();
+        for page in 1..=count.div_ceil(3) {
+            let body: Value = app
+                .get(&format!(
+                    "/api/v1/campaigns/{}/executions?per_page=3&page={page}",
+                    campaign["id"]
+                ))
+                .await
+                .json()
+                .await
+                .unwrap();
+            for e in body["executions"].as_array().unwrap() {
+                paged.push(e["contact_phone"].as_str().unwrap().to_owned());
+            }
+        }
+        let newest_first: Vec<String> = expected.iter().rev().cloned().collect();
+        assert_eq!(paged, newest_first, "pages of campaign {}", campaign["id"]);
     }
 }
 
