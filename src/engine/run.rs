@@ -13,7 +13,7 @@ use crate::domain::{CampaignStatus, Channel, ExecutionStatus, SendResult, Templa
 use crate::providers::{self, OutboundMessage, Provider};
 use crate::store::{
     now_ms, Control, ExecutionOutcome, PendingExecution, PriceRecipient, RecipientRow, RunEnd,
-    RunRecord, RunSnapshot, Slice, StoreError,
+    RunRecord, RunSnapshot, Slice, StoreError, Variables,
 };
 
 /// Provider faults in a row (5xx, 429, timeouts) that pause a run's sends.
@@ -48,12 +48,17 @@ pub(super) async fn drive(shared: Arc<Shared>, run: RunRecord, owner: String) ->
     }
 }
 
-/// The value a template variable takes for an execution.
-fn lookup<'a>(execution: &'a PendingExecution, variable: &str) -> Option<&'a str> {
+/// The value a template variable takes for an execution, whose stored
+/// variables are `variables`.
+fn lookup<'a>(
+    execution: &'a PendingExecution,
+    variables: &'a Variables<'a>,
+    variable: &str,
+) -> Option<&'a str> {
     crate::domain::contact::variable_value(
         &execution.phone,
         execution.name.as_deref(),
-        |v| execution.variables.get(v).map(String::as_str),
+        |v| variables.get(v),
         variable,
     )
 }
@@ -223,10 +228,19 @@ async fn drive_inner(shared: &Shared, run: RunRecord, owner: &str) -> anyhow::Re
         // at the same time instead of taking turns.
         let t0 = std::time::Instant::now();
         let sends = tracing::Instrument::instrument(
-            futures::stream::iter(slice.executions)
-                .map(|execution| sending.send(execution))
-                .buffer_unordered(shared.config.in_flight)
-                .collect::<Vec<_>>(),
+            async {
+                // The write is a task spawned from this worker, so it waits
+                // in the worker's LIFO slot, which other workers do not
+                // take from, until this task yields; sends to a fast
+                // provider yield only when the slice is sent. Yielding
+                // first lets the write start beside them.
+                tokio::task::yield_now().await;
+                futures::stream::iter(slice.executions)
+                    .map(|execution| sending.send(execution))
+                    .buffer_unordered(shared.config.in_flight)
+                    .collect::<Vec<_>>()
+                    .await
+            },
             span.clone(),
         );
         let (results, claimed_ahead) = tokio::join!(sends, pipeline.record_and_claim());
@@ -521,7 +535,14 @@ impl Sending<'_> {
             next_attempt_at: None,
             charged_units: 0,
         };
-        let body = match self.template.render(|v| lookup(&execution, v)) {
+        let variables = match Variables::parse(&execution.variables) {
+            Ok(variables) => variables,
+            Err(corrupt) => {
+                outcome.error_details = Some(corrupt.to_string());
+                return Sent::of(outcome);
+            }
+        };
+        let body = match self.template.render(|v| lookup(&execution, &variables, v)) {
             Ok(body) => body,
             Err(missing) => {
                 outcome.error_details = Some(missing.to_string());

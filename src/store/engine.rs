@@ -89,7 +89,10 @@ pub struct PendingExecution {
     pub batch_sequence: i64,
     pub phone: String,
     pub name: Option<String>,
-    pub variables: BTreeMap<String, String>,
+    /// The template variables as stored, a JSON object of strings, read
+    /// when the message is rendered ([`super::Variables::parse`]): parsed
+    /// into a map as the slice was read, they took the writer's time.
+    pub variables: String,
     /// The attempt this send is (1 for the first).
     pub attempt: i64,
 }

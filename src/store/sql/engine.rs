@@ -15,7 +15,7 @@ use super::events::{append_event, EventBatch};
 use super::{dialect, Conn, Db, DbRow, SqlStore};
 use crate::domain::{ExecutionStatus, Recipients, RunStatus};
 use crate::store::bound_rows::{BoundRows, Kind, Shape, ROWS};
-use crate::store::columns::{variables_from, Columns, FromColumns, Param, RUN_COLUMNS};
+use crate::store::columns::{Columns, FromColumns, Param, RUN_COLUMNS};
 use crate::store::*;
 
 /// Recipients per batch.
@@ -310,12 +310,16 @@ async fn ledger_entry(
 /// position: a slice reads a thousand of them inside the writer's
 /// transaction, and a lookup by name hashes the name each time.
 fn pending_from_columns(row: &dyn Columns) -> StoreResult<PendingExecution> {
+    // Variables that are not an object fail the slice's read, so the run
+    // is held until they are mended instead of failing its recipients.
+    let variables = row.text(4)?;
+    Variables::parse(variables)?;
     Ok(PendingExecution {
         id: row.int(0)?,
         batch_sequence: row.int(1)?,
         phone: row.text(2)?.to_owned(),
         name: row.opt_text(3)?.map(str::to_owned),
-        variables: variables_from(row.text(4)?)?,
+        variables: variables.to_owned(),
         attempt: row.int(5)?,
     })
 }
