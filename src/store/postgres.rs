@@ -323,12 +323,24 @@ pub(crate) mod dialect {
     }
 }
 
+/// How each of Herald's sessions is opened.
+///
+/// JIT compilation is off: Postgres compiles a statement whose estimated
+/// cost passes `jit_above_cost`, and a statement over bound rows is
+/// estimated blind (a JSON array's elements count as 100, each looked up
+/// as if it matched hundreds). The receipts' `UPDATE` was compiled every
+/// time: 190-280 ms of code generation for 30-50 ms of work, on the cores
+/// the engine needs (`auto_explain`, `bench engine --postgres`).
+fn connect_options(url: &str, options: &StoreOptions) -> anyhow::Result<PgConnectOptions> {
+    let timeout_ms = options.statement_timeout.as_millis().to_string();
+    Ok(PgConnectOptions::from_str(url)?
+        .application_name("herald")
+        .options([("statement_timeout", timeout_ms.as_str()), ("jit", "off")]))
+}
+
 impl PgStore {
     pub async fn connect(url: &str, options: &StoreOptions) -> anyhow::Result<Self> {
-        let timeout_ms = options.statement_timeout.as_millis().to_string();
-        let connect = PgConnectOptions::from_str(url)?
-            .application_name("herald")
-            .options([("statement_timeout", timeout_ms.as_str())]);
+        let connect = connect_options(url, options)?;
         let pool = PgPoolOptions::new()
             .max_connections(options.pool_size)
             .acquire_timeout(Duration::from_secs(30))
@@ -346,5 +358,39 @@ impl PgStore {
             reader: pool,
             _background: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection as _;
+
+    /// What a session opened as Herald's says `SHOW name` is, on the test
+    /// server (`HERALD_TEST_POSTGRES_URL`, which `./test.sh` starts).
+    async fn session_setting(options: &StoreOptions, name: &str) -> String {
+        let url = std::env::var("HERALD_TEST_POSTGRES_URL")
+            .expect("Postgres tests need HERALD_TEST_POSTGRES_URL; run ./test.sh");
+        let mut session =
+            sqlx::PgConnection::connect_with(&connect_options(&url, options).unwrap())
+                .await
+                .unwrap();
+        sqlx::query_scalar(&format!("SHOW {name}"))
+            .fetch_one(&mut session)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn sessions_run_without_jit_and_with_the_statement_timeout() {
+        let options = StoreOptions {
+            statement_timeout: Duration::from_millis(1234),
+            ..StoreOptions::default()
+        };
+        assert_eq!(session_setting(&options, "jit").await, "off");
+        assert_eq!(
+            session_setting(&options, "statement_timeout").await,
+            "1234ms"
+        );
     }
 }
