@@ -48,17 +48,13 @@ pub(super) async fn drive(shared: Arc<Shared>, run: RunRecord, owner: String) ->
     }
 }
 
-/// The value a template variable takes for an execution, whose stored
-/// variables are `variables`.
-fn lookup<'a>(
-    execution: &'a PendingExecution,
-    variables: &'a Variables<'a>,
-    variable: &str,
-) -> Option<&'a str> {
+/// The value a template variable takes for a recipient, as sent and as
+/// priced.
+fn lookup<'a>(recipient: &'a RecipientRow<'a>, variable: &str) -> Option<&'a str> {
     crate::domain::contact::variable_value(
-        &execution.phone,
-        execution.name.as_deref(),
-        |v| variables.get(v),
+        recipient.phone,
+        recipient.name,
+        |v| recipient.variables.get(v),
         variable,
     )
 }
@@ -454,17 +450,12 @@ async fn price(
         });
         BODY.with_borrow_mut(|body| {
             body.clear();
-            let lookup = |v: &str| {
-                crate::domain::contact::variable_value(
-                    recipient.phone,
-                    recipient.name,
-                    |name| recipient.variables.get(name),
-                    v,
-                )
-            };
             // A recipient missing a variable is not sent, and costs nothing
             // more than an empty message would.
-            if template.render_into(body, lookup).is_err() {
+            if template
+                .render_into(body, |v| lookup(recipient, v))
+                .is_err()
+            {
                 body.clear();
             }
             cost_of(Channel::Sms, body)
@@ -535,14 +526,18 @@ impl Sending<'_> {
             next_attempt_at: None,
             charged_units: 0,
         };
-        let variables = match Variables::parse(&execution.variables) {
-            Ok(variables) => variables,
+        let recipient = match Variables::parse(&execution.variables) {
+            Ok(variables) => RecipientRow {
+                phone: &execution.phone,
+                name: execution.name.as_deref(),
+                variables,
+            },
             Err(corrupt) => {
                 outcome.error_details = Some(corrupt.to_string());
                 return Sent::of(outcome);
             }
         };
-        let body = match self.template.render(|v| lookup(&execution, &variables, v)) {
+        let body = match self.template.render(|v| lookup(&recipient, v)) {
             Ok(body) => body,
             Err(missing) => {
                 outcome.error_details = Some(missing.to_string());

@@ -71,7 +71,8 @@ pub struct BatchRecord {
     pub error_detail: Option<serde_json::Value>,
 }
 
-/// A frozen recipient as pricing reads it, borrowed from its row.
+/// A frozen recipient, borrowed from its row: what its message is
+/// rendered from, to price it or to send it.
 pub struct RecipientRow<'a> {
     pub phone: &'a str,
     pub name: Option<&'a str>,
@@ -315,8 +316,8 @@ pub trait EngineStore: Send + Sync {
     /// Freezes the snapshot and creates executions and batches (idempotent).
     async fn freeze_run(&self, run_id: i64, snapshot: &RunSnapshot) -> StoreResult<RunRecord>;
     /// Sums `price` over every frozen execution of a run, to price it
-    /// before it starts. The run's id range is read in parts, two at a time
-    /// on the readers, and each recipient is priced where its row is read:
+    /// before it starts. The run's id range is read in parts, one a core on
+    /// the readers, and each recipient is priced where its row is read:
     /// memory is bounded by a part, not the run.
     async fn price_executions(&self, run_id: i64, price: PriceRecipient) -> StoreResult<i64>;
     /// Reserves `cost_units` credits and marks the run running; when the

@@ -314,6 +314,15 @@ async fn pause_stops_sending_resume_continues_and_cancel_skips_the_rest() {
     );
 }
 
+/// Starts campaign `c` and waits for its run to fail: the run's error.
+async fn start_and_read_failure(app: &TestApp, c: &Value) -> String {
+    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
+        .await;
+    app.wait_status(&c["id"], "failed", 30).await;
+    let runs = app.runs(&c["id"]).await;
+    runs["runs"][0]["error"].as_str().unwrap().to_owned()
+}
+
 #[tokio::test]
 async fn a_run_the_workspace_cannot_pay_for_fails_at_claim() {
     let app = spawn_app().await;
@@ -324,13 +333,10 @@ async fn a_run_the_workspace_cannot_pay_for_fails_at_claim() {
     let c = app
         .campaign_with_contacts(json!({"channel": "sms", "template": long}), 20)
         .await;
-    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
-        .await;
-    let failed = app.wait_status(&c["id"], "failed", 30).await;
+    let error = start_and_read_failure(&app, &c).await;
+    let failed = app.campaign(&c["id"]).await;
     assert_eq!(progress(&failed, "skipped"), 20);
     assert_eq!(progress(&failed, "sent"), 0);
-    let runs = app.runs(&c["id"]).await;
-    let error = runs["runs"][0]["error"].as_str().unwrap();
     assert!(
         error.contains("insufficient credits")
             && error.contains("costs 40")
@@ -346,11 +352,7 @@ async fn a_run_the_workspace_cannot_pay_for_fails_at_claim() {
     let c = app
         .campaign_with_contacts(json!({"channel": "sms", "template": fixed}), 20)
         .await;
-    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
-        .await;
-    app.wait_status(&c["id"], "failed", 30).await;
-    let runs = app.runs(&c["id"]).await;
-    let error = runs["runs"][0]["error"].as_str().unwrap();
+    let error = start_and_read_failure(&app, &c).await;
     assert!(error.contains("costs 60"), "{error}");
 }
 
@@ -387,11 +389,7 @@ async fn a_run_is_priced_recipient_by_recipient_across_all_of_it() {
     assert_eq!(expected, 40_000);
     let report: Value = app.import_csv(&c, csv).await.json().await.unwrap();
     assert_eq!(report["imported"], 25_000, "{report}");
-    app.post_empty(&format!("/v1/campaigns/{}/start", c["id"]))
-        .await;
-    app.wait_status(&c["id"], "failed", 60).await;
-    let runs = app.runs(&c["id"]).await;
-    let error = runs["runs"][0]["error"].as_str().unwrap();
+    let error = start_and_read_failure(&app, &c).await;
     assert!(
         error.contains(&format!("costs {expected}")) && error.contains("has 10"),
         "{error}"
@@ -491,7 +489,7 @@ async fn a_run_freezes_exactly_its_campaigns_contacts_in_import_order_however_th
         let report: Value = app.import_csv(campaign, body).await.json().await.unwrap();
         assert_eq!(report["invalid"], 0, "{report}");
     }
-    for (campaign, prefix, count) in [(&sparse, 555, 8u32), (&dense, 666, 40), (&gappy, 777, 9)] {
+    for (campaign, prefix, count) in [(&sparse, 555, 8), (&dense, 666, 40), (&gappy, 777, 9)] {
         app.post_empty(&format!("/v1/campaigns/{}/start", campaign["id"]))
             .await;
         app.wait_status(&campaign["id"], "completed", 30).await;
@@ -513,21 +511,12 @@ async fn a_run_freezes_exactly_its_campaigns_contacts_in_import_order_however_th
         );
         // Pages by offset (newest first) seek the numbers the freeze gave:
         // small pages must still come out as the whole run, once each.
-        let mut paged = Vec::new();
-        for page in 1..=count.div_ceil(3) {
-            let body: Value = app
-                .get(&format!(
-                    "/api/v1/campaigns/{}/executions?per_page=3&page={page}",
-                    campaign["id"]
-                ))
-                .await
-                .json()
-                .await
-                .unwrap();
-            for e in body["executions"].as_array().unwrap() {
-                paged.push(e["contact_phone"].as_str().unwrap().to_owned());
-            }
-        }
+        let paged: Vec<String> = app
+            .executions_in_pages(&campaign["id"], 3)
+            .await
+            .iter()
+            .map(|e| e["contact_phone"].as_str().unwrap().to_owned())
+            .collect();
         let newest_first: Vec<String> = expected.iter().rev().cloned().collect();
         assert_eq!(paged, newest_first, "pages of campaign {}", campaign["id"]);
     }

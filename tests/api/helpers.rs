@@ -342,12 +342,18 @@ impl TestApp {
     }
 
     pub async fn all_executions(&self, id: &Value) -> Vec<Value> {
+        self.executions_in_pages(id, 1000).await
+    }
+
+    /// Every execution of a campaign, read page by page (seed 001, newest
+    /// first) until a page says there is no next.
+    pub async fn executions_in_pages(&self, id: &Value, per_page: u32) -> Vec<Value> {
         let mut all = Vec::new();
         let mut page = 1;
         loop {
             let body: Value = self
                 .get(&format!(
-                    "/api/v1/campaigns/{id}/executions?per_page=1000&page={page}"
+                    "/api/v1/campaigns/{id}/executions?per_page={per_page}&page={page}"
                 ))
                 .await
                 .json()

@@ -795,6 +795,21 @@ const FREEZE: &str =
                  WHERE e.status IN ('failed', 'no_answer', 'busy')))
              ORDER BY c.id";
 
+/// [`FREEZE`]'s `{contacts}`: along the campaign's id range, or through
+/// its `(campaign_id, phone)` index.
+const ALONG_IDS: &str = "c.id BETWEEN ?7 AND ?8 AND +c.campaign_id = ?4";
+const THROUGH_INDEX: &str = "c.campaign_id = ?4 AND +c.id BETWEEN ?7 AND ?8";
+/// [`FREEZE`]'s `{number}`: by id, when every id of the range is the
+/// campaign's, or by a window.
+const BY_ID: &str = "(c.id - ?7 + 1)";
+const BY_WINDOW: &str = "ROW_NUMBER() OVER (ORDER BY c.id)";
+
+fn freeze(contacts: &str, number: &str) -> String {
+    FREEZE
+        .replace("{contacts}", contacts)
+        .replace("{number}", number)
+}
+
 #[async_trait]
 impl EngineStore for SqlStore {
     async fn claim_run(
@@ -931,33 +946,9 @@ impl EngineStore for SqlStore {
         // (the statement alone, sqlite3, alternating runs).
         let every_id = count == last - first + 1 && !only_failed;
         let insert = match (dense, every_id) {
-            (true, true) => sql!(
-                "{}",
-                FREEZE
-                    .replace(
-                        "{contacts}",
-                        "c.id BETWEEN ?7 AND ?8 AND +c.campaign_id = ?4"
-                    )
-                    .replace("{number}", "(c.id - ?7 + 1)")
-            ),
-            (true, false) => sql!(
-                "{}",
-                FREEZE
-                    .replace(
-                        "{contacts}",
-                        "c.id BETWEEN ?7 AND ?8 AND +c.campaign_id = ?4"
-                    )
-                    .replace("{number}", "ROW_NUMBER() OVER (ORDER BY c.id)")
-            ),
-            (false, _) => sql!(
-                "{}",
-                FREEZE
-                    .replace(
-                        "{contacts}",
-                        "c.campaign_id = ?4 AND +c.id BETWEEN ?7 AND ?8"
-                    )
-                    .replace("{number}", "ROW_NUMBER() OVER (ORDER BY c.id)")
-            ),
+            (true, true) => sql!("{}", freeze(ALONG_IDS, BY_ID)),
+            (true, false) => sql!("{}", freeze(ALONG_IDS, BY_WINDOW)),
+            (false, _) => sql!("{}", freeze(THROUGH_INDEX, BY_WINDOW)),
         };
         sqlx::query(insert)
             .bind(run_id)
