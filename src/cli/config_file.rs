@@ -45,6 +45,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("metrics_retention_days", "HERALD_METRICS_RETENTION_DAYS"),
     ("in_flight", "HERALD_IN_FLIGHT"),
     ("max_runs", "HERALD_MAX_RUNS"),
+    ("tasks_per_run", "HERALD_TASKS_PER_RUN"),
     ("lease_seconds", "HERALD_LEASE_SECONDS"),
     ("retry_base_ms", "HERALD_RETRY_BASE_MS"),
     ("drain_seconds", "HERALD_DRAIN_SECONDS"),

@@ -153,6 +153,11 @@ pub struct EngineArgs {
     /// Runs worked at once by this node.
     #[arg(long, env = "HERALD_MAX_RUNS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_runs: u32,
+    /// Tasks of this node that work one run at once, each on its own
+    /// batches (default: 2 on Postgres, where one task's writes overlap
+    /// another's; 1 on SQLite, whose single writer would queue them).
+    #[arg(long, env = "HERALD_TASKS_PER_RUN", value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub tasks_per_run: Option<u32>,
     /// Seconds a worker's claim on a run lasts without renewal.
     #[arg(long, env = "HERALD_LEASE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(2..=3600))]
     pub lease_seconds: u64,
@@ -178,6 +183,7 @@ impl EngineArgs {
             slice: i64::from(self.slice.unwrap_or((self.in_flight * 4).clamp(16, 1000))),
             in_flight: self.in_flight as usize,
             max_runs: self.max_runs as usize,
+            tasks_per_run: self.tasks_per_run.map(|n| n as usize),
             lease: std::time::Duration::from_secs(self.lease_seconds),
             retry_base: std::time::Duration::from_millis(self.retry_base_ms),
             sender_rate: std::num::NonZeroU32::new(self.sender_rate),
@@ -483,6 +489,11 @@ fn config_check(global: &GlobalArgs, serve: &ServeArgs) {
         ),
         ("in_flight", e.in_flight.to_string()),
         ("max_runs", e.max_runs.to_string()),
+        (
+            "tasks_per_run",
+            e.tasks_per_run
+                .map_or_else(|| "(2 on Postgres, 1 on SQLite)".into(), |n| n.to_string()),
+        ),
         ("lease_seconds", e.lease_seconds.to_string()),
         ("retry_base_ms", e.retry_base_ms.to_string()),
         ("drain_seconds", e.drain_seconds.to_string()),

@@ -17,6 +17,11 @@
 //!    lease are noticed between slices.
 //! 4. When nothing is pending or in flight, the run is finished.
 //!
+//! A node may work one run with several tasks (`tasks_per_run`: two on
+//! Postgres, where one task's writes overlap another's), each leasing
+//! batches of its own under its own name, exactly as tasks on other nodes
+//! do.
+//!
 //! Marking a send in progress *before* sending is what makes a crash safe:
 //! a worker that takes over an expired lease writes in-flight sends off as
 //! "outcome unknown" instead of sending them again.
@@ -49,6 +54,11 @@ pub struct EngineConfig {
     pub worker_id: String,
     /// Runs one node works on at once.
     pub max_runs: usize,
+    /// Tasks of this node that work one run at once, each on batches of
+    /// its own; `None` takes the store's [`EngineStore::tasks_per_run`].
+    ///
+    /// [`EngineStore::tasks_per_run`]: crate::store::EngineStore::tasks_per_run
+    pub tasks_per_run: Option<usize>,
     /// Sends in flight at once, per run.
     pub in_flight: usize,
     /// Executions taken per slice (one pair of transactions each).
@@ -76,6 +86,7 @@ impl Default for EngineConfig {
         Self {
             worker_id: default_worker_id(),
             max_runs: 8,
+            tasks_per_run: None,
             in_flight: 256,
             slice: 1000,
             lease: Duration::from_secs(30),
@@ -170,7 +181,12 @@ impl Engine {
         let mut tasks: std::collections::HashMap<tokio::task::Id, i64> = Default::default();
         let mut failed = FailedRuns::default();
         let mut task_number: u64 = 0;
-        tracing::info!(worker = %shared.config.worker_id, "engine started");
+        let tasks_per_run = shared
+            .config
+            .tasks_per_run
+            .unwrap_or_else(|| shared.store.tasks_per_run())
+            .max(1);
+        tracing::info!(worker = %shared.config.worker_id, tasks_per_run, "engine started");
         loop {
             while let Some(done) = runs.try_join_next_with_id() {
                 task_ended(done, &mut tasks, &mut failed);
@@ -178,7 +194,14 @@ impl Engine {
             if shared.shutdown.is_cancelled() {
                 break;
             }
-            if runs.len() < shared.config.max_runs {
+            // Tasks a run has here: a run with fewer than `tasks_per_run`
+            // may be joined again (it is claimed only once it runs and has a
+            // batch free), as long as the node works fewer than `max_runs`.
+            let mut per_run: HashMap<i64, usize> = HashMap::new();
+            for &run in tasks.values() {
+                *per_run.entry(run).or_default() += 1;
+            }
+            if per_run.len() < shared.config.max_runs {
                 let lease = shared.config.lease.as_millis() as i64;
                 // Each run task leases under its own name, so when a task
                 // fails (its database went away, say) the next task of this
@@ -188,14 +211,23 @@ impl Engine {
                 // no one will record.
                 task_number += 1;
                 let owner = format!("{}/{task_number}", shared.config.worker_id);
-                // Runs this node works, and runs it holds back after their
-                // task failed, are not its to claim now.
-                let busy: Vec<i64> = tasks
-                    .values()
-                    .copied()
+                // Runs this node works with all their tasks, and runs it
+                // holds back after their task failed, are not its to claim
+                // now.
+                let busy: Vec<i64> = per_run
+                    .iter()
+                    .filter(|&(_, &n)| n >= tasks_per_run)
+                    .map(|(&run, _)| run)
                     .chain(failed.held_back(Instant::now()))
                     .collect();
                 match shared.store.claim_run(&owner, now_ms(), lease, &busy).await {
+                    // A task of ours already sends this run's first slice:
+                    // another joins once one has been sent, so a provider
+                    // that refuses everything fails one slice, not one a
+                    // task. (Joining writes nothing: there is nothing to
+                    // undo.)
+                    Ok(Some(claimed))
+                        if per_run.contains_key(&claimed.id) && claimed.counters.sent == 0 => {}
                     Ok(Some(claimed)) => {
                         metrics::counter!("herald_runs_claimed_total").increment(1);
                         let lag = (now_ms() - claimed.scheduled_at).max(0) as f64 / 1000.0;

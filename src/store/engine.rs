@@ -311,6 +311,9 @@ pub trait EngineStore: Send + Sync {
         lease_ms: i64,
         busy: &[i64],
     ) -> StoreResult<Option<RunRecord>>;
+    /// How many tasks of one node work a run at once unless configured:
+    /// as many as the database lets write at the same time.
+    fn tasks_per_run(&self) -> usize;
     /// Earliest time a scheduled run becomes due, if any.
     async fn next_due_at(&self) -> StoreResult<Option<i64>>;
     /// Freezes the snapshot and creates executions and batches (idempotent).

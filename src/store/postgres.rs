@@ -82,6 +82,12 @@ pub(crate) mod dialect {
     /// the update, while asking for the ones not updated first is a
     /// thousand more index probes in the server (1.5 ms a slice).
     pub const RETURN_UPDATED_IDS: bool = true;
+    /// Tasks of a node that work one run by default: two, each on its own
+    /// batches and connection, so one task's executions are written while
+    /// the other's transaction holds the run's row (see
+    /// `record_outcomes_in`). A 1M-recipient run on two cores: 28,186
+    /// recipients/s with one task, 33,339 with two (as two nodes).
+    pub const TASKS_PER_RUN: usize = 2;
     /// Several nodes claim at once: each takes a run no one else is taking.
     pub const CLAIM_LOCK: &str = "FOR UPDATE OF r SKIP LOCKED";
     /// Reads and writes share one pool.

@@ -190,6 +190,9 @@ pub(crate) mod dialect {
     /// transaction, while asking for the few it did not update costs an
     /// index lookup in this process.
     pub const RETURN_UPDATED_IDS: bool = false;
+    /// Tasks of a node that work one run by default: one, as the single
+    /// writer would only queue a second's transactions behind the first's.
+    pub const TASKS_PER_RUN: usize = 1;
     /// One writer at a time already: nothing to skip.
     pub const CLAIM_LOCK: &str = "";
     /// Reads have their own pool beside the single writer.

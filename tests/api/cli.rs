@@ -761,6 +761,12 @@ fn configuration_layers_are_file_then_environment_then_flags() {
         &[],
     );
     assert!(!redacted.contains("hunter2"), "secrets are redacted");
+    assert_eq!(
+        value(&from_file, "tasks_per_run"),
+        "(2 on Postgres, 1 on SQLite)"
+    );
+    let tasks = check(&[("HERALD_TASKS_PER_RUN", "3")], &[]);
+    assert_eq!(value(&tasks, "tasks_per_run"), "3");
 
     std::fs::write(
         dir.path().join("db.toml"),
@@ -795,6 +801,8 @@ fn configuration_layers_are_file_then_environment_then_flags() {
         ),
         ("no_migrate = \"perhaps\"\n", "perhaps"),
         ("drain_seconds = 0\n", "0 is not in 1..=3600"),
+        ("tasks_per_run = 0\n", "0 is not in 1..=16"),
+        ("tasks_per_run = 17\n", "17 is not in 1..=16"),
         ("execution_retention_days = -1\n", "-1"),
         ("metrics_retention_days = \"forever\"\n", "forever"),
         ("event_retention_count = -5\n", "-5"),

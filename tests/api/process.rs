@@ -26,6 +26,18 @@ pub struct NodeOptions {
     pub json_logs: bool,
 }
 
+/// Tasks a node runs on one run by default on the database at
+/// `database_url` (`--tasks-per-run`): each holds up to two slices, the one
+/// on the wire and the one claimed ahead, so a node killed mid-run loses up
+/// to twice this many.
+pub fn tasks_per_run(database_url: &str) -> i64 {
+    if database_url.starts_with("postgres") {
+        2
+    } else {
+        1
+    }
+}
+
 impl Default for NodeOptions {
     fn default() -> Self {
         Self {

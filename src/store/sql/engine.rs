@@ -325,9 +325,10 @@ fn pending_from_columns(row: &dyn Columns) -> StoreResult<PendingExecution> {
 }
 
 /// Locks the run's row for the rest of the transaction (Postgres; SQLite
-/// has one writer anyway). Every engine transaction takes it first, so
-/// workers sharing a run, receipts and finalisation queue in one order
-/// instead of deadlocking.
+/// has one writer anyway). Engine transactions take it before any batch's
+/// row, so workers sharing a run, receipts and finalisation queue in one
+/// order instead of deadlocking; recording outcomes writes executions
+/// first ([`record_outcomes_in`]), as receipts do.
 async fn lock_run(conn: &mut Conn, run_id: i64) -> StoreResult<()> {
     if !dialect::ROW_LOCK.is_empty() {
         sqlx::query(sql!(
@@ -602,10 +603,18 @@ const RECEIPTS: &Shape = &[
 const PROVIDER_IDS: &Shape = &[("provider_id", Kind::Text), ("execution_id", Kind::Int)];
 
 /// Records send outcomes, counters, batch completion and metrics inside
-/// the caller's transaction, which holds the run's lock ([`lock_run`]) and
-/// adds the progress event last ([`push_progress`]); the events of batches
-/// that closed go to `events`. Returns the run as it left it, whose row it
-/// wrote once, by [`update_run`].
+/// the caller's transaction, which adds the progress event last
+/// ([`push_progress`]); the events of batches that closed go to `events`.
+/// Returns the run as it left it, whose row it wrote once, by
+/// [`update_run`].
+///
+/// The executions' rows are written before the run's lock ([`lock_run`])
+/// is taken, and the lock is held from then until the caller commits: on
+/// Postgres those writes are most of a slice's transaction, and another
+/// task's transaction on the same run writes its own executions meanwhile
+/// instead of queueing behind the run's row. Each row's own lock keeps the
+/// outcome and a write-off (a takeover, a run ended) from both counting it:
+/// whichever comes second finds it no longer in progress.
 async fn record_outcomes_in(
     conn: &mut Conn,
     run_id: i64,
@@ -655,8 +664,8 @@ async fn record_outcomes_in(
     // already wrote off must not be counted twice. Such ones are rare; a
     // dialect either asks for them first (usually no row) or learns the
     // updated ids from `RETURNING`, whichever costs its backend less
-    // (`RETURN_UPDATED_IDS`). The run's lock (`lock_run`) keeps both
-    // statements seeing the same executions.
+    // (`RETURN_UPDATED_IDS`). Asking first is for SQLite, whose one
+    // writer keeps both statements seeing the same executions.
     let written_off: Vec<i64> = if dialect::RETURN_UPDATED_IDS {
         let mut updated = std::collections::HashSet::new();
         for chunk in rows.chunks(dialect::ROWS) {
@@ -724,6 +733,7 @@ async fn record_outcomes_in(
         }
     }
 
+    lock_run(&mut *conn, run_id).await?;
     let mut deltas: BTreeMap<i64, Delta> = BTreeMap::new();
     let (mut successes, mut failures, mut charged) = (0i64, 0i64, 0i64);
     for o in outcomes.iter().filter(updated) {
@@ -888,6 +898,10 @@ impl EngineStore for SqlStore {
         };
         tx.commit().await?;
         Ok(run)
+    }
+
+    fn tasks_per_run(&self) -> usize {
+        dialect::TASKS_PER_RUN
     }
 
     async fn next_due_at(&self) -> StoreResult<Option<i64>> {
@@ -1179,7 +1193,6 @@ impl EngineStore for SqlStore {
         now: i64,
     ) -> StoreResult<RunUpdate> {
         let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
-        lock_run(&mut tx, run_id).await?;
         let mut events = EventBatch::default();
         let run = record_outcomes_in(&mut tx, run_id, outcomes, now, &mut events).await?;
         push_progress(&run, &mut events);
@@ -1229,7 +1242,8 @@ impl EngineStore for SqlStore {
         limit: i64,
     ) -> StoreResult<(RunUpdate, Slice)> {
         let mut tx = self.writer.begin_with(dialect::BEGIN).await?;
-        lock_run(&mut tx, run_id).await?;
+        // `record_outcomes_in` takes the run's lock, which `take_slice_in`
+        // needs.
         let mut events = EventBatch::default();
         record_outcomes_in(&mut tx, run_id, outcomes, now, &mut events).await?;
         let (slice, run) = take_slice_in(
