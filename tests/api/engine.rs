@@ -4,7 +4,7 @@
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{count_by_status, error_of, spawn_app, TestApp};
+use crate::helpers::{count_by_status, distinct_phones, error_of, spawn_app, TestApp};
 use herald::store::{ExecutionOutcome, PendingExecution, RunRecord, RunSnapshot};
 
 fn progress(c: &Value, key: &str) -> i64 {
@@ -64,13 +64,7 @@ async fn a_10k_sms_campaign_completes_with_counters_equal_to_rows() {
     assert_eq!(done["progress"]["progress_percentage"], 100.0);
 
     // Every recipient once, with its personalised message and an sms_id.
-    let mut phones: Vec<&str> = executions
-        .iter()
-        .map(|e| e["contact_phone"].as_str().unwrap())
-        .collect();
-    phones.sort();
-    phones.dedup();
-    assert_eq!(phones.len(), 10_000);
+    assert_eq!(distinct_phones(&executions), 10_000);
     let one = executions
         .iter()
         .find(|e| e["status"] == "completed")

@@ -393,6 +393,17 @@ pub fn count_by_status(executions: &[Value]) -> std::collections::BTreeMap<Strin
     counts
 }
 
+/// How many different recipients (phones) the executions reach.
+pub fn distinct_phones(executions: &[Value]) -> usize {
+    let mut phones: Vec<&str> = executions
+        .iter()
+        .map(|e| e["contact_phone"].as_str().unwrap())
+        .collect();
+    phones.sort_unstable();
+    phones.dedup();
+    phones.len()
+}
+
 /// The `herald` binary Cargo built for these tests.
 pub const HERALD: &str = env!("CARGO_BIN_EXE_herald");
 
