@@ -363,7 +363,8 @@ async fn the_engine_benchmark_compares_one_and_two_postgres_nodes() {
 
 /// On Postgres one node works a run with two tasks, each leasing batches of
 /// its own, so one's executions are written while the other's transaction
-/// holds the run's row; they share the run without sending anyone twice.
+/// holds the run's row; they share the run without sending anyone twice,
+/// and the executions' rewrites stay on their pages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_works_a_run_with_two_tasks_on_their_own_batches() {
     let app = crate::helpers::spawn_postgres_app_with(|_| {}).await;
@@ -402,6 +403,42 @@ async fn one_node_works_a_run_with_two_tasks_on_their_own_batches() {
     let executions = app.all_executions(&c["id"]).await;
     assert_eq!(executions.len(), 30_000);
     assert_eq!(distinct_phones(&executions), 30_000, "every recipient once");
+    assert_execution_updates_stay_on_their_pages(&app.database_url, 2 * 30_000).await;
+}
+
+/// Every rewrite of an execution (claim, send, receipt) must find room on
+/// its own page, a HOT update that adds no index entry: an update that
+/// moves costs an entry in each of the four indexes and bloats them
+/// (migration 0010). Waits up to 30 s for the server's statistics, which
+/// each connection reports when idle, to count at least `at_least` updates
+/// and stop changing.
+async fn assert_execution_updates_stay_on_their_pages(database_url: &str, at_least: i64) {
+    let mut db = PgConnection::connect(database_url).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut last = (0i64, 0i64);
+    loop {
+        let now: (i64, i64) = sqlx::query_as(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'executions'",
+        )
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+        if (now.0 >= at_least && now == last) || std::time::Instant::now() > deadline {
+            last = now;
+            break;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let (updates, hot) = last;
+    assert!(
+        updates >= at_least,
+        "{updates} updates counted, expected {at_least}"
+    );
+    assert!(
+        hot * 100 >= updates * 99,
+        "{hot} of {updates} execution updates were HOT"
+    );
 }
 
 /// A statement that cannot get its lock in time is cancelled by the
