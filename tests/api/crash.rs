@@ -9,9 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::helpers::{count_by_status, fresh_database_url};
-use crate::process::{
-    create_campaign, create_key, tasks_per_run, CountingProvider, Node, NodeOptions,
-};
+use crate::process::{create_campaign, create_key, CountingProvider, Node, NodeOptions};
 
 /// Small in-flight: a slice is 4 × 8 = 32 sends, and a dead node holds at
 /// most two: the one on the wire and the one claimed ahead of it.
@@ -79,7 +77,7 @@ async fn a_killed_worker_never_sends_twice_and_its_run_completes() {
         })
         .count();
     assert_eq!(unknown as i64, p["failed"].as_i64().unwrap());
-    let in_hand = tasks_per_run(&database_url) * 2 * 4 * i64::from(OPTIONS.in_flight);
+    let in_hand = OPTIONS.sends_in_hand(&database_url);
     assert!(
         unknown as i64 <= in_hand,
         "at most two slices a task are lost: {unknown} (of {in_hand})"

@@ -30,9 +30,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::{backend_is_postgres, count_by_status, fresh_database_url, HERALD};
-use crate::process::{
-    create_campaign, create_key, tasks_per_run, CountingProvider, Node, NodeOptions,
-};
+use crate::process::{create_campaign, create_key, CountingProvider, Node, NodeOptions};
 
 const OPTIONS: NodeOptions = NodeOptions {
     engine: true,
@@ -434,7 +432,7 @@ async fn twenty_kills_at_chosen_moments_send_no_one_twice_and_lose_nothing() {
         .count() as i64;
     assert_eq!(written_off, failed);
     assert!(
-        written_off <= KILLS * tasks_per_run(&database_url) * 2 * 4 * i64::from(OPTIONS.in_flight),
+        written_off <= KILLS * OPTIONS.sends_in_hand(&database_url),
         "at most two slices a task lost per kill: {written_off}"
     );
     let seen = twilio.sends.counts();

@@ -16,9 +16,7 @@ use sqlx::{Connection, PgConnection};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::{distinct_phones, postgres_database_url, HERALD};
-use crate::process::{
-    create_campaign, create_key, tasks_per_run, CountingProvider, Node, NodeOptions,
-};
+use crate::process::{create_campaign, create_key, CountingProvider, Node, NodeOptions};
 
 fn progress(view: &Value, field: &str) -> i64 {
     view["progress"][field].as_i64().unwrap()
@@ -61,7 +59,7 @@ async fn assert_recovered_at_most_once(
     assert_eq!(provider.most_to_one_recipient(), 1, "no one sent twice");
     let (sent, failed) = (progress(&done, "sent"), progress(&done, "failed"));
     assert_eq!(sent + failed, recipients);
-    let in_hand = tasks_per_run(database_url) * 2 * 4 * 64;
+    let in_hand = NodeOptions::default().sends_in_hand(database_url);
     assert!(failed <= in_hand, "{failed} written off, above {in_hand}");
     assert_counters_equal_rows(database_url, &done).await;
     done
@@ -416,7 +414,7 @@ async fn assert_execution_updates_stay_on_their_pages(database_url: &str, at_lea
     let mut db = PgConnection::connect(database_url).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut last = (0i64, 0i64);
-    loop {
+    let (updates, hot) = loop {
         let now: (i64, i64) = sqlx::query_as(
             "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'executions'",
         )
@@ -424,13 +422,11 @@ async fn assert_execution_updates_stay_on_their_pages(database_url: &str, at_lea
         .await
         .unwrap();
         if (now.0 >= at_least && now == last) || std::time::Instant::now() > deadline {
-            last = now;
-            break;
+            break now;
         }
         last = now;
         tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    let (updates, hot) = last;
+    };
     assert!(
         updates >= at_least,
         "{updates} updates counted, expected {at_least}"
@@ -559,7 +555,7 @@ async fn postgres_going_away_under_load_is_503s_then_recovers_by_itself() {
     // Sends stop with the database: nothing is sent that cannot be recorded.
     assert!(
         i64::from(provider.total())
-            <= i64::from(sent_at_outage) + tasks_per_run(&database_url) * 2 * 4 * 64,
+            <= i64::from(sent_at_outage) + NodeOptions::default().sends_in_hand(&database_url),
         "{} sent during the outage",
         provider.total() - sent_at_outage
     );

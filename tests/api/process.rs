@@ -27,14 +27,22 @@ pub struct NodeOptions {
 }
 
 /// Tasks a node runs on one run by default on the database at
-/// `database_url` (`--tasks-per-run`): each holds up to two slices, the one
-/// on the wire and the one claimed ahead, so a node killed mid-run loses up
-/// to twice this many.
-pub fn tasks_per_run(database_url: &str) -> i64 {
+/// `database_url` (`--tasks-per-run`).
+fn tasks_per_run(database_url: &str) -> i64 {
     if database_url.starts_with("postgres") {
         2
     } else {
         1
+    }
+}
+
+impl NodeOptions {
+    /// The most sends a node with these options holds at once on the
+    /// database at `database_url`, so the most one killed mid-run leaves
+    /// as "outcome unknown": each run task holds two slices (the one on
+    /// the wire and the one claimed ahead) of 4 × in-flight each.
+    pub fn sends_in_hand(&self, database_url: &str) -> i64 {
+        tasks_per_run(database_url) * 2 * 4 * i64::from(self.in_flight)
     }
 }
 
