@@ -64,7 +64,12 @@ struct HeraldFanout {
     /// CPU the subscribers (this process) took meanwhile, on the same cores.
     subscribers_cpu: Option<f64>,
     rss_idle_server: u64,
+    /// The server's least RSS while the run went on, every subscriber
+    /// connected: what the connections hold, and the run's own memory
+    /// counted against them (see [`RssSampler`]).
     rss_connected: u64,
+    /// Its most while the subscribers connected, all at once.
+    rss_connecting_peak: u64,
 }
 
 impl HeraldFanout {
@@ -102,6 +107,13 @@ impl HeraldFanout {
     /// Server RSS each open subscriber added, in bytes.
     fn per_connection(&self) -> f64 {
         self.rss_connected.saturating_sub(self.rss_idle_server) as f64 / self.open.max(1) as f64
+    }
+
+    /// The same at the peak while they all connected at once.
+    fn per_connection_connecting(&self) -> f64 {
+        self.rss_connecting_peak
+            .saturating_sub(self.rss_idle_server) as f64
+            / self.open.max(1) as f64
     }
 }
 
@@ -171,10 +183,12 @@ async fn herald_fanout(
     let rss_idle_server = rss_of(server_pid).unwrap_or(0);
     println!("opening {subscribers} subscribers …");
     let url = format!("ws://127.0.0.1:{port}/ws/campaigns/{id}/progress?token={key}");
+    let connecting = RssSampler::start(server_pid);
     let mut subscribed = super::subscribers::open(&url, subscribers).await?;
     let open = subscribed.open;
-    let rss_connected = rss_of(server_pid).unwrap_or(0);
+    let (_, rss_connecting_peak) = connecting.stop().await.unwrap_or_default();
     println!("{open} connected; running the campaign ({coalesce_ms} ms coalescing) …");
+    let running = RssSampler::start(server_pid);
     let cpu = CpuClock::start(server_pid);
     let subscribers_cpu = CpuClock::start(std::process::id());
     let started = Instant::now();
@@ -190,6 +204,7 @@ async fn herald_fanout(
         .await;
     let elapsed = started.elapsed();
     let (server_cpu, subscribers_cpu) = (cpu.used(), subscribers_cpu.used());
+    let (rss_connected, _) = running.stop().await.unwrap_or_default();
     let received = subscribed.stop();
     server.stop().await;
     // Every event of the run, as committed: what each subscriber should
@@ -244,6 +259,7 @@ async fn herald_fanout(
         subscribers_cpu,
         rss_idle_server,
         rss_connected,
+        rss_connecting_peak,
     })
 }
 
@@ -310,10 +326,13 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
     println!("events, commit → read:    p50 {read_p50:.1} ms, p99 {read_p99:.1} ms, max {read_max:.1} ms (when the subscribers' threads read them)");
     println!("frames, commit → receipt: p50 {frame_p50:.1} ms, p99 {frame_p99:.1} ms (each frame from the commit it carries)");
     println!(
-        "server RSS:           {:.1} MiB idle, {:.1} MiB with subscribers: {:.1} KiB per connection",
+        "server RSS:           {:.1} MiB idle, {:.1} MiB with subscribers (the least during the run): \
+         {:.1} KiB per connection; {:.1} MiB at the peak while they connected ({:.1} KiB each)",
         run.rss_idle_server as f64 / 1048576.0,
         run.rss_connected as f64 / 1048576.0,
-        run.per_connection() / 1024.0
+        run.per_connection() / 1024.0,
+        run.rss_connecting_peak as f64 / 1048576.0,
+        run.per_connection_connecting() / 1024.0
     );
     let window = match args.coalesce_ms {
         0 => "no coalescing".to_owned(),
@@ -395,10 +414,16 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
         None
     };
     report.row(
-        "server RSS per connection",
+        "server RSS per connection (the least during the run, its memory included)",
         run.per_connection() / 1024.0,
         "KiB",
         Some(Target::AtMost(20_000.0 / 1024.0)),
+    );
+    report.row(
+        format!("server RSS per connection at the peak while all {open} connected at once"),
+        run.per_connection_connecting() / 1024.0,
+        "KiB",
+        None,
     );
     report.row(
         "subscribers that saw the final status",
@@ -421,6 +446,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
            "sweep_ms": load.as_ref().map(|l| l.sweep_ms(open)),
            "held_at_target_p99": held_at_target,
            "rss_per_connection_bytes": run.per_connection(),
+           "rss_per_connection_connecting_peak_bytes": run.per_connection_connecting(),
            "load": load.as_ref().map(|l| json!({"cores": l.cores, "cpu_per_frame_us": l.cost_us,
                                                 "frames_per_second_asked": l.asked,
                                                 "frames_per_second_carried": l.carried}))});
@@ -626,7 +652,8 @@ async fn peer_fanout(
     println!("FastAPI peer: opening {subscribers} subscribers …");
     let mut subscribed = super::subscribers::open(&url, subscribers).await?;
     let open = subscribed.open;
-    let rss_connected = rss_of(peer.pid).unwrap_or(0);
+    // Measured as Herald's is: the least while the frames go out.
+    let publishing = RssSampler::start(peer.pid);
     println!(
         "FastAPI peer: {open} connected; publishing {frames} frames over {:.1} s …",
         spread.as_secs_f64()
@@ -662,6 +689,7 @@ async fn peer_fanout(
         .wait_for_final(spread + std::time::Duration::from_secs(120))
         .await;
     let published = publisher.await.unwrap_or_default();
+    let (rss_connected, _) = publishing.stop().await.unwrap_or_default();
     // A subscriber still waiting at the deadline never got the rest.
     let received = subscribed.stop();
     peer.stop().await;

@@ -593,6 +593,14 @@ fn benchmarks_run_at_small_sizes_and_write_results() {
     let fanout = result("fanout");
     assert!(fanout["sweep_ms"].as_f64().unwrap() > 0.0, "{fanout}");
     assert!(fanout["held_at_target_p99"].is_null(), "{fanout}");
+    // Memory per connection: the least while the run went on, and the peak
+    // while they all connected.
+    for rss in [
+        "rss_per_connection_bytes",
+        "rss_per_connection_connecting_peak_bytes",
+    ] {
+        assert!(fanout[rss].as_f64().is_some(), "{rss}: {fanout}");
+    }
     // The peers (bench/setup.sh, run by test.sh) are measured in the same run.
     for name in ["fanout", "rest"] {
         assert_eq!(
