@@ -106,14 +106,17 @@ impl HeraldFanout {
 
     /// Server RSS each open subscriber added, in bytes.
     fn per_connection(&self) -> f64 {
-        self.rss_connected.saturating_sub(self.rss_idle_server) as f64 / self.open.max(1) as f64
+        self.per_connection_at(self.rss_connected)
     }
 
     /// The same at the peak while they all connected at once.
     fn per_connection_connecting(&self) -> f64 {
-        self.rss_connecting_peak
-            .saturating_sub(self.rss_idle_server) as f64
-            / self.open.max(1) as f64
+        self.per_connection_at(self.rss_connecting_peak)
+    }
+
+    /// Server RSS above idle at `rss`, shared among the open subscribers.
+    fn per_connection_at(&self, rss: u64) -> f64 {
+        rss.saturating_sub(self.rss_idle_server) as f64 / self.open.max(1) as f64
     }
 }
 
@@ -397,11 +400,7 @@ pub(super) async fn run(args: &FanoutArgs) -> anyhow::Result<Report> {
         );
     }
     let held_at_target = if args.capacity_search {
-        let at_open = Tried {
-            n: subscribers,
-            p99,
-            held: p99 <= P99_TARGET_MS && run.finished >= subscribers,
-        };
+        let at_open = Tried::measured(subscribers, p99, run.finished, P99_TARGET_MS);
         let held = herald_capacity(at_open, args.recipients, args.coalesce_ms).await?;
         report.row(
             format!("subscribers Herald holds at p99 ≤ {P99_TARGET_MS} ms (all seeing the final status)"),
@@ -515,6 +514,18 @@ struct Tried {
     held: bool,
 }
 
+impl Tried {
+    /// A run of `n` subscribers with a p99 of `p99`, of which `finished`
+    /// saw the final status, against the p99 `bound`.
+    fn measured(n: usize, p99: f64, finished: usize, bound: f64) -> Self {
+        Self {
+            n,
+            p99,
+            held: p99 <= bound && finished >= n,
+        }
+    }
+}
+
 /// The most subscribers that hold, searched downwards from `at_open` (a
 /// count already measured). `smaller` picks the next count to try below one
 /// that did not hold, until one does (none under 10: then 0); then
@@ -573,11 +584,7 @@ async fn peer_capacity(
     herald_p99: f64,
     at_open: &PeerFanout,
 ) -> anyhow::Result<usize> {
-    let at_open = Tried {
-        n: open,
-        p99: at_open.p99,
-        held: at_open.p99 <= herald_p99 && at_open.finished >= open,
-    };
+    let at_open = Tried::measured(open, at_open.p99, at_open.finished, herald_p99);
     most_held(
         at_open,
         |failed| failed.n / 2,
@@ -588,11 +595,7 @@ async fn peer_capacity(
                 "FastAPI peer with {n} subscribers: p99 {:.1} ms, {} saw the final frame",
                 run.p99, run.finished
             );
-            Ok(Tried {
-                n,
-                p99: run.p99,
-                held: run.p99 <= herald_p99 && run.finished >= n,
-            })
+            Ok(Tried::measured(n, run.p99, run.finished, herald_p99))
         },
     )
     .await
@@ -623,11 +626,7 @@ async fn herald_capacity(
             "Herald with {n} subscribers: p99 {p99:.1} ms, {} saw the final status",
             run.finished
         );
-        Ok(Tried {
-            n,
-            p99,
-            held: p99 <= P99_TARGET_MS && run.finished >= n,
-        })
+        Ok(Tried::measured(n, p99, run.finished, P99_TARGET_MS))
     })
     .await
 }
@@ -804,14 +803,7 @@ mod tests {
     /// A machine on which p99 grows linearly with the subscribers, as a
     /// sweep's time does: `ms_per_thousand` for each thousand.
     fn linear(ms_per_thousand: f64, bound: f64) -> impl FnMut(usize) -> Tried {
-        move |n| {
-            let p99 = n as f64 * ms_per_thousand / 1000.0;
-            Tried {
-                n,
-                p99,
-                held: p99 <= bound,
-            }
-        }
+        move |n| Tried::measured(n, n as f64 * ms_per_thousand / 1000.0, n, bound)
     }
 
     #[tokio::test]
@@ -857,11 +849,7 @@ mod tests {
         .unwrap();
         assert!((1_250..=1_500).contains(&held), "found {held}");
         // Nothing holds: the search gives up under ten.
-        let nothing = |n| Tried {
-            n,
-            p99: 1e9,
-            held: false,
-        };
+        let nothing = |n| Tried::measured(n, 1e9, n, 60.0);
         let held = most_held(
             nothing(10_000),
             |f| f.n / 2,
